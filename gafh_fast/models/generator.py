@@ -1,0 +1,129 @@
+"""GAFH-RIDN generator in plain PyTorch, exactly as ../shared/spec/GAFH_RIDN.md (section Generator G).
+
+Every trunk 3x3 conv goes through `gafh_fast.ops.fused_conv3x3`; the `nn.Conv2d` modules only hold
+parameters, so the state-dict keys are the same whichever backend runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gafh_fast.config import GeneratorConfig
+from gafh_fast.ops import fused_conv3x3
+
+
+def _kaiming_(module: nn.Module, scale: float) -> None:
+    """Kaiming-normal (fan_in) scaled by `scale`, zero bias: ESRGAN's default_init_weights."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+            m.weight.data.mul_(scale)
+            if m.bias is not None:
+                m.bias.data.zero_()
+
+
+class IDB(nn.Module):
+    """Internal dense block: h1 = LReLU(conv(x)); h2 = LReLU(conv([x, h1])); returns h2 + x0."""
+
+    def __init__(self, nf: int, gc: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(nf, gc, 3, padding=1)
+        self.conv2 = nn.Conv2d(nf + gc, nf, 3, padding=1)
+        self.kernels = "torch"
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        h1 = fused_conv3x3([x], self.conv1.weight, self.conv1.bias, backend=self.kernels)  # (N, gc, H, W)
+        # the RIDB input x0 is added after every internal block (spec: r1 = x0, s1 = 1)
+        return fused_conv3x3(
+            [x, h1], self.conv2.weight, self.conv2.bias, residual=x0, res_scale=1.0, backend=self.kernels
+        )  # (N, nf, H, W)
+
+
+class RIDB(nn.Module):
+    """x = x0; x = IDB_q(x) + x0 for each q; RIDB(x0) = x0 + s * conv(x)  [+ the DNB's outer add]."""
+
+    def __init__(self, nf: int, gc: int, num_idb: int, res_scale: float):
+        super().__init__()
+        self.idbs = nn.ModuleList(IDB(nf, gc) for _ in range(num_idb))
+        self.conv = nn.Conv2d(nf, nf, 3, padding=1)
+        self.res_scale = res_scale
+        self.kernels = "torch"
+
+    def forward(self, x0: torch.Tensor, dnb_input: torch.Tensor | None = None) -> torch.Tensor:
+        x = x0
+        for idb in self.idbs:
+            x = idb(x, x0)
+        # The last RIDB of a DNB also carries the DNB's residual: z + s * RIDB_out (r2 = z, s2 = s).
+        return fused_conv3x3(
+            [x], self.conv.weight, self.conv.bias, negative_slope=None,
+            residual=x0, res_scale=self.res_scale,
+            residual2=dnb_input, res2_scale=self.res_scale if dnb_input is not None else 1.0,
+            backend=self.kernels,
+        )
+
+
+class DNB(nn.Module):
+    """Dense nested block: DNB(z) = z + s * RIDB_n(...RIDB_1(z))."""
+
+    def __init__(self, nf: int, gc: int, num_ridb: int, num_idb: int, res_scale: float):
+        super().__init__()
+        self.ridbs = nn.ModuleList(RIDB(nf, gc, num_idb, res_scale) for _ in range(num_ridb))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = z
+        for i, ridb in enumerate(self.ridbs):
+            last = i == len(self.ridbs) - 1
+            x = ridb(x, dnb_input=z if last else None)
+        return x
+
+
+class Generator(nn.Module):
+    """LR (N, 3, h, w) in [-1, 1] -> HF (N, 3, 8h, 8w) in [-1, 1]."""
+
+    def __init__(self, cfg: GeneratorConfig, kernels: str = "auto"):
+        super().__init__()
+        nf, gc = cfg.nf, cfg.gc
+        self.cfg = cfg
+        self.sfm = nn.Conv2d(3, nf, cfg.sfm_kernel, padding=cfg.sfm_kernel // 2)
+        self.mdbm = nn.ModuleList(
+            DNB(nf, gc, cfg.ridb_per_dnb, cfg.idb_per_ridb, cfg.res_scale) for _ in range(cfg.num_dnb)
+        )
+        self.fusion = nn.Conv2d(nf, nf, 3, padding=1)
+        self.fusion_norm = nn.BatchNorm2d(nf) if cfg.trunk_norm == "batchnorm" else None
+        up_out = nf * 4 if cfg.upsample == "pixel_shuffle" else nf
+        self.upconvs = nn.ModuleList(nn.Conv2d(nf, up_out, 3, padding=1) for _ in range(3))
+        self.out = nn.Conv2d(nf, 3, cfg.out_kernel, padding=cfg.out_kernel // 2)
+
+        _kaiming_(self, 1.0)
+        _kaiming_(self.mdbm, cfg.init_scale)
+        self.set_kernels(kernels)
+
+    def set_kernels(self, kernels: str) -> None:
+        """Select the backend of every fused_conv3x3 call (`auto | triton | torch`)."""
+        self.kernels = kernels
+        for m in self.modules():
+            if hasattr(m, "kernels") and m is not self:
+                m.kernels = kernels
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        sfm = self.sfm(lr)  # (N, nf, h, w)
+        x = sfm
+        for dnb in self.mdbm:
+            x = dnb(x)
+        if self.fusion_norm is not None:
+            x = fused_conv3x3([x], self.fusion.weight, self.fusion.bias, negative_slope=None, backend=self.kernels)
+            x = self.fusion_norm(x) + sfm
+        else:
+            x = fused_conv3x3(
+                [x], self.fusion.weight, self.fusion.bias, negative_slope=None,
+                residual=sfm, backend=self.kernels,
+            )
+        for conv in self.upconvs:
+            if self.cfg.upsample == "nearest_conv":
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+                x = fused_conv3x3([x], conv.weight, conv.bias, backend=self.kernels)
+            else:
+                # LeakyReLU is elementwise, so it commutes with the pixel shuffle permutation.
+                x = F.pixel_shuffle(fused_conv3x3([x], conv.weight, conv.bias, backend=self.kernels), 2)
+        return torch.tanh(self.out(x))  # (N, 3, 8h, 8w)
