@@ -34,7 +34,7 @@ def _layer_table() -> dict[str, tuple[int, str, int, int]]:
     return table
 
 
-VGG19_LAYERS = _layer_table()  # conv1_1 -> 0, relu1_1 -> 1, ..., relu4_3 -> 25, ..., relu5_4 -> 35
+VGG19_LAYERS = _layer_table()  # conv1_1 -> 0, relu1_1 -> 1, ..., relu4_3 -> 24, ..., relu5_4 -> 35
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

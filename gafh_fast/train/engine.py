@@ -1,0 +1,100 @@
+"""The two DeepSpeed engines, G and D, each built from its own config dict generated from our YAML.
+
+DeepSpeed asserts when a config dict and a `deepspeed_config` argument are both given, so the dict is
+the only config path. The optimizer is torch.optim.Adam passed as DeepSpeed's client optimizer: with
+ZeRO 0/1/2 DeepSpeed wraps it (flat fp32 master partitions under ZeRO, bf16 master copies under bf16)
+but the update is element-wise torch Adam, which is what makes the trainer equal the plain-PyTorch
+reference loop in tests/test_train.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from gafh_fast.config import Config
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group that the launcher described (deepspeed, torchrun: env://), or make a
+    one-process group when started as plain `python` so that the same code path runs everywhere."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    device = torch.device(accel.device_name(local_rank)) if accel.device_name() == "cuda" else torch.device("cpu")
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """DeepSpeed's config dict from our `deepspeed` and `train` sections (the same shape for G and D)."""
+    ds = cfg.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": cfg.train.grad_clip,
+        "steps_per_print": ds.steps_per_print or 10**12,
+        "bf16": {"enabled": ds.bf16},
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch Adam as the client optimizer under ZeRO
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: Config):
+    """LR multiplier per optimizer step: linear warm-up, then constant | cosine (to 0 at max_steps)
+    | multistep (halves at each of train.lr_milestones)."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "cosine":
+            span = max(1, t.max_steps - t.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - t.warmup_steps) / span)))
+        if t.lr_schedule == "multistep":
+            return 0.5 ** sum(step >= m for m in t.lr_milestones)
+        return 1.0
+
+    return factor
+
+
+def build_engine(cfg: Config, module: torch.nn.Module, lr: float):
+    """One DeepSpeed engine around `module` with torch Adam(lr, betas, weight_decay) and the LR schedule."""
+    import deepspeed
+
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(cfg.train.betas),
+                                 weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    return engine
+
+
+def build_engines(cfg: Config, generator: torch.nn.Module, discriminator: torch.nn.Module):
+    """(G engine, D engine). Each has its own optimizer, schedule and gradient buffers."""
+    return build_engine(cfg, generator, cfg.train.lr_g), build_engine(cfg, discriminator, cfg.train.lr_d)
