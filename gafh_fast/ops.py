@@ -57,7 +57,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         chosen = "triton"
     else:
         chosen = "torch"
-    if (backend, chosen) not in _logged_choices:
+    # Logging inside a torch.compile trace is a graph break (fullgraph=True fails): log from eager calls.
+    if (backend, chosen) not in _logged_choices and not torch.compiler.is_compiling():
         _logged_choices.add((backend, chosen))
         log.info("fused_conv3x3: kernels=%s -> %s backend on %s", backend, chosen, device.type)
     return chosen

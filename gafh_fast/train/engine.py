@@ -59,6 +59,9 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_clipping": cfg.train.grad_clip,
         "steps_per_print": ds.steps_per_print or 10**12,
         "bf16": {"enabled": ds.bf16},
+        # DeepSpeed casts parameters but not buffers; BatchNorm wants its running stats in the
+        # parameters' dtype, so they follow into bf16.
+        **({"data_types": {"buffer_dtype": "bf16"}} if ds.bf16 else {}),
         "zero_optimization": {"stage": ds.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch Adam as the client optimizer under ZeRO
         "wall_clock_breakdown": False,

@@ -1,0 +1,61 @@
+"""The analytical FLOP counter against torch.utils.flop_counter.FlopCounterMode, and the peak table."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gafh_fast.config import load_config
+from gafh_fast.flops import (discriminator_flops, generator_flops, mfu, peak_bf16_tflops, step_flops_per_image,
+                             vgg_flops)
+from gafh_fast.models import build_discriminator, build_generator, build_vgg
+
+TINY = ("model.generator.nf=8", "model.generator.gc=4", "model.generator.num_dnb=2",
+        "model.generator.ridb_per_dnb=2", "model.generator.idb_per_ridb=2", "model.discriminator.nf=4",
+        "model.discriminator.dense=16", "data.hr_size=64", "train.content.pretrained=false", "kernels=torch")
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("extra", [(), ("model.generator.upsample=pixel_shuffle", "model.generator.sfm_kernel=3"),
+                                   ("train.content.layer=relu2_2",)])
+def test_forward_counts_match_flop_counter(extra):
+    cfg = load_config(None, TINY + extra)
+    n, s = 2, cfg.data.hr_size
+    G, D, V = build_generator(cfg), build_discriminator(cfg), build_vgg(cfg)
+    lr, hr = torch.randn(n, 3, s // 8, s // 8), torch.randn(n, 3, s, s)
+    with torch.no_grad():
+        assert counted(lambda: G(lr)) == n * generator_flops(cfg.model.generator, s // 8)
+        assert counted(lambda: D(hr)) == n * discriminator_flops(cfg.model.discriminator, s)
+        assert counted(lambda: V(hr)) == n * vgg_flops(cfg.train.content.layer, s)
+
+
+def test_forward_plus_backward_is_three_forwards():
+    """With the input requiring grad, every conv/linear has an input and a weight gradient: 3x."""
+    cfg = load_config(None, TINY)
+    s = cfg.data.hr_size
+    D = build_discriminator(cfg)
+    hr = torch.randn(2, 3, s, s, requires_grad=True)
+    assert counted(lambda: D(hr).sum().backward()) == 3 * 2 * discriminator_flops(cfg.model.discriminator, s)
+
+
+def test_paper_sizes_and_step_total():
+    cfg = load_config(None, ())  # the paper config: 32 -> 256
+    g = generator_flops(cfg.model.generator, 32)
+    d = discriminator_flops(cfg.model.discriminator, 256)
+    v = vgg_flops("relu4_3", 256)
+    parts = step_flops_per_image(cfg)
+    assert parts["total"] == 3 * g + 10 * d + 4 * v
+    assert step_flops_per_image(cfg, gan=False)["total"] == 3 * g
+
+
+def test_peak_table_and_mfu():
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_bf16_tflops("Tesla T4") is None and peak_bf16_tflops(None) is None
+    assert mfu(10**12, 100.0, 1000.0) == pytest.approx(0.1)
+    assert mfu(10**12, 100.0, None) is None

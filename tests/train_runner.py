@@ -1,0 +1,136 @@
+"""Test helper: run the library's Trainer on deterministic in-memory data, in-process or as a script.
+
+As a script (under `deepspeed`, `torchrun` or plain python):
+    python tests/train_runner.py RUN_DIR [--kill-at K] [--sigterm-at K] [--nan-at K] [override ...]
+It records, per step, the losses and a flat copy of G's and D's parameters into
+RUN_DIR/trace_rank{R}.pt, so tests can compare runs step by step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from gafh_fast.config import Config, load_config
+from gafh_fast.resize import bicubic_resize
+
+TINY = (
+    "model.generator.nf=8", "model.generator.gc=4", "model.generator.num_dnb=1",
+    "model.generator.ridb_per_dnb=1", "model.generator.idb_per_ridb=2",
+    "model.generator.sfm_kernel=3", "model.generator.out_kernel=3",
+    "model.discriminator.nf=4", "model.discriminator.dense=8",
+    "data.hr_size=32", "data.batch_size=2", "train.content.pretrained=false", "train.content.layer=relu1_2",
+    "kernels=torch", "deepspeed.bf16=false", "train.log_every=1", "train.checkpoint_every=0",
+    "val.every=0", "val.crop_border=2", "val.grid_images=2", "train.max_steps=3",
+)
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config(None, TINY + tuple(overrides))
+
+
+def make_batch(cfg: Config, epoch: int, index: int, count: int) -> dict:
+    """A deterministic batch of `count` smooth random images (seeded by epoch and index)."""
+    g = torch.Generator().manual_seed(1000 * epoch + index + 7)
+    s = cfg.data.hr_size
+    coarse = torch.rand(count, 3, s // 4, s // 4, generator=g) * 2 - 1
+    hr = bicubic_resize(coarse, (s, s)).clamp(-1, 1)
+    return {"hr": hr, "lr": bicubic_resize(hr, (s // 8, s // 8))}
+
+
+class SyntheticLoader:
+    """The data-loader contract (set_epoch, len, rank sharding) over generated tensors: each step's
+    global batch is batch_size * world_size images, and rank r gets the r-th slice, so a world-1 run
+    with batch_size * world_size sees the concatenation of every rank's batch."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, batches: int = 4, nan_at: int = -1,
+                 nan_from: int = -1):
+        self.cfg, self.rank, self.world, self.batches, self.nan_at = cfg, rank, world_size, batches, nan_at
+        self.nan_from = nan_from
+        self.epoch, self.start = 0, 0
+        self.served = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        b = self.cfg.data.batch_size
+        for i in range(self.start, self.batches):
+            full = make_batch(self.cfg, self.epoch, i, b * self.world)
+            batch = {k: v[self.rank * b:(self.rank + 1) * b].contiguous() for k, v in full.items()}
+            if self.served == self.nan_at or 0 <= self.nan_from <= self.served:
+                batch["hr"][0, 0, 0, 0] = float("nan")
+            self.served += 1
+            yield batch
+
+
+def val_batches(cfg: Config, count: int = 4) -> list[dict]:
+    return [make_batch(cfg, 10_000, 0, count)]
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
+
+
+def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_at=-1, nan_from=-1, rank=0, world=1):
+    """Run the Trainer with a tracing step; returns (trainer, metrics, trace)."""
+    import gafh_fast.train.trainer as trainer_module
+
+    real_step = trainer_module.train_step
+    trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": []}
+    holder = {}
+
+    def traced_step(cfg_, g_engine, d_engine, *args, **kwargs):
+        out = real_step(cfg_, g_engine, d_engine, *args, **kwargs)
+        step = holder["trainer"].step + 1  # the trainer increments after the step returns
+        trace["step"].append(step)
+        trace["losses"].append(out.losses)
+        trace["skipped"].append(out.skipped)
+        trace["g"].append(flat_params(g_engine.module))
+        trace["d"].append(flat_params(d_engine.module))
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between checkpoints
+        if step == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer_module.train_step = traced_step
+    try:
+        rank = int(os.environ.get("RANK", rank))
+        world = int(os.environ.get("WORLD_SIZE", world))
+        trainer = trainer_module.Trainer(cfg, run_dir, resume=resume,
+                                         train_loader=SyntheticLoader(cfg, rank, world, nan_at=nan_at, nan_from=nan_from),
+                                         val_loader=val_batches(cfg))
+        holder["trainer"] = trainer
+        metrics = trainer.fit()
+    finally:
+        trainer_module.train_step = real_step
+    return trainer, metrics, trace
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--resume", default="auto")
+    parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--sigterm-at", type=int, default=-1)
+    parser.add_argument("--nan-at", type=int, default=-1)
+    parser.add_argument("--local_rank", type=int, default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    cfg = tiny_config(*args.overrides)
+    trainer, metrics, trace = run(cfg, args.run_dir, resume=args.resume, kill_at=args.kill_at,
+                                  sigterm_at=args.sigterm_at, nan_at=args.nan_at)
+    torch.save({**trace, "final_step": trainer.step}, Path(args.run_dir) / f"trace_rank{trainer.rank}.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
