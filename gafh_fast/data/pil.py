@@ -7,6 +7,8 @@ in the main process).
 """
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from PIL import Image
@@ -67,6 +69,17 @@ class _Entries(Dataset):
                 "hr": torch.from_numpy(hr), "lr": torch.from_numpy(lr)}
 
 
+def _ignore_shutdown_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the training process.
+
+    The deepspeed launcher signals every descendant; a worker that died of it would make the rank
+    raise "DataLoader worker killed" instead of finishing its step and saving. The workers still end
+    with their parent (the DataLoader's watchdog), so nothing outlives the run.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class PILLoader(LoaderBase):
     """The contract's loader object (see gafh_fast.data), on the CPU."""
 
@@ -84,7 +97,8 @@ class PILLoader(LoaderBase):
         bounds = np.cumsum([0] + [len(batch) for batch in plans]).tolist()
         dataset = _Entries(self.samples, entries, self.hr_size, self.lr_size)
         loader = DataLoader(dataset, batch_sampler=[list(range(bounds[k], bounds[k + 1])) for k in range(len(plans))],
-                            num_workers=self.num_workers, collate_fn=dataset.collate)
+                            num_workers=self.num_workers, collate_fn=dataset.collate,
+                            worker_init_fn=_ignore_shutdown_signals if self.num_workers > 0 else None)
         for b, plan, batch in zip(numbers, plans, loader):
             while any(e is not None for e in batch["errors"]):
                 # a file failed to decode: remember it, re-plan this batch without it, load it here
