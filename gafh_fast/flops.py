@@ -64,11 +64,14 @@ def vgg_flops(layer: str, hr_size: int) -> int:
 
 
 def step_flops_per_image(cfg: Config, gan: bool = True) -> dict[str, int]:
-    """FLOPs of one training step per image, by part, with the issue's convention (x3 = fwd + bwd).
+    """FLOPs of one training step per image, by part (x3 = forward + a backward with both gradients).
 
-    GAN step: G forward once (its output feeds both steps) + backward = 3 G; D twice in D's step
-    (real, fake: 2 x 3 D) and once in G's (fake: 3 D) -- plus the forward of D on the real images
-    in G's step (1 D) that RaGAN's L_G needs; VGG on HR (forward, 1 V) and on HF (3 V).
+    GAN step: G forward once (its output feeds both steps) + backward = 3 G. D's step: D on real and
+    on detached fake images, each trained = 2 x 3 D. G's step, D frozen: D forward on real images
+    (no grad, 1 D) and on fakes with an input-gradient-only backward (1 D + 1 D) = 3 D. VGG, frozen:
+    forward on HR (1 V) and on HF with an input-gradient-only backward (1 V + 1 V) = 3 V. So
+    3 G + 9 D + 3 V; the only work it counts that does not happen is the input gradient of the
+    first conv where the input needs none (G's SFM, D's first conv in D's step): under 1 %.
     PSNR pre-training step: 3 G only.
     """
     g = generator_flops(cfg.model.generator, cfg.lr_size)
@@ -76,7 +79,7 @@ def step_flops_per_image(cfg: Config, gan: bool = True) -> dict[str, int]:
         return {"generator": 3 * g, "discriminator": 0, "vgg": 0, "total": 3 * g}
     d = discriminator_flops(cfg.model.discriminator, cfg.data.hr_size)
     v = vgg_flops(cfg.train.content.layer, cfg.data.hr_size)
-    parts = {"generator": 3 * g, "discriminator": 2 * 3 * d + 3 * d + d, "vgg": v + 3 * v}
+    parts = {"generator": 3 * g, "discriminator": 2 * 3 * d + 3 * d, "vgg": 3 * v}
     parts["total"] = sum(parts.values())
     return parts
 

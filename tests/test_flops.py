@@ -47,7 +47,7 @@ def test_paper_sizes_and_step_total():
     d = discriminator_flops(cfg.model.discriminator, 256)
     v = vgg_flops("relu4_3", 256)
     parts = step_flops_per_image(cfg)
-    assert parts["total"] == 3 * g + 10 * d + 4 * v
+    assert parts["total"] == 3 * g + 9 * d + 3 * v
     assert step_flops_per_image(cfg, gan=False)["total"] == 3 * g
 
 
@@ -59,3 +59,32 @@ def test_peak_table_and_mfu():
     assert peak_bf16_tflops("Tesla T4") is None and peak_bf16_tflops(None) is None
     assert mfu(10**12, 100.0, 1000.0) == pytest.approx(0.1)
     assert mfu(10**12, 100.0, None) is None
+
+
+def test_gan_step_count_matches_flop_counter_on_the_steps_operations(tiny_cfg):
+    """The step's own sequence (gafh_fast/train/step.py) in plain torch, counted by FlopCounterMode.
+
+    The analytic count includes the input gradients of G's first conv and of D's first conv in D's
+    step, which autograd skips (their inputs need no gradient); everything else must match exactly.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gafh_fast.flops import conv_flops
+    from gafh_fast.losses import content_loss, ragan_d_loss, ragan_g_loss
+    from gafh_fast.models import build_discriminator, build_generator, build_vgg
+
+    cfg = tiny_cfg
+    G, D, V = build_generator(cfg), build_discriminator(cfg), build_vgg(cfg)
+    n, s = 2, cfg.data.hr_size
+    lr, hr = torch.rand(n, 3, s // 8, s // 8) * 2 - 1, torch.rand(n, 3, s, s) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        hf = G(lr)
+        ragan_d_loss(D(hr), D(hf.detach())).backward()  # D step
+        D.requires_grad_(False)                            # G step, D frozen
+        with torch.no_grad():
+            c_real = D(hr)
+        (content_loss(V, hf, hr) + 1e-3 * ragan_g_loss(c_real, D(hf))).backward()
+    g_cfg = cfg.model.generator
+    skipped = (conv_flops(3, g_cfg.nf, g_cfg.sfm_kernel, s // 8, s // 8)
+               + 2 * conv_flops(3, cfg.model.discriminator.nf, 3, s, s))
+    assert counter.get_total_flops() == n * (step_flops_per_image(cfg)["total"] - skipped)

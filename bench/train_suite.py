@@ -1,0 +1,172 @@
+"""The `train` suite: one full GAN step (D step, then G step with VGG) in img/s and MFU.
+
+Both paths run the project's own step, gafh_fast.train.step.train_step, on the paper's model:
+  - `bf16 fused step (deepspeed)`: the trainer's path. G, D and VGG in bf16, channels_last,
+    kernels=auto (Triton on CUDA), the two DeepSpeed engines of gafh_fast.train.engine (ZeRO stage
+    of the config, world size 1). Timed only when deepspeed is importable.
+  - `bf16 fused step (torch Adam)`: the same step and model with the engines replaced by
+    TorchEngine below (bf16 parameters, fp32 master weights, torch.optim.Adam): what the step costs
+    without DeepSpeed's bookkeeping, and the project path when deepspeed is not installed.
+  - `fp32 eager step`: the baseline, BasicSR's way: fp32, NCHW, eager PyTorch (kernels=torch),
+    torch.optim.Adam, same step function, same model, same batch.
+MFU is against the card's dense bf16 peak for every row (the fp32 row too), with the step's FLOPs
+from gafh_fast.flops.step_flops_per_image. VGG uses random weights (pretrained=false): the speed
+does not depend on the values. On CPU the bf16 rows run with kernels=torch (no Triton off CUDA).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from gafh_fast.config import load_config
+from gafh_fast.flops import step_flops_per_image
+from gafh_fast.models import build_discriminator, build_generator, build_vgg
+from gafh_fast.train.step import train_step
+
+try:
+    from common import (add_speedups, error_row, free_device_memory, make_row, peak_tflops_for,
+                        resolve_device, skipped_row, throughput_fields, time_calls)
+except ImportError:  # pragma: no cover
+    from bench.common import (add_speedups, error_row, free_device_memory, make_row, peak_tflops_for,
+                              resolve_device, skipped_row, throughput_fields, time_calls)
+
+SUITE = "train"
+NAME = "GAN step"
+BASELINE = "fp32 eager step"
+TINY = ("model.generator.nf=8", "model.generator.gc=4", "model.generator.num_dnb=1",
+        "model.generator.ridb_per_dnb=2", "model.generator.idb_per_ridb=2",
+        "model.generator.sfm_kernel=3", "model.generator.out_kernel=3",
+        "model.discriminator.nf=4", "model.discriminator.dense=16",
+        "data.hr_size=32", "train.content.layer=relu2_1")
+INPUT_SETS = 3
+partial_rows: list[dict] = []  # the rows finished so far (bench/throughput.py reads them after a SIGTERM)
+
+
+class TorchEngine:
+    """The part of a DeepSpeed engine that train_step uses (call, backward, step, .module) over
+    torch.optim.Adam. With master_fp32 the module holds bf16 parameters and Adam updates fp32
+    copies, as DeepSpeed's bf16 mode does; without it the module's own parameters are stepped."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, betas, master_fp32: bool):
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.masters = [p.detach().float().clone() for p in self.params] if master_fp32 else None
+        self.optimizer = torch.optim.Adam(self.masters or self.params, lr=lr, betas=tuple(betas))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.masters is not None:
+            for master, p in zip(self.masters, self.params):
+                master.grad = None if p.grad is None else p.grad.float()
+            self.optimizer.step()
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
+        else:
+            self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        if self.masters is not None:
+            for master in self.masters:
+                master.grad = None
+
+
+def _build(cfg, dev, dtype, channels_last: bool):
+    torch.manual_seed(cfg.seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = build_generator(cfg).to(dev, dtype).to(memory_format=fmt)
+    d = build_discriminator(cfg).to(dev, dtype).to(memory_format=fmt)
+    vgg = build_vgg(cfg).to(dev, dtype).to(memory_format=fmt).eval().requires_grad_(False)
+    return g, d, vgg
+
+
+def _batches(cfg, batch, dev, dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    hr, lr = cfg.data.hr_size, cfg.lr_size
+
+    def image(side):
+        return (torch.rand(batch, 3, side, side, device=dev) * 2 - 1).to(dtype).contiguous(memory_format=fmt)
+    return [(image(hr), image(lr)) for _ in range(INPUT_SETS)]
+
+
+def _deepspeed_engines(cfg, g, d):
+    from gafh_fast.train.engine import build_engines, init_distributed
+
+    init_distributed()  # a world of one when no launcher set RANK
+    return build_engines(cfg, g, d)
+
+
+def run(device: str, batch: int = 64, smoke: bool = False) -> list[dict]:
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    if smoke:
+        batch = min(batch, 2)
+    overrides = (TINY if smoke else ()) + (f"data.batch_size={batch}", "train.content.pretrained=false")
+    peak = peak_tflops_for(dev)
+    warmup, repeats = (1, 2) if smoke else ((3, 10) if cuda else (1, 2))
+    # find_spec, not import: importing deepspeed probes accelerators (slow, noisy) even when unused
+    have_deepspeed = importlib.util.find_spec("deepspeed") is not None
+    fused = "fused " if cuda else ""  # off CUDA, kernels=auto resolves to the torch reference
+    paths = [  # (path, dtype, kernels, channels_last, engine)
+        (f"bf16 {fused}step (deepspeed)", torch.bfloat16, "auto", cuda, "deepspeed"),
+        (f"bf16 {fused}step (torch Adam)", torch.bfloat16, "auto", cuda, "torch"),
+        (BASELINE, torch.float32, "torch", False, "torch"),
+    ]
+    rows = partial_rows
+    rows.clear()
+    for path, dtype, kernels, channels_last, engine in paths:
+        fields = dict(path=path, baseline=None if path == BASELINE else BASELINE, batch=batch,
+                      dtype=str(dtype).replace("torch.", ""), kernels=kernels)
+        if engine == "deepspeed" and not cuda:
+            rows.append(skipped_row(SUITE, NAME, "CPU: the DeepSpeed engines are timed on CUDA only "
+                                    "(their CPU build is for tests)", **fields))
+            continue
+        if engine == "deepspeed" and not have_deepspeed:
+            rows.append(skipped_row(SUITE, NAME, "deepspeed is not installed (see bench/README.md)", **fields))
+            continue
+        try:
+            rows.append(_time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, peak,
+                                   warmup, repeats, fields))
+        except Exception as e:  # one path failing must not hide the others' numbers
+            row = error_row(SUITE, NAME, f"{type(e).__name__}: {e}")
+            row.update(fields)
+            rows.append(row)
+        free_device_memory(dev)
+    return add_speedups(list(rows))
+
+
+def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, peak, warmup, repeats, fields):
+    cfg = load_config(None, overrides + (f"kernels={kernels}",))
+    g, d, vgg = _build(cfg, dev, dtype, channels_last)
+    g.train(), d.train()
+    if engine == "deepspeed":
+        g_engine, d_engine = _deepspeed_engines(cfg, g, d)
+    else:
+        betas = cfg.train.betas
+        g_engine = TorchEngine(g, cfg.train.lr_g, betas, master_fp32=dtype != torch.float32)
+        d_engine = TorchEngine(d, cfg.train.lr_d, betas, master_fp32=dtype != torch.float32)
+    inputs = _batches(cfg, batch, dev, dtype, channels_last)
+    losses = {}
+
+    def step(pair):
+        out = train_step(cfg, g_engine, d_engine, vgg, pair[0], pair[1], gan=True)
+        if out.skipped:
+            raise RuntimeError(f"the step skipped a non-finite loss ({out.skipped}): the timing would be wrong")
+        losses.update(out.losses)
+
+    flops = step_flops_per_image(cfg)["total"]
+    timing = time_calls(step, inputs, dev, warmup=warmup, repeats=repeats)
+    row = make_row(SUITE, NAME, spread_pct=timing["spread_pct"], repeats=timing["repeats"],
+                   peak_mem_mb=timing["peak_mem_mb"], flops_per_image=flops,
+                   last_losses={k: round(v, 5) for k, v in losses.items()}, **fields)
+    row.update(throughput_fields(timing["ms"], batch, flops, peak))
+    if dtype == torch.float32 and dev.type == "cuda":
+        row["note"] = "MFU against the bf16 peak; cuDNN may use TF32 for fp32 convs (PyTorch's default)"
+    elif dev.type != "cuda" and kernels == "auto":
+        row["note"] = "CPU: kernels=auto resolves to the torch reference (no Triton off CUDA)"
+    return row
