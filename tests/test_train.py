@@ -185,10 +185,13 @@ def test_e_consecutive_nans_abort(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # (c) kill -9 and resume, (d) SIGTERM
 # ------------------------------------------------------------------------------------------------
+RESUME_OVERRIDES = ["train.max_steps=6", "train.checkpoint_every=2", "train.deterministic=true", "train.ema_decay=0.9"]
+
+
 @pytest.fixture(scope="module")
 def kill_and_resume(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    common = ["train.max_steps=6", "train.checkpoint_every=2", "train.deterministic=true", "train.ema_decay=0.9"]
+    common = RESUME_OVERRIDES
     full, killed = root / "full", root / "killed"
     runs = {"full": sh([sys.executable, RUNNER, str(full), *common]),
             "killed": sh([sys.executable, RUNNER, str(killed), "--kill-at", "5", *common])}
@@ -208,15 +211,34 @@ def test_c_kill9_then_resume_equals_uninterrupted(kill_and_resume):
     assert "resumed from" in runs["resumed"].stderr + runs["resumed"].stdout
     full, resumed = trace(root / "full"), trace(root / "killed")
     assert resumed["step"] == [5, 6]  # restarted after the step-4 checkpoint, not the partial step-6 one
+    # Exact resume: the state the resumed run starts from is, bit for bit, the uninterrupted run's
+    # state after step 4 (weights, the optimizer's fp32 master weights and Adam moments, the RNG).
+    start, k = resumed["start"], full["step"].index(4)
+    for key in ("g", "d", "opt_g", "opt_d"):
+        assert torch.equal(start[key], full[key][k]), f"restored {key} differs from the uninterrupted run's step-4 state"
+    assert torch.equal(start["rng"], full["rng"][k]), "restored torch RNG state differs"
+    # From identical state and batches the steps after it agree, but not always bit for bit: about one
+    # run in four under pytest, step 5 differs at 1e-6..1e-4 relative on this CPU in either run (fp32
+    # kernels whose rounding depends on memory addresses, which the checkpoint's allocations move), and
+    # Adam turns such noise on near-zero gradients (D's biases: RaGAN is blind to a common logit
+    # shift) into moves of up to lr. Bounds: losses 1e-3 relative, weights 1e-4, D biases 2 lr a step.
+    cfg = tiny_config(*RESUME_OVERRIDES)
+    is_bias = torch.cat([torch.full((p.numel(),), p.dim() == 1) for p in build_models(cfg)[1].parameters()])
     for i, step in enumerate(resumed["step"]):
         j = full["step"].index(step)
-        assert resumed["losses"][i] == full["losses"][j], f"losses at step {step}"
-        assert torch.equal(resumed["g"][i], full["g"][j]), f"G at step {step}"
-        assert torch.equal(resumed["d"][i], full["d"][j]), f"D at step {step}"
-    # the EMA was restored too: the exported (EMA) generators are identical
+        for key, value in full["losses"][j].items():
+            assert resumed["losses"][i][key] == pytest.approx(value, rel=1e-3), f"loss {key} at step {step}"
+        assert_close(f"G at step {step}", resumed["g"][i], full["g"][j], rtol=1e-4, atol=1e-6)
+        assert_close(f"D weights at step {step}", resumed["d"][i][~is_bias], full["d"][j][~is_bias], rtol=1e-4, atol=1e-6)
+        assert_close(f"D biases at step {step}", resumed["d"][i][is_bias], full["d"][j][is_bias], rtol=0,
+                     atol=2 * (i + 1) * cfg.train.lr_d)
+    # the EMA was restored too: the exported (EMA) generators agree to the same noise
     from safetensors.torch import load_file
     exported = [load_file(str(root / name / "generator.safetensors")) for name in ("full", "killed")]
-    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+    for key in exported[0]:
+        if exported[0][key].is_floating_point():
+            assert_close(f"EMA {key}", exported[1][key].flatten().double(), exported[0][key].flatten().double(),
+                         rtol=1e-4, atol=1e-6)
     done = sorted(p.name for p in (root / "killed" / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     assert done == ["step_00000002", "step_00000004", "step_00000006"]  # keep_checkpoints = 3
     assert (root / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000006"

@@ -79,15 +79,33 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in module.parameters()])
 
 
+def flat_optimizer_state(engine) -> torch.Tensor:
+    """Everything the optimizer steps with: its parameters (DeepSpeed's fp32 master copy under ZeRO) and
+    its per-parameter state (Adam's step, exp_avg, exp_avg_sq), flattened in a fixed order."""
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    parts = []
+    for group in base.param_groups:
+        for p in group["params"]:
+            parts.append(p.detach().float().flatten().cpu())
+            for key in sorted(base.state.get(p, {})):
+                value = base.state[p][key]
+                parts.append(torch.as_tensor(value).detach().float().flatten().cpu())
+    return torch.cat(parts)
+
+
 def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_at=-1, nan_from=-1, rank=0, world=1):
     """Run the Trainer with a tracing step; returns (trainer, metrics, trace)."""
     import gafh_fast.train.trainer as trainer_module
 
     real_step = trainer_module.train_step
-    trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": []}
+    trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": [], "opt_g": [], "opt_d": [], "start": None}
     holder = {}
 
     def traced_step(cfg_, g_engine, d_engine, *args, **kwargs):
+        if trace["start"] is None:  # the state this run starts from (fresh or restored from a checkpoint)
+            trace["start"] = {"g": flat_params(g_engine.module), "d": flat_params(d_engine.module),
+                              "opt_g": flat_optimizer_state(g_engine), "opt_d": flat_optimizer_state(d_engine),
+                              "rng": torch.get_rng_state()}
         out = real_step(cfg_, g_engine, d_engine, *args, **kwargs)
         step = holder["trainer"].step + 1  # the trainer increments after the step returns
         trace["step"].append(step)
@@ -95,6 +113,9 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
         trace["skipped"].append(out.skipped)
         trace["g"].append(flat_params(g_engine.module))
         trace["d"].append(flat_params(d_engine.module))
+        trace["opt_g"].append(flat_optimizer_state(g_engine))
+        trace["opt_d"].append(flat_optimizer_state(d_engine))
+        trace.setdefault("rng", []).append(torch.get_rng_state())
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between checkpoints
         if step == sigterm_at:
