@@ -28,10 +28,13 @@ NAMES = ("x1", "x2", "weight", "bias", "residual", "residual2")
 
 
 @pytest.fixture(autouse=True)
-def no_tf32(monkeypatch):
-    """On a GPU, cuDNN/cuBLAS fp32 may use TF32 (the generator's 9x9 convs): not an fp32 reference."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def no_tf32():
+    """On a GPU, cuDNN/cuBLAS fp32 may use TF32 (the generator's 9x9 convs): not an fp32 reference.
+    (Saved and restored by hand: these are properties, which pytest 9.2's monkeypatch cannot undo.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def assert_within(name: str, got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, rel: float) -> None:
