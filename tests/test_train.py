@@ -211,34 +211,37 @@ def test_c_kill9_then_resume_equals_uninterrupted(kill_and_resume):
     assert "resumed from" in runs["resumed"].stderr + runs["resumed"].stdout
     full, resumed = trace(root / "full"), trace(root / "killed")
     assert resumed["step"] == [5, 6]  # restarted after the step-4 checkpoint, not the partial step-6 one
-    # Exact resume: the state the resumed run starts from is, bit for bit, the uninterrupted run's
-    # state after step 4 (weights, the optimizer's fp32 master weights and Adam moments, the RNG).
-    start, k = resumed["start"], full["step"].index(4)
-    for key in ("g", "d", "opt_g", "opt_d"):
-        assert torch.equal(start[key], full[key][k]), f"restored {key} differs from the uninterrupted run's step-4 state"
-    assert torch.equal(start["rng"], full["rng"][k]), "restored torch RNG state differs"
-    # From identical state and batches the steps after it agree, but not always bit for bit: about one
-    # run in four under pytest, step 5 differs at 1e-6..1e-4 relative on this CPU in either run (fp32
-    # kernels whose rounding depends on memory addresses, which the checkpoint's allocations move), and
-    # Adam turns such noise on near-zero gradients (D's biases: RaGAN is blind to a common logit
-    # shift) into moves of up to lr. Bounds: losses 1e-3 relative, weights 1e-4, D biases 2 lr a step.
+    # Exact resume: the resumed run starts, bit for bit, from the state the killed run had after step 4
+    # (weights, the optimizer's fp32 master weights and Adam moments, the RNG, the EMA), and reads the same
+    # batches the uninterrupted run read at steps 5 and 6.
+    killed = torch.load(root / "killed" / "partial_trace_rank0.pt", weights_only=False)
+    start, k = resumed["start"], killed["step"].index(4)
+    assert start["ema"].numel() > 0  # the EMA is on in this run, so its restore is checked too
+    for key in ("g", "d", "opt_g", "opt_d", "rng"):
+        assert torch.equal(start[key], killed[key][k]), f"restored {key} differs from the killed run's step-4 state"
+    # the trainer updates the EMA after a step returns, so the EMA after step 4 is the one seen at step 5
+    assert torch.equal(start["ema"], killed["ema"][k + 1]), "restored EMA differs from the killed run's"
+    for i, step in enumerate(resumed["step"]):
+        assert resumed["batch"][i] == full["batch"][full["step"].index(step)], f"step {step} read another batch"
+    # Against the separate uninterrupted process: usually bit-identical, but about one pytest run in
+    # four two fresh processes of this tiny fp32 CPU run already drift apart within 4 steps (up to
+    # ~2e-3 relative in a weight: CPU rounding that varies from process to process, amplified by
+    # Adam on near-zero gradients, e.g. D's biases that RaGAN leaves without signal). So the
+    # bitwise claim is made above, against the state that was saved, and this comparison only
+    # bounds the drift: losses within 1 %, weights within 1e-2 relative + 2 lr a step.
     cfg = tiny_config(*RESUME_OVERRIDES)
-    is_bias = torch.cat([torch.full((p.numel(),), p.dim() == 1) for p in build_models(cfg)[1].parameters()])
     for i, step in enumerate(resumed["step"]):
         j = full["step"].index(step)
         for key, value in full["losses"][j].items():
-            assert resumed["losses"][i][key] == pytest.approx(value, rel=1e-3), f"loss {key} at step {step}"
-        assert_close(f"G at step {step}", resumed["g"][i], full["g"][j], rtol=1e-4, atol=1e-6)
-        assert_close(f"D weights at step {step}", resumed["d"][i][~is_bias], full["d"][j][~is_bias], rtol=1e-4, atol=1e-6)
-        assert_close(f"D biases at step {step}", resumed["d"][i][is_bias], full["d"][j][is_bias], rtol=0,
-                     atol=2 * (i + 1) * cfg.train.lr_d)
-    # the EMA was restored too: the exported (EMA) generators agree to the same noise
+            assert resumed["losses"][i][key] == pytest.approx(value, rel=1e-2), f"loss {key} at step {step}"
+        assert_close(f"G at step {step}", resumed["g"][i], full["g"][j], rtol=1e-2, atol=2 * step * cfg.train.lr_g)
+        assert_close(f"D at step {step}", resumed["d"][i], full["d"][j], rtol=1e-2, atol=2 * step * cfg.train.lr_d)
     from safetensors.torch import load_file
     exported = [load_file(str(root / name / "generator.safetensors")) for name in ("full", "killed")]
-    for key in exported[0]:
+    for key in exported[0]:  # the EMA was restored too (exported generators are the EMA weights)
         if exported[0][key].is_floating_point():
             assert_close(f"EMA {key}", exported[1][key].flatten().double(), exported[0][key].flatten().double(),
-                         rtol=1e-4, atol=1e-6)
+                         rtol=1e-2, atol=1e-3)
     done = sorted(p.name for p in (root / "killed" / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     assert done == ["step_00000002", "step_00000004", "step_00000006"]  # keep_checkpoints = 3
     assert (root / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000006"

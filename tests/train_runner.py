@@ -93,19 +93,26 @@ def flat_optimizer_state(engine) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _flat_ema(trainer) -> torch.Tensor:
+    return flat_params(trainer.ema.module) if trainer.ema is not None else torch.empty(0)
+
+
 def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_at=-1, nan_from=-1, rank=0, world=1):
     """Run the Trainer with a tracing step; returns (trainer, metrics, trace)."""
     import gafh_fast.train.trainer as trainer_module
 
     real_step = trainer_module.train_step
-    trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": [], "opt_g": [], "opt_d": [], "start": None}
+    trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": [], "opt_g": [], "opt_d": [], "start": None,
+             "batch": []}
     holder = {}
 
     def traced_step(cfg_, g_engine, d_engine, *args, **kwargs):
         if trace["start"] is None:  # the state this run starts from (fresh or restored from a checkpoint)
             trace["start"] = {"g": flat_params(g_engine.module), "d": flat_params(d_engine.module),
                               "opt_g": flat_optimizer_state(g_engine), "opt_d": flat_optimizer_state(d_engine),
-                              "rng": torch.get_rng_state()}
+                              "rng": torch.get_rng_state(), "ema": _flat_ema(holder["trainer"])}
+        hr = args[1]  # train_step(cfg, g_engine, d_engine, vgg, hr, lr, ...)
+        trace["batch"].append(hr.double().sum().item())  # which data this step saw (resume position)
         out = real_step(cfg_, g_engine, d_engine, *args, **kwargs)
         step = holder["trainer"].step + 1  # the trainer increments after the step returns
         trace["step"].append(step)
@@ -116,6 +123,9 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
         trace["opt_g"].append(flat_optimizer_state(g_engine))
         trace["opt_d"].append(flat_optimizer_state(d_engine))
         trace.setdefault("rng", []).append(torch.get_rng_state())
+        trace.setdefault("ema", []).append(_flat_ema(holder["trainer"]))
+        if holder.get("trace_path") is not None:  # written every step, so a kill -9 leaves what ran
+            torch.save(trace, holder["trace_path"])
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between checkpoints
         if step == sigterm_at:
@@ -123,6 +133,7 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
         return out
 
     trainer_module.train_step = traced_step
+    holder["trace_path"] = Path(run_dir) / f"partial_trace_rank{int(os.environ.get('RANK', rank))}.pt" if kill_at > 0 else None
     try:
         rank = int(os.environ.get("RANK", rank))
         world = int(os.environ.get("WORLD_SIZE", world))
