@@ -113,6 +113,9 @@ def _time_one(module, make_fn, path: str, grads_to_clear, rep_ms: int):
     return ms, peak_mb
 
 
+partial_rows: list[dict] = []  # the rows finished so far (bench/throughput.py reads them after a SIGTERM)
+
+
 def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
     """Time the fused kernels against eager and torch.compile; one dict per (workload, path, batch)."""
     dev = torch.device(device)
@@ -125,7 +128,8 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
         batches = (min(batches),)
     rep_ms = 20 if smoke else 200
     card = torch.cuda.get_device_name(dev)
-    rows: list[dict] = []
+    partial_rows.clear()
+    rows = partial_rows  # a stage timeout in gpu_suite.sh keeps what was measured
     for batch in batches:
         workloads = _workloads(cfg, batch, dev)
         for name, (module, make_fn, flops, grads) in workloads.items():
@@ -152,7 +156,7 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
         del workloads
         gc.collect()
         torch.cuda.empty_cache()
-    return rows
+    return list(rows)
 
 
 def main() -> None:
