@@ -81,6 +81,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, channel: Channel = "rgb", crop_bor
     return s.flatten(1).mean(dim=1)
 
 
+SCORE_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
+
+
+def score_images(x: torch.Tensor, ref: torch.Tensor, crop_border: int) -> dict[str, torch.Tensor]:
+    """The metrics the project reports, per image: PSNR/SSIM on RGB (full image) and on Y (border cropped)."""
+    return {
+        "psnr_rgb": psnr(x, ref, channel="rgb"),
+        "ssim_rgb": ssim(x, ref, channel="rgb"),
+        "psnr_y": psnr(x, ref, channel="y", crop_border=crop_border),
+        "ssim_y": ssim(x, ref, channel="y", crop_border=crop_border),
+    }
+
+
 def bicubic_upsample(lr: torch.Tensor, scale: int = 8) -> torch.Tensor:
     """The baseline to beat: the spec's bicubic (Keys a=-0.5, PIL-exact) upsampling of LR images."""
     from gafh_fast.resize import bicubic_resize

@@ -14,7 +14,7 @@ import torch
 
 from gafh_fast import metrics
 
-METRIC_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
+METRIC_KEYS = metrics.SCORE_KEYS
 METHODS = ("gafh_ridn", "bicubic")
 
 
@@ -27,12 +27,7 @@ def score_batch(hf_uint8_nchw: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor,
     }
     out = {}
     for method, x in candidates.items():
-        out[method] = {
-            "psnr_rgb": metrics.psnr(x, hr01, channel="rgb").cpu(),
-            "ssim_rgb": metrics.ssim(x, hr01, channel="rgb").cpu(),
-            "psnr_y": metrics.psnr(x, hr01, channel="y", crop_border=crop_border).cpu(),
-            "ssim_y": metrics.ssim(x, hr01, channel="y", crop_border=crop_border).cpu(),
-        }
+        out[method] = {k: v.cpu() for k, v in metrics.score_images(x, hr01, crop_border).items()}
     return out
 
 

@@ -15,16 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from gafh_fast.metrics import bicubic_upsample, psnr, ssim
-
-_KEYS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
-
-
-def _scores(x01: torch.Tensor, ref01: torch.Tensor, crop_border: int) -> list[torch.Tensor]:
-    return [psnr(x01, ref01), ssim(x01, ref01),
-            psnr(x01, ref01, channel="y", crop_border=crop_border),
-            ssim(x01, ref01, channel="y", crop_border=crop_border)]
-
+from gafh_fast.metrics import SCORE_KEYS, bicubic_upsample, score_images
 
 def save_grid(rows: list[tuple[torch.Tensor, ...]], path: Path) -> None:
     """rows of (LR, bicubic, HF, HR) images (3, H, W) in [0, 1], LR shown nearest-upsampled."""
@@ -50,7 +41,7 @@ def validate(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.de
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     per_rank_cap = -(-max_images // world) if max_images else None
-    sums = torch.zeros(2 * len(_KEYS) + 1, dtype=torch.float64)
+    sums = torch.zeros(2 * len(SCORE_KEYS) + 1, dtype=torch.float64)
     grid_rows: list[tuple[torch.Tensor, ...]] = []
     seen = 0
     for batch in loader:
@@ -63,7 +54,8 @@ def validate(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.de
         bic = bicubic_upsample(lr, scale=hr.shape[-1] // lr.shape[-1])
         to01 = lambda t: ((t + 1.0) * 0.5).clamp(0, 1)  # noqa: E731
         hr01, hf01, bic01 = to01(hr), to01(hf), to01(bic)
-        scores = _scores(hf01, hr01, crop_border) + _scores(bic01, hr01, crop_border)
+        per_method = [score_images(x01, hr01, crop_border) for x01 in (hf01, bic01)]
+        scores = [m[k] for m in per_method for k in SCORE_KEYS]
         sums[:-1] += torch.stack([s.double().sum().cpu() for s in scores])
         sums[-1] += lr.shape[0]
         seen += lr.shape[0]
@@ -77,7 +69,7 @@ def validate(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.de
         dist.all_reduce(reduced)
         sums = reduced.cpu()
     count = max(sums[-1].item(), 1.0)
-    names = [f"g_{k}" for k in _KEYS] + [f"bicubic_{k}" for k in _KEYS]
+    names = [f"g_{k}" for k in SCORE_KEYS] + [f"bicubic_{k}" for k in SCORE_KEYS]
     result = {name: sums[i].item() / count for i, name in enumerate(names)}
     result["images"] = int(sums[-1].item())
     if rank == 0 and grid_path is not None and grid_rows:
