@@ -62,6 +62,23 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, a
                              f"got {got[i].item():.8g}, ref {ref[i].item():.8g} (bound {bound[i].item():.3g})")
 
 
+def assert_close_but_zero_grads(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float,
+                                adam_bound: float, max_fraction: float = 0.1) -> None:
+    """assert_close for all but a few elements, and within `adam_bound` for those few.
+
+    Two processes that reduce the same gradient in a different order differ by rounding noise; where
+    the exact gradient is ~0 (|g| of the order of Adam's eps or less), Adam's g / (|g| + eps) turns
+    that noise into a move of up to lr per step. Deep in the tiny trunk (init scaled by 0.1) such
+    gradients are common enough that about one run in six puts 1-4 % of G's weights there (seen
+    here, all else within 1e-8); a real data-parallel error (e.g. local instead of gathered
+    relativistic means) moves most weights, so at most `max_fraction` may use the looser bound.
+    """
+    loose = (got - ref).abs() > atol + rtol * ref.abs()
+    assert loose.float().mean().item() <= max_fraction, (
+        f"{name}: {int(loose.sum())}/{loose.numel()} elements outside rtol={rtol:g}, atol={atol:g}")
+    assert_close(name, got, ref, rtol=0, atol=adam_bound)
+
+
 # ------------------------------------------------------------------------------------------------
 # (a) world size 1 against a plain-PyTorch reference loop
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +299,7 @@ def test_b_params_identical_across_ranks_every_step(world2):
 
 def test_b_world2_equals_world1_on_the_concatenated_batch(world2):
     """Data-parallel gradient averaging + the gathered relativistic mean = one process on 2x the batch.
-    G: within 1e-5 relative. D's biases: RaGAN's loss is invariant to shifting every logit, so their
+    G: within 1e-5 relative, but for the few weights whose gradient is ~0 (assert_close_but_zero_grads). D's biases: RaGAN's loss is invariant to shifting every logit, so their
     gradients are (near) zero in exact arithmetic and Adam, which divides by sqrt(v), turns the
     rounding difference of the two reductions into moves of up to lr per step; their bound is that."""
     cfg = tiny_config(*EXACT_DP)
@@ -290,7 +307,8 @@ def test_b_world2_equals_world1_on_the_concatenated_batch(world2):
     G, D, _ = build_models(cfg)
     is_bias = torch.cat([torch.full((p.numel(),), p.dim() == 1) for p in D.parameters()])
     for i in range(STEPS):
-        assert_close(f"G step {i + 1}", ws2["g"][i], ws1["g"][i], rtol=1e-5, atol=1e-7)
+        assert_close_but_zero_grads(f"G step {i + 1}", ws2["g"][i], ws1["g"][i], rtol=1e-5, atol=1e-7,
+                                    adam_bound=2 * (i + 1) * cfg.train.lr_g)
         assert_close(f"D weights step {i + 1}", ws2["d"][i][~is_bias], ws1["d"][i][~is_bias], rtol=1e-4, atol=1e-6)
         assert_close(f"D biases step {i + 1}", ws2["d"][i][is_bias], ws1["d"][i][is_bias], rtol=0,
                      atol=2 * (i + 1) * cfg.train.lr_d)
