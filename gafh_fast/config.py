@@ -102,6 +102,9 @@ class TrainConfig:
     log_every: int = 50
     max_nan_skips: int = 10           # consecutive non-finite steps before aborting
     deterministic: bool = False
+    # activations (never parameters) in channels_last: auto = on CUDA, where cuDNN and the fused
+    # kernels are fastest in it; true runs the CUDA layout on CPU (tests)
+    channels_last: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from gafh_fast.models import build_discriminator, build_generator, build_vgg
 from gafh_fast.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from gafh_fast.train.ema import EMA
 from gafh_fast.train.engine import build_engines, init_distributed
+from gafh_fast.train.layout import to_activation_layout, use_channels_last
 from gafh_fast.train.logging import TrainLogger
 from gafh_fast.train.step import train_step
 from gafh_fast.train.validate import validate
@@ -80,10 +81,9 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         generator, discriminator, vgg = build_models(cfg)
+        # Activations only: parameters stay contiguous (see gafh_fast/train/layout.py for why)
+        self.channels_last = use_channels_last(cfg.train.channels_last, self.dist.device)
         if self.dist.device.type == "cuda":
-            # channels_last: the layout the loader delivers, the fused kernels take and cuDNN is fastest in
-            generator, discriminator, vgg = (m.to(memory_format=torch.channels_last)
-                                             for m in (generator, discriminator, vgg))
             torch.backends.cudnn.benchmark = not cfg.train.deterministic
         self.g_engine, self.d_engine = build_engines(cfg, generator, discriminator)
         self.device = self.dist.device
@@ -116,6 +116,8 @@ class Trainer:
                                   peak_tflops=peak_bf16_tflops(device_name))
         self.logger.info(f"world size {self.world} on {device_name or self.device.type}; "
                          + (f"resumed from {resume_from} at step {self.step}" if resume_from else "fresh start")
+                         + f"; activations {'channels_last' if self.channels_last else 'NCHW'}, parameters "
+                         f"contiguous (train.channels_last={cfg.train.channels_last})"
                          + ("" if self.logger.peak else "; MFU n/a (no bf16 peak known for this device)"))
 
     # --- data -------------------------------------------------------------------------------------
@@ -191,7 +193,8 @@ class Trainer:
         v = self.cfg.val
         metrics = validate(self.eval_generator, self.val_loader, device=self.device, crop_border=v.crop_border,
                            max_images=v.max_images, grid_images=v.grid_images,
-                           grid_path=self.run_dir / "val" / f"grid_step_{self.step:08d}.png")
+                           grid_path=self.run_dir / "val" / f"grid_step_{self.step:08d}.png",
+                           channels_last=self.channels_last)
         self.logger.val(self.step, metrics)
         return metrics
 
@@ -218,8 +221,8 @@ class Trainer:
             while self.step < t.max_steps:
                 t0 = time.perf_counter()
                 batch = next(batches)
-                hr = batch["hr"].to(self.device, non_blocking=True).to(self.dtype)  # (N, 3, H, W)
-                lr = batch["lr"].to(self.device, non_blocking=True).to(self.dtype)  # (N, 3, H/8, W/8)
+                hr, lr = (to_activation_layout(batch[k].to(self.device, non_blocking=True).to(self.dtype),
+                                               self.channels_last) for k in ("hr", "lr"))  # (N, 3, H, W), (N, 3, H/8, W/8)
                 self._sync()
                 data_s = time.perf_counter() - t0
                 gan = self.step >= t.pretrain_steps

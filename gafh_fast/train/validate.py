@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gafh_fast.metrics import SCORE_KEYS, bicubic_upsample, score_images
+from gafh_fast.train.layout import to_activation_layout
 
 def save_grid(rows: list[tuple[torch.Tensor, ...]], path: Path) -> None:
     """rows of (LR, bicubic, HF, HR) images (3, H, W) in [0, 1], LR shown nearest-upsampled."""
@@ -33,7 +34,8 @@ def save_grid(rows: list[tuple[torch.Tensor, ...]], path: Path) -> None:
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.device, crop_border: int,
-             max_images: int = 0, grid_images: int = 8, grid_path: Optional[Path] = None) -> dict:
+             max_images: int = 0, grid_images: int = 8, grid_path: Optional[Path] = None,
+             channels_last: bool = False) -> dict:
     """Returns {"g_psnr_rgb", ..., "bicubic_ssim_y", "images"} over the (sharded) split."""
     was_training = model.training
     model.eval()
@@ -50,7 +52,7 @@ def validate(model: torch.nn.Module, loader: Iterable[dict], *, device: torch.de
             lr, hr = lr[: per_rank_cap - seen], hr[: per_rank_cap - seen]
         if lr.shape[0] == 0:
             break
-        hf = model(lr.to(dtype)).float()
+        hf = model(to_activation_layout(lr.to(dtype), channels_last)).float()
         bic = bicubic_upsample(lr, scale=hr.shape[-1] // lr.shape[-1])
         to01 = lambda t: ((t + 1.0) * 0.5).clamp(0, 1)  # noqa: E731
         hr01, hf01, bic01 = to01(hr), to01(hf), to01(bic)
