@@ -34,6 +34,9 @@ TINY_G = ["model.generator.nf=8", "model.generator.gc=8", "model.generator.num_d
 MAX_PIXELS = 10_000  # bomb.png (120x120 = 14 400 pixels) exceeds it
 BAD = {"empty.png": "empty file", "notes.txt": "not an image", "trunc.png": "corrupt image",
        "bomb.png": "decompression bomb"}
+# Every run whose pixels are compared bit for bit uses this --batch-size: G always runs on a batch of exactly
+# this shape (zero-padded), and the promise is bitwise equality for one batch size (see _forward in runner.py).
+BATCH = "3"
 
 
 def _launch_main():
@@ -126,7 +129,7 @@ def single(ws):
     """One plain process (no torchrun), in-process through launch/infer.py's main()."""
     out = ws["root"] / "out_single"
     rc = _launch_main()(["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--output", str(out),
-                         "--batch-size", "4", "--max-pixels", str(MAX_PIXELS), "--no-progress"])
+                         "--batch-size", BATCH, "--max-pixels", str(MAX_PIXELS), "--no-progress"])
     return rc, out
 
 
@@ -134,7 +137,7 @@ def single(ws):
 def dist2(ws):
     out = ws["root"] / "out_dist"
     proc = _torchrun(["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--output", str(out),
-                      "--batch-size", "3", "--max-pixels", str(MAX_PIXELS)])
+                      "--batch-size", BATCH, "--max-pixels", str(MAX_PIXELS)])
     return proc, out
 
 
@@ -149,7 +152,7 @@ def resumed(ws, dist2):
     (out / "f2.png").write_bytes(data[:-20])  # what a killed writer without the rename would leave
     before = {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*.png")}
     proc = _torchrun(["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--output", str(out),
-                      "--batch-size", "3", "--max-pixels", str(MAX_PIXELS)])
+                      "--batch-size", BATCH, "--max-pixels", str(MAX_PIXELS)])
     return proc, out, before
 
 
@@ -180,6 +183,10 @@ def test_every_input_written_exactly_once_across_ranks(ws, dist2):
 
 
 def test_outputs_identical_to_single_process(single, dist2):
+    """Bit for bit: one process with 2 threads vs 2 ranks with 1 thread each, where the failed inputs make
+    different images share a batch (and some batches hold 1 or 2 images). Promised because G always runs on
+    the fixed padded shape: within one shape oneDNN's sums for an image do not depend on its batch-mates or
+    the thread count. (Unpadded, a batch of 1 picked another algorithm: 1 level apart on ~80 values.)"""
     rc, out1 = single
     _, out2 = dist2
     m1, m2 = _manifest(out1), _manifest(out2)
@@ -271,7 +278,7 @@ def test_npy_format_matches_png_and_list_input(ws, single):
     listing.write_text("# two faces\nfaces/f0.png\n\nfaces/sub/wide.png\nfaces/f0.png\n")
     out = ws["root"] / "out_npy"
     summary = run_inference(InferenceOptions(weights=ws["weights"], output=out, input=listing, format="npy",
-                                             batch_size=2, progress=False))
+                                             batch_size=int(BATCH), progress=False))
     assert summary.exit_code == EXIT_OK and summary.ok == 2
     a = np.load(out / "f0.npy")
     assert a.dtype == np.uint8 and a.shape == (256, 256, 3)
@@ -370,7 +377,7 @@ def test_dali_graph_matches_pil_and_reports_bad_files(ws):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_decoders_agree_and_compile_runs(ws, single):
     """bf16 + channels_last on the GPU, DALI vs PIL decoding, and --compile (CUDA graphs) on the padded batch."""
-    common = ["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--batch-size", "4",
+    common = ["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--batch-size", BATCH,
               "--max-pixels", str(MAX_PIXELS), "--no-progress", "--device", "cuda"]
     outs = {}
     for name, extra in {"pil": ["--decoder", "pil"], "dali": ["--decoder", "dali"],

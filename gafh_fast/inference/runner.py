@@ -261,7 +261,7 @@ def _run(opts: InferenceOptions, ctx: DistContext) -> InferenceSummary:
         if len(batch):
             lr_u8 = batch.tensors[0].to(ctx.device, non_blocking=True)
             with torch.inference_mode():
-                hf_u8 = _forward(model, lr_u8, dtype, opts.batch_size if opts.compile else 0)  # (n, 3, H, W)
+                hf_u8 = _forward(model, lr_u8, dtype, opts.batch_size)  # (n, 3, H, W)
                 if evaluating:
                     hr_u8 = batch.tensors[1].to(ctx.device, non_blocking=True)
                     scores = evaluate.score_batch(hf_u8, u8_nhwc_to_signed(hr_u8, torch.float32),
@@ -366,9 +366,16 @@ def _as_bad_input(decode_one):
 
 
 def _forward(model, lr_u8: torch.Tensor, dtype: torch.dtype, pad_to: int) -> torch.Tensor:
+    """G on n <= pad_to faces, always run as a batch of exactly pad_to (zero-padded).
+
+    One shape serves CUDA graphs, and it makes each image's result independent of its batch-mates,
+    of the rank count and of the thread count: convolution backends pick their algorithm by shape
+    (oneDNN sums a 32x32 batch of 1 in another order than a batch of 3: 1-level differences in the
+    8-bit result), but within one shape each image's sums do not depend on its position.
+    """
     n = lr_u8.shape[0]
     x = u8_nhwc_to_signed(lr_u8, dtype)
-    if pad_to and n < pad_to:  # one shape for torch.compile / CUDA graphs: pad the last batch
+    if n < pad_to:
         x = torch.cat([x, x.new_zeros((pad_to - n,) + tuple(x.shape[1:]))]).contiguous(
             memory_format=torch.channels_last)
     return to_uint8_nchw(model(x)[:n])
