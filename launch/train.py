@@ -1,5 +1,9 @@
 """Train GAFH-RIDN: parse, load the config, run the library's Trainer.
 
+Exit codes: 0 done (or stopped by a signal after saving); 2 config / data-root / weights error, found
+before any model is built (one line on stderr, rank 0); 3 aborted after train.max_nan_skips
+non-finite steps in a row.
+
     deepspeed launch/train.py --config configs/gafh_ridn_paper.yaml data.root=/data/celeba
     torchrun --nproc_per_node 8 launch/train.py --config ... ; python launch/train.py --config ...
 """
@@ -8,8 +12,9 @@ import logging
 import os
 import sys
 
-from gafh_fast.config import load_config
+from gafh_fast.config import ConfigError, load_config
 from gafh_fast.train import Trainer, TrainingAborted
+from gafh_fast.train.preflight import EXIT_USAGE, UsageError
 
 
 def main() -> int:
@@ -24,9 +29,13 @@ def main() -> int:
 
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, args.overrides + args.override)
     try:
+        cfg = load_config(args.config, args.overrides + args.override)
         Trainer(cfg, args.run_dir or os.path.join("runs", cfg.name), resume=args.resume).fit()
+    except (ConfigError, UsageError) as e:  # found before anything was built: one line, rank 0 only
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except TrainingAborted as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -51,6 +51,35 @@ def vgg19_candidate_paths(weights: Optional[str]) -> list[Path]:
     return paths
 
 
+def find_vgg19_weights(weights: Optional[str]) -> Path:
+    """The first existing candidate path, or FileNotFoundError saying where it looked and what to do."""
+    tried = vgg19_candidate_paths(weights)
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            "VGG-19 weights not found; looked at: " + ", ".join(str(p) for p in tried)
+            + f". Download {VGG19_URL} on a machine with internet and put it at one of those paths "
+            "(or set train.content.weights), or set train.content.pretrained: false for random weights."
+        )
+    return path
+
+
+def check_torchvision_state(state: dict, layer: str, source: str = "<state dict>") -> None:
+    """ValueError unless `state` holds torchvision's `features.N.weight/bias` of every conv up to `layer`."""
+    last = VGG19_LAYERS[layer][0]
+    problems = []
+    for index, kind, c_in, c_out in VGG19_LAYERS.values():
+        if kind != "conv" or index > last:
+            continue
+        for key, shape in ((f"features.{index}.weight", (c_out, c_in, 3, 3)), (f"features.{index}.bias", (c_out,))):
+            if key not in state:
+                problems.append(f"missing {key}")
+            elif tuple(state[key].shape) != shape:
+                problems.append(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
+    if problems:
+        raise ValueError(f"{source} is not a torchvision VGG-19 state dict: " + "; ".join(problems[:4]))
+
+
 class VGG19Features(nn.Module):
     """Input (N, 3, H, W) in [-1, 1] -> the features of `layer` (ImageNet-normalised input)."""
 
@@ -82,14 +111,7 @@ class VGG19Features(nn.Module):
         self.eval()
 
     def load_torchvision_weights(self, weights: Optional[str]) -> Path:
-        tried = vgg19_candidate_paths(weights)
-        path = next((p for p in tried if p.is_file()), None)
-        if path is None:
-            raise FileNotFoundError(
-                "VGG-19 weights not found; looked at: " + ", ".join(str(p) for p in tried)
-                + f". Download {VGG19_URL} on a machine with internet and put it at one of those paths "
-                "(or set train.content.weights), or set train.content.pretrained: false for random weights."
-            )
+        path = find_vgg19_weights(weights)
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.load_state_dict_torchvision(state, source=str(path))
         log.info("VGG19Features: loaded %s up to %s", path, self.layer)
@@ -97,20 +119,8 @@ class VGG19Features(nn.Module):
 
     def load_state_dict_torchvision(self, state: dict, source: str = "<state dict>") -> None:
         """Load the `features.N.*` entries this cut needs; extra layers/classifier keys are ignored."""
-        wanted = self.features.state_dict()
-        problems = []
-        new_state = {}
-        for key, ref in wanted.items():
-            src = f"features.{key}"
-            if src not in state:
-                problems.append(f"missing {src}")
-            elif tuple(state[src].shape) != tuple(ref.shape):
-                problems.append(f"{src} has shape {tuple(state[src].shape)}, expected {tuple(ref.shape)}")
-            else:
-                new_state[key] = state[src]
-        if problems:
-            raise ValueError(f"{source} is not a torchvision VGG-19 state dict: " + "; ".join(problems[:4]))
-        self.features.load_state_dict(new_state)
+        check_torchvision_state(state, self.layer, source)
+        self.features.load_state_dict({key: state[f"features.{key}"] for key in self.features.state_dict()})
 
     def train(self, mode: bool = True) -> "VGG19Features":
         return super().train(False)  # always eval: a frozen feature extractor

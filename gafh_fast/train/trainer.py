@@ -25,6 +25,7 @@ from gafh_fast.train.checkpoint import load_checkpoint, resolve_resume, save_che
 from gafh_fast.train.ema import EMA
 from gafh_fast.train.engine import build_engines, init_distributed
 from gafh_fast.train.layout import to_activation_layout, use_channels_last
+from gafh_fast.train.preflight import preflight
 from gafh_fast.train.logging import TrainLogger
 from gafh_fast.train.step import train_step
 from gafh_fast.train.validate import validate
@@ -74,6 +75,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir, *, resume: str = "auto",
                  train_loader: Optional[Iterable[dict]] = None, val_loader: Optional[Iterable[dict]] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        preflight(cfg, data=train_loader is None or val_loader is None)  # before anything is built
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         if cfg.train.deterministic:
