@@ -1,27 +1,32 @@
 """The `train` suite: one full GAN step (D step, then G step with VGG) in img/s and MFU.
 
-Both paths run the project's own step, gafh_fast.train.step.train_step, on the paper's model:
-  - `bf16 fused step (deepspeed)`: the trainer's path. G, D and VGG in bf16, channels_last,
-    kernels=auto (Triton on CUDA), the two DeepSpeed engines of gafh_fast.train.engine (ZeRO stage
-    of the config, world size 1). Timed only when deepspeed is importable.
+Every path runs the project's own step, gafh_fast.train.step.train_step, on the paper's model:
+  - `bf16 fused step (deepspeed)`: the trainer's step as the trainer runs it, on every device: models
+    from gafh_fast.train.build_models (parameters contiguous), the two DeepSpeed engines of
+    gafh_fast.train.engine (ZeRO stage and bf16 of the config, world size 1), activations in the
+    layout of `train.channels_last: auto` (gafh_fast.train.layout), kernels=auto (Triton on CUDA).
+    On CPU it runs with DS_ACCELERATOR=cpu (gloo), so CI's smoke run times this row too.
   - `bf16 fused step (torch Adam)`: the same step and model with the engines replaced by
-    TorchEngine below (bf16 parameters, fp32 master weights, torch.optim.Adam): what the step costs
-    without DeepSpeed's bookkeeping, and the project path when deepspeed is not installed.
+    TorchEngine below (bf16 parameters, fp32 master weights, torch.optim.Adam): a diagnostic of what
+    DeepSpeed's bookkeeping costs.
   - `fp32 eager step`: the baseline, BasicSR's way: fp32, NCHW, eager PyTorch (kernels=torch),
     torch.optim.Adam, same step function, same model, same batch.
 MFU is against the card's dense bf16 peak for every row (the fp32 row too), with the step's FLOPs
-from gafh_fast.flops.step_flops_per_image. VGG uses random weights (pretrained=false): the speed
-does not depend on the values. On CPU the bf16 rows run with kernels=torch (no Triton off CUDA).
+from gafh_fast.flops.step_flops_per_image: the same count the trainer's progress bar uses. VGG uses
+random weights (pretrained=false): the speed does not depend on the values. On CPU the bf16 rows
+run with kernels=torch (no Triton off CUDA).
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from gafh_fast.config import load_config
 from gafh_fast.flops import step_flops_per_image
 from gafh_fast.models import build_discriminator, build_generator, build_vgg
+from gafh_fast.train.layout import to_activation_layout, use_channels_last
 from gafh_fast.train.step import train_step
 
 try:
@@ -76,21 +81,22 @@ class TorchEngine:
                 master.grad = None
 
 
-def _build(cfg, dev, dtype, channels_last: bool):
-    torch.manual_seed(cfg.seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    g = build_generator(cfg).to(dev, dtype).to(memory_format=fmt)
-    d = build_discriminator(cfg).to(dev, dtype).to(memory_format=fmt)
-    vgg = build_vgg(cfg).to(dev, dtype).to(memory_format=fmt).eval().requires_grad_(False)
-    return g, d, vgg
+def _build(cfg, dev, dtype, engine: str):
+    """G, D, VGG as the trainer builds them: same seed and order, parameters contiguous. DeepSpeed
+    engines get fp32 modules and cast them themselves (bf16 copies of fp32 master weights)."""
+    from gafh_fast.train.trainer import build_models
+
+    g, d, vgg = build_models(cfg)
+    if engine == "torch":
+        g, d = g.to(dev, dtype), d.to(dev, dtype)
+    return g, d, vgg.to(dev, dtype).eval().requires_grad_(False)
 
 
 def _batches(cfg, batch, dev, dtype, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     hr, lr = cfg.data.hr_size, cfg.lr_size
 
     def image(side):
-        return (torch.rand(batch, 3, side, side, device=dev) * 2 - 1).to(dtype).contiguous(memory_format=fmt)
+        return to_activation_layout((torch.rand(batch, 3, side, side, device=dev) * 2 - 1).to(dtype), channels_last)
     return [(image(hr), image(lr)) for _ in range(INPUT_SETS)]
 
 
@@ -112,9 +118,10 @@ def run(device: str, batch: int = 64, smoke: bool = False) -> list[dict]:
     # find_spec, not import: importing deepspeed probes accelerators (slow, noisy) even when unused
     have_deepspeed = importlib.util.find_spec("deepspeed") is not None
     fused = "fused " if cuda else ""  # off CUDA, kernels=auto resolves to the torch reference
+    layout = use_channels_last("auto", dev)  # the trainer's train.channels_last=auto
     paths = [  # (path, dtype, kernels, channels_last, engine)
-        (f"bf16 {fused}step (deepspeed)", torch.bfloat16, "auto", cuda, "deepspeed"),
-        (f"bf16 {fused}step (torch Adam)", torch.bfloat16, "auto", cuda, "torch"),
+        (f"bf16 {fused}step (deepspeed)", torch.bfloat16, "auto", layout, "deepspeed"),
+        (f"bf16 {fused}step (torch Adam)", torch.bfloat16, "auto", layout, "torch"),
         (BASELINE, torch.float32, "torch", False, "torch"),
     ]
     rows = partial_rows
@@ -122,13 +129,11 @@ def run(device: str, batch: int = 64, smoke: bool = False) -> list[dict]:
     for path, dtype, kernels, channels_last, engine in paths:
         fields = dict(path=path, baseline=None if path == BASELINE else BASELINE, batch=batch,
                       dtype=str(dtype).replace("torch.", ""), kernels=kernels)
-        if engine == "deepspeed" and not cuda:
-            rows.append(skipped_row(SUITE, NAME, "CPU: the DeepSpeed engines are timed on CUDA only "
-                                    "(their CPU build is for tests)", **fields))
-            continue
         if engine == "deepspeed" and not have_deepspeed:
             rows.append(skipped_row(SUITE, NAME, "deepspeed is not installed (see bench/README.md)", **fields))
             continue
+        if engine == "deepspeed" and not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed's first import probes for CUDA
         try:
             rows.append(_time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, peak,
                                    warmup, repeats, fields))
@@ -141,8 +146,8 @@ def run(device: str, batch: int = 64, smoke: bool = False) -> list[dict]:
 
 
 def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, peak, warmup, repeats, fields):
-    cfg = load_config(None, overrides + (f"kernels={kernels}",))
-    g, d, vgg = _build(cfg, dev, dtype, channels_last)
+    cfg = load_config(None, overrides + (f"kernels={kernels}", f"deepspeed.bf16={dtype == torch.bfloat16}".lower()))
+    g, d, vgg = _build(cfg, dev, dtype, engine)
     g.train(), d.train()
     if engine == "deepspeed":
         g_engine, d_engine = _deepspeed_engines(cfg, g, d)
