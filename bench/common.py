@@ -205,6 +205,14 @@ def _dali_version() -> Optional[str]:
 
 
 def git_state() -> dict:
+    """The measured commit. GAFH_GIT_COMMIT (and GAFH_GIT_DIRTY=0|1) win: the device machine's copy of the
+    tree has no .git, and a repository found in a folder above the tree is someone else's (the first GPU
+    run recorded such a commit). Otherwise git is asked, but only a repository whose top level is this tree."""
+    if os.environ.get("GAFH_GIT_COMMIT"):
+        return {"commit": os.environ["GAFH_GIT_COMMIT"],
+                "dirty": {"1": True, "0": False}.get(os.environ.get("GAFH_GIT_DIRTY", "")),
+                "commit_source": "GAFH_GIT_COMMIT"}
+
     def git(*args: str) -> Optional[str]:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20)
@@ -212,13 +220,13 @@ def git_state() -> dict:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:  # no .git here (the device machine gets a copy of the tree without it)
-        return {"commit": os.environ.get("GAFH_GIT_COMMIT") or None,
-                "dirty": {"1": True, "0": False}.get(os.environ.get("GAFH_GIT_DIRTY", "")),
-                "commit_source": "GAFH_GIT_COMMIT" if os.environ.get("GAFH_GIT_COMMIT") else "unknown"}
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != REPO_ROOT.resolve():
+        return {"commit": None, "dirty": None,
+                "commit_source": "unknown: this tree is not a git checkout and GAFH_GIT_COMMIT is not set"}
     status = git("status", "--porcelain")  # untracked files count: they are not in the commit either
-    return {"commit": commit, "dirty": None if status is None else bool(status), "commit_source": "git"}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "commit_source": "git"}
 
 
 def env_info(device: torch.device) -> dict:
