@@ -1,98 +1,233 @@
-"""Compile every autotune config of the conv3x3 kernels for an NVIDIA target, without a GPU.
+"""Static report of the conv3x3 kernels compiled for sm_90 (H100), without a GPU.
 
-    python -m gafh_fast.kernels.compile_check [--arch 90] [--dtype bf16]
+    python -m gafh_fast.kernels.compile_check [--batch 64] [--dtype bf16] [--json out.json]
 
-For machines with no GPU: it catches type and dot-shape errors that the interpreter lets through and
-prints, per config, shared memory, whether tl.dot became wgmma/mma, how many loads were pipelined
-(async copies) and, when the bundled ptxas accepts the PTX, registers and spills. It specialises the
-channel counts and pointers as 16-divisible, as the JIT does for the trunk's 32/64/96 channels.
+It runs the real host path (an IDB forward + backward, nf 64, gc 32, 32x32, and the RIDB's last conv
+with two residuals) with a stand-in launcher that records every launch (arguments, constexprs, grid,
+options), once per tile candidate of the heuristic. Each launch is specialised exactly as the JIT
+would (Triton's own binder on a cuda:90 target) and compiled; per kernel and config it prints:
+registers, spills, shared memory, SASS instructions per wgmma (HGMMA) in the main loop, wgmma waits
+with 0 pending inside loops (a serialised wgmma pipeline), ptxas warnings, and waves on 132 SMs (at
+the occupancy the registers and shared memory allow).
+Exit status 1 on a C7515 warning ("wgmma serialized") or on a loop whose every HGMMA is followed by a
+0-pending wait. Uses ptxas/nvdisasm from the Triton wheel (backends/nvidia/bin).
 Not a test: speed is only measured on a GPU (bench/kernels_suite.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import tempfile
+from typing import Optional
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from . import conv3x3_bwd as bwd
-from . import conv3x3_fwd as fwd
+from . import conv3x3, launch
+from .conv3x3_fwd import INTERPRETING
+from .tuning import Tuner
 
-_DIVISIBLE = ("C1", "C2", "C_OUT", "C_I", "C_IN_TOTAL", "c_base", "CHUNK")
-
-
-def _signature(kernel, types: list[str], constexprs: dict) -> tuple[dict, dict]:
-    sig = dict(zip(kernel.arg_names, types))
-    sig.update({k: "constexpr" for k in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-             if n.endswith("_ptr") or n in _DIVISIBLE}
-    return sig, attrs
+SMS = 132
+REGS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def _ptxas_info(ptx: str, arch: int) -> str:
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for name in ("ptxas-blackwell", "ptxas"):
-        exe = os.path.join(bin_dir, name)
-        if not os.path.exists(exe):
-            continue
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(ptx)
-        gpu = f"sm_{arch}a" if arch in (90, 100) else f"sm_{arch}"
-        out = subprocess.run([exe, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True, text=True)
-        os.unlink(f.name)
-        if out.returncode == 0:
-            return " ".join(line.split("info    : ")[-1].strip() for line in out.stderr.splitlines()
-                            if "registers" in line or "spill" in line or "Performance" in line)
-    return "(no ptxas accepted the PTX)"
+class PickTuner(Tuner):
+    """Always the index-th candidate (or the last): the report visits every candidate."""
+
+    def __init__(self, index: int):
+        super().__init__(None, "compile_check")
+        self.index = index
+
+    def choose(self, kernel, key, candidates, run_candidate=None, first=False):
+        return candidates[min(self.index, len(candidates) - 1)]
 
 
-def check(arch: int, dtype: str) -> int:
-    if fwd.INTERPRETING:
-        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
+    """Every launch of one IDB forward + backward and one two-residual conv forward + backward."""
+    records = []
+
+    def standin(name, grid, args, constexprs, options):
+        records.append(dict(name=name, grid=grid, args=args, constexprs=dict(constexprs), options=dict(options)))
+        return None  # no compiled kernel: every launch comes back here
+
+    old_standin, old_tuner, old_sms = launch.STANDIN, conv3x3.set_tuner(PickTuner(candidate)), conv3x3._sms
+    launch.STANDIN = standin
+    conv3x3._sms = lambda device: SMS  # the dW split the H100 would get
+    try:
+        from .op import fused_conv3x3_triton, fused_idb_triton
+
+        nf, gc, s = 64, 32, 32
+        fmt = dict(dtype=dtype)
+        x = torch.randn(batch, nf, s, s, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w1 = torch.randn(gc, nf, 3, 3, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w2 = torch.randn(nf, nf + gc, 3, 3, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w3 = torch.randn(nf, nf, 3, 3, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        b1, b2, b3 = (torch.zeros(c, **fmt, requires_grad=True) for c in (gc, nf, nf))
+        y = fused_idb_triton(x, x, w1, b1, w2, b2, 0.2)
+        y.backward(torch.ones_like(y))
+        for r in records:
+            r["label"] = "idb"
+        n_idb = len(records)
+        z = fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2)
+        z.backward(torch.ones_like(z))
+        for r in records[n_idb:]:
+            r["label"] = "ridb_conv"
+    finally:
+        launch.STANDIN = old_standin
+        conv3x3._sms = old_sms
+        conv3x3.set_tuner(old_tuner)
+    return records
+
+
+def compile_record(rec: dict, arch: int):
+    """triton.compile of one recorded launch, specialised by Triton's own binder for cuda:arch."""
+    kernel = {"fwd": conv3x3.FWD, "dw": conv3x3.DW, "dx": conv3x3.DX}[rec["name"]].kernel
     target = GPUTarget("cuda", arch, 32)
-    prec = "ieee" if dtype == "fp32" else "tf32"
-    p = f"*{dtype}"
-    jobs = [
-        (fwd.conv3x3_fwd_kernel, fwd.FWD_CONFIGS, [p] * 7 + ["*u8"] + ["i32"] * 6 + ["fp32"] * 3,
-         dict(HAS_BIAS=True, HAS_ACT=True, HAS_R1=True, HAS_R2=True, SAVE_MASK=True, INTERP_BF16=False, PRECISION=prec)),
-        (bwd.conv3x3_bwd_dx_kernel, bwd.DX_CONFIGS, [p, "*u8", p, p] + ["i32"] * 7 + ["fp32"] * 2,
-         dict(HAS_ACT=True, INTERP_BF16=False, PRECISION=prec)),
-        (bwd.conv3x3_bwd_dw_kernel, bwd.DW_CONFIGS, [p, p, p, "*u8", "*fp32", "*fp32"] + ["i32"] * 7 + ["fp32"] * 2,
-         dict(HAS_ACT=True, DO_BIAS=True, INTERP_BF16=False, PRECISION=prec)),
-        (bwd.conv3x3_bwd_finalize_kernel, [triton.Config({"BLOCK": bwd.FINALIZE_BLOCK}, num_warps=4, num_stages=1)],
-         ["*fp32", "*fp32", p, p] + ["i32"] * 3, dict(HAS_BIAS=True, INTERP_BF16=False)),
-    ]
-    failures = 0
-    for kernel, configs, types, flags in jobs:
-        for cfg in configs:
-            constexprs = {**flags, **cfg.kwargs}
-            sig, attrs = _signature(kernel, types, constexprs)
-            label = f"{kernel.__name__:24s} {dtype} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
-            try:
-                compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs), target=target,
-                                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-            except Exception as e:  # report every config, then fail
-                failures += 1
-                print(f"FAIL {label}: {e!r}"[:2000])
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    n_rt = len(rec["args"])
+    kwargs = {**rec["constexprs"], **rec["options"]}
+    bound, specialization, _ = binder(*rec["args"], **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, {})
+    assert len(signature) >= n_rt
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _run_tool(name: str, args: list[str], data: bytes | str, suffix: str) -> subprocess.CompletedProcess:
+    with tempfile.NamedTemporaryFile("wb", suffix=suffix, delete=False) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    try:
+        return subprocess.run([os.path.join(_BIN, name), *args, f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    for exe in ("ptxas-blackwell", "ptxas"):  # the plain one may predate the PTX version Triton emits
+        out = _run_tool(exe, ["-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull], ptx, ".ptx")
+        if out.returncode == 0:
+            break
+    text = out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill_st = re.search(r"(\d+) bytes spill stores", text)
+    spill_ld = re.search(r"(\d+) bytes spill loads", text)
+    warnings = [line.split("warning :")[-1].strip()[:160] for line in text.splitlines() if "warning" in line.lower()]
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_bytes=(int(spill_st.group(1)) + int(spill_ld.group(1))) if spill_st and spill_ld else None,
+                ptxas_warnings=warnings, ptxas_ok=out.returncode == 0)
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """Loops in nvdisasm output (a BRA back to an earlier label); per loop with HGMMA: instructions,
+    HGMMA count, 0-pending wgmma waits (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
+    labels, insns = {}, []
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(insns)
+            continue
+        m = _INSN.search(line)
+        if m:
+            insns.append(m.group(2).strip())
+    loops = []
+    for i, ins in enumerate(insns):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            body = insns[labels[m.group(1)]:i + 1]
+            hgmma = sum("HGMMA" in b for b in body)
+            if hgmma:
+                waits0 = sum(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", b) is not None for b in body)
+                loops.append(dict(instructions=len(body), hgmma=hgmma, waits_0=waits0))
+    return loops
+
+
+def analyze(compiled, arch: int, programs: int, num_warps: int) -> dict:
+    rep = ptxas_report(compiled.asm["ptx"], arch)
+    sass = _run_tool("nvdisasm", ["-c"], compiled.asm["cubin"], ".cubin").stdout
+    loops = sass_loops(sass)
+    main = max(loops, key=lambda lp: lp["hgmma"], default=None)
+    smem = compiled.metadata.shared
+    threads = 32 * num_warps
+    by_regs = REGS_PER_SM // max(1, (rep["registers"] or 0) * threads) if rep["registers"] else 1
+    by_smem = SMEM_PER_SM // smem if smem else 32
+    ctas = max(1, min(by_regs, by_smem, 32))
+    serialized = any(lp["waits_0"] >= lp["hgmma"] for lp in loops)
+    c7515 = any("C7515" in w for w in rep["ptxas_warnings"])
+    return dict(**rep, shared_bytes=smem, hgmma_total=sass.count("HGMMA"),
+                loops_with_hgmma=len(loops),
+                sass_per_wgmma=round(main["instructions"] / main["hgmma"], 1) if main else None,
+                waits_0_in_loops=sum(lp["waits_0"] for lp in loops), programs=programs, ctas_per_sm=ctas,
+                waves=round(programs / (SMS * ctas), 2), fail=serialized or c7515,
+                why=("C7515 " if c7515 else "") + ("serialized-wgmma-loop" if serialized else ""))
+
+
+def _config_label(rec: dict) -> str:
+    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K1", "BLOCK_K2", "BLOCK_KA", "BLOCK_KB", "BLOCK_C", "BLOCK_CO", "BLOCK_P")
+    c = rec["constexprs"]
+    return " ".join(f"{k[6:]}={c[k]}" for k in keep if k in c and not (k.endswith(("K2", "KB")) and
+                    c.get(k.replace("BLOCK_", "") + "_STEPS", 1) == 0)) + f" st={rec['options']['num_stages']}"
+
+
+def report(arch: int, dtype: torch.dtype, batch: int) -> list[dict]:
+    rows, seen = [], set()
+    for candidate in (0, 1):
+        for i, rec in enumerate(record_launches(batch, dtype, candidate)):
+            role = f"{rec['label']}#{i}:{rec['name']}"
+            cfg = _config_label(rec)
+            if (role, cfg) in seen:
                 continue
-            ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-            dot = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
-            print(f"ok   {label}: shared {compiled.metadata.shared} B, dot={dot}, "
-                  f"async copies {ttgir.count('async_copy_global_to_local')}; {_ptxas_info(ptx, arch)}")
-    return failures
+            seen.add((role, cfg))
+            programs = rec["grid"][0] * (rec["grid"][1] if len(rec["grid"]) > 1 else 1) * \
+                (rec["grid"][2] if len(rec["grid"]) > 2 else 1)
+            try:
+                compiled = compile_record(rec, arch)
+                row = analyze(compiled, arch, programs, rec["options"]["num_warps"])
+            except Exception as e:  # report every config, then fail
+                row = dict(fail=True, why=f"compile error {e!r}"[:300])
+            rows.append(dict(role=role, config=cfg, **row))
+            print(_format(rows[-1]), flush=True)
+    return rows
 
 
-def main() -> None:
+def _format(r: dict) -> str:
+    if "registers" not in r:
+        return f"FAIL {r['role']:18s} {r['config']:38s} {r['why']}"
+    warn = "; ".join(r["ptxas_warnings"])[:120]
+    return (f"{'FAIL' if r['fail'] else 'ok  '} {r['role']:18s} {r['config']:38s} regs {r['registers']:3d} "
+            f"spill {r['spill_bytes']} smem {r['shared_bytes']:6d} sass/wgmma {r['sass_per_wgmma']} "
+            f"wait0-in-loop {r['waits_0_in_loops']} hgmma {r['hgmma_total']} programs {r['programs']} "
+            f"waves {r['waves']} ({r['ctas_per_sm']}/SM) {r['why']} {warn}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 A100, 90 H100/H200")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 H100/H200")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    args = parser.parse_args()
-    raise SystemExit(1 if check(args.arch, args.dtype) else 0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--json", help="write the rows here too")
+    args = parser.parse_args(argv)
+    if INTERPRETING:
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    rows = report(args.arch, torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.batch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    failed = [r for r in rows if r["fail"]]
+    print(f"{len(rows)} kernel/config rows, {len(failed)} failing")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Backward of the fused 3x3 convolution (forward: conv3x3_fwd.py).
+"""Backward kernels of the fused 3x3 convolution (forward: conv3x3_fwd.py; host code: conv3x3.py).
 
 Maths. With z = conv3x3(x, W) + b the pre-activation, a = act(z), and
     y = r2 + s2*(r1 + s1*a)            (r1/s1 and r2/s2 optional; absent means r = 0, s = 1)
@@ -8,329 +8,249 @@ the upstream gradient g = dL/dy gives
     db[co]            = scale * sum_{n,h,w} gz[n,h,w,co]
     dW[co,ci,kh,kw]   = scale * sum_{n,h,w} gz[n,h,w,co] * x[n, h+kh-1, w+kw-1, ci]
     dX[n,h,w,ci]      = scale * sum_{co,kh,kw} gz[n, h-kh+1, w-kw+1, co] * W[co,ci,kh,kw]
-i.e. dX is a 3x3 conv of gz with the spatially flipped, transposed weights: another implicit GEMM
-(M = pixels, N = C_i, K = 9*C_out), one launch per input, each grad written directly.
-dW is a GEMM whose reduction runs over the pixels: split-K over pixel chunks (one launch, both inputs'
-channel tiles in one grid) into an fp32 workspace (SPLIT, 9, C_in, C_out), then one small kernel sums the partials in a fixed order (deterministic,
-no atomics), reorders dW to (C_out, C_in, 3, 3) and casts dW and db.
 
-What the forward saved: the inputs and W (dW and dX need them) and, when there is an activation, a
-bit-packed mask z > 0 (1 bit per output element, 1/16 of a bf16 pre-activation). It makes the
-LeakyReLU derivative exact; recovering sign(z) from y would need (y - r2)/s2 - r1, which rounding can
-flip near 0, and recomputing z would cost a second forward GEMM.
+Two kernels, two launches per conv (the IDB chains four, see conv3x3.py):
+  * `conv3x3_bwd_dw_kernel`: dW partials over pixel chunks (split-K, fp32 workspace); grid axis 1 is
+    the 9 taps plus one more row of programs that make gz once (written out for the dX kernel, so
+    no dX loop touches the mask) and the db partials. The dW programs do no db work.
+  * `conv3x3_bwd_dx_kernel`: dX as a 3x3 conv of gz with the flipped, transposed weights (an implicit
+    GEMM over one or two gradient sources, so an IDB's x gets conv2's and conv1's share in one pass),
+    written to one or two outputs split on channels, optionally times the LeakyReLU derivative of an
+    earlier conv (the IDB's gz1). Its grid has extra programs that sum the dW/db partials of up to two
+    convs in a fixed order (deterministic, no atomics) into the weight's own layout and dtype.
+
+What the forward saved: the inputs and W and, when there is an activation, a bit-packed mask z > 0
+(1 bit per output element). It makes the LeakyReLU derivative exact; recovering sign(z) from y would
+need (y - r2)/s2 - r1, which rounding can flip near 0.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .conv3x3_fwd import INTERPRETING, cast_rne, dot_precision
+from .conv3x3_fwd import SHAPE_ARGS, accumulate_taps, cast_rne, pixel_rows
 
 
 @triton.jit
-def _load_gz(
-    g_ptr,      # upstream grad, (N, C_OUT, H, W) channels_last: element at m*C_OUT + co
-    mask_ptr,   # (N, H, W, ceil(C_OUT/8)) uint8 forward mask, bit co%8 of byte co//8 = z > 0; if HAS_ACT
-    pix,        # (BLOCK_P,) int64 pixel indices m
-    pix_ok, co, co_ok, C_OUT, slope, HAS_ACT: tl.constexpr,
-):
-    """gz tile (BLOCK_P, BLOCK_CO) in fp32: g times the LeakyReLU derivative, zero where masked."""
-    off = pix[:, None] * C_OUT + co[None, :]
-    ok = pix_ok[:, None] & co_ok[None, :]
-    g = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    if HAS_ACT:
-        c_bytes = tl.cdiv(C_OUT, 8)
-        byte = tl.load(mask_ptr + pix[:, None] * c_bytes + (co // 8)[None, :], mask=ok, other=0)
-        positive = ((byte.to(tl.int32) >> (co % 8)[None, :]) & 1) != 0
-        g = tl.where(positive, g, g * slope)
-    return g
-
-
-@triton.jit
-def conv3x3_bwd_dx_kernel(
-    g_ptr,      # upstream grad, (N, C_OUT, H, W) channels_last
-    mask_ptr,   # (N, H, W, ceil(C_OUT/8)) uint8 bit-packed forward mask; unused unless HAS_ACT
-    wt_ptr,     # weight as the forward's (3, 3, C_IN_TOTAL, C_OUT) contiguous: ((tap*C_IN_TOTAL + ci)*C_OUT + co)
-    dx_ptr,     # this input's grad, (N, C_I, H, W) channels_last: element at m*C_I + ci
-    M, H, W, C_OUT, C_IN_TOTAL, C_I, c_base,
-    slope, scale,
-    HAS_ACT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # One program owns a BLOCK_M (pixels) x BLOCK_N (this input's channels) tile of dX, over K = 9*C_OUT.
-    # (One launch per input: a two-input variant with both tiles in one grid made ptxas serialize the
-    # wgmma of every config, see compile_check.py; the dW kernel below does merge its two inputs.)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < C_I
-    w_idx = offs_m % W
-    h_idx = (offs_m // W) % H
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_steps = tl.cdiv(C_OUT, BLOCK_K)
-    for step in range(0, 9 * k_steps):
-        tap = step // k_steps
-        c0 = (step - tap * k_steps) * BLOCK_K
-        dh = tap // 3 - 1
-        dw = tap % 3 - 1
-        hh = h_idx - dh  # dX at (h, w) collects gz at (h - dh, w - dw) through tap (dh, dw)
-        ww = w_idx - dw
-        pix_ok = m_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        src = (offs_m - dh * W - dw).to(tl.int64)
-        co = c0 + offs_k
-        co_ok = co < C_OUT
-        a = _load_gz(g_ptr, mask_ptr, src, pix_ok, co, co_ok, C_OUT, slope, HAS_ACT)
-        a = cast_rne(a, wt_ptr.dtype.element_ty, INTERP_BF16)  # dot in the I/O dtype, as on the GPU
-        # B[k = co, n = ci] = W[co, ci, tap]: the forward's weight copy read transposed (K-major)
-        w_rows = (tap * C_IN_TOTAL + c_base + offs_n).to(tl.int64)
-        b = tl.load(wt_ptr + w_rows[None, :] * C_OUT + co[:, None], mask=co_ok[:, None] & n_ok[None, :], other=0.0)
-        if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
-    out_off = offs_m.to(tl.int64)[:, None] * C_I + offs_n[None, :]
-    tl.store(dx_ptr + out_off, cast_rne(acc * scale, dx_ptr.dtype.element_ty, INTERP_BF16),
-             mask=m_ok[:, None] & n_ok[None, :])
+def act_grad(g, mask_ptr, rows, row_ok, co, co_ok, C_OUT, slope):
+    """g * LeakyReLU'(z) from the forward's bit mask; rows: pixel indices (BLOCK,), co: channels."""
+    c_bytes = tl.cdiv(C_OUT, 8)
+    byte = tl.load(mask_ptr + rows[:, None] * c_bytes + (co // 8)[None, :], mask=row_ok[:, None] & co_ok[None, :],
+                   other=0)
+    positive = ((byte.to(tl.int32) >> (co % 8)[None, :]) & 1) != 0
+    return tl.where(positive, g, g * slope)
 
 
 @triton.jit
 def _dw_tile(
-    x_ptr,      # one input, (N, C_I, H, W) channels_last: element at m*C_I + ci
-    g_ptr,      # upstream grad, (N, C_OUT, H, W) channels_last
-    mask_ptr,   # (N, H, W, ceil(C_OUT/8)) uint8 bit-packed forward mask; unused unless HAS_ACT
-    dw_ptr,     # fp32 partials, (SPLIT, 9, C_IN_TOTAL, C_OUT) contiguous; this input owns rows c_base..+C_I
-    db_ptr,     # fp32 partials, (SPLIT, C_OUT) contiguous; written only if DO_BIAS
-    pid_tile, tap, split, M, H, W, C_I, C_IN_TOTAL, C_OUT, c_base, CHUNK,
-    slope, scale,
-    HAS_ACT: tl.constexpr, DO_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, C_I, c_base, g_ptr, mask_ptr, dw_ptr,
+    pid_tile, tap, split, M, H, W, C_IN_TOTAL, C_OUT, CHUNK, slope,
+    HAS_ACT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """The BLOCK_C (channels of one input) x BLOCK_CO tile pid_tile of one tap of dW, over one pixel chunk."""
+    """dW tile of one tap over one pixel chunk. The wider of C_OUT/C_I tiles is the MMA's M side
+    (wgmma needs M >= 64): dW^T = gz^T @ x when BLOCK_CO >= 64, else dW = x^T @ gz."""
     n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
     pid_c = pid_tile // n_co_tiles
-    pid_co = pid_tile % n_co_tiles
+    pid_co = pid_tile - pid_c * n_co_tiles
     ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_ok = ci < C_I
     co_ok = co < C_OUT
     dh = tap // 3 - 1
     dw = tap % 3 - 1
-    # db is the same sum for every program; only (tap 0, first C tile) stores it (branch-free below).
-    bias_prog = (tl.zeros((BLOCK_CO,), dtype=tl.int32) + tap + pid_c) == 0
+    shift = (dh * W + dw) * C_I
+    if BLOCK_CO >= 64:
+        acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+    p_start = split * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, M)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        pix = p0 + tl.arange(0, BLOCK_P)
+        p_ok = pix < p_end
+        g_off = pixel_rows(pix, C_OUT, IDX64)
+        gz = tl.load(g_ptr + g_off[:, None] + co[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        if HAS_ACT:
+            gz = cast_rne(act_grad(gz.to(tl.float32), mask_ptr, pix, p_ok, co, co_ok, C_OUT, slope),
+                          g_ptr.dtype.element_ty, INTERP_BF16)  # dot in the I/O dtype, as on the GPU
+        w_idx = pix % W
+        h_idx = (pix // W) % H
+        hh = h_idx + dh
+        ww = w_idx + dw
+        src_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        xs = tl.load(x_ptr + pixel_rows(pix, C_I, IDX64)[:, None] + (shift + ci)[None, :],
+                     mask=src_ok[:, None] & ci_ok[None, :], other=0.0)
+        if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
+            xs = xs.to(tl.float32)
+            gz = gz.to(tl.float32)
+        if BLOCK_CO >= 64:
+            acc = tl.dot(tl.trans(gz), xs, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(tl.trans(xs), gz, acc, input_precision=PRECISION)
+    # partials (SPLIT, 9, C_IN_TOTAL, C_OUT): element (ci, co) at ci*C_OUT + co
+    rows = (split * 9 + tap) * C_IN_TOTAL + c_base + ci
+    if BLOCK_CO >= 64:
+        tl.store(dw_ptr + rows.to(tl.int64)[None, :] * C_OUT + co[:, None], acc, mask=co_ok[:, None] & ci_ok[None, :])
+    else:
+        tl.store(dw_ptr + rows.to(tl.int64)[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
 
-    acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+
+@triton.jit
+def _gz_db_program(
+    g_ptr, mask_ptr, gz_ptr, db_ptr, pid_co, split, M, C_OUT, CHUNK, slope,
+    HAS_ACT: tl.constexpr, DO_BIAS: tl.constexpr, WRITE_GZ: tl.constexpr, INTERP_BF16: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """gz = g * act'(z) for one chunk of pixels and one C_OUT tile, written out; db partial sums."""
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < C_OUT
     db_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, M)
     for p0 in range(p_start, p_end, BLOCK_P):
         pix = p0 + tl.arange(0, BLOCK_P)
         p_ok = pix < p_end
-        gz = _load_gz(g_ptr, mask_ptr, pix.to(tl.int64), p_ok, co, co_ok, C_OUT, slope, HAS_ACT)
+        off = pixel_rows(pix, C_OUT, IDX64)[:, None] + co[None, :]
+        ok = p_ok[:, None] & co_ok[None, :]
+        gz = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if HAS_ACT:
+            gz = act_grad(gz, mask_ptr, pix, p_ok, co, co_ok, C_OUT, slope)
+        if WRITE_GZ:
+            gz_io = cast_rne(gz, gz_ptr.dtype.element_ty, INTERP_BF16)
+            tl.store(gz_ptr + off, gz_io, mask=ok)
         if DO_BIAS:
             db_acc += tl.sum(gz, axis=0)
-        w_idx = pix % W
-        h_idx = (pix // W) % H
-        hh = h_idx + dh
-        ww = w_idx + dw
-        src_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        src = (pix + dh * W + dw).to(tl.int64)
-        xs = tl.load(x_ptr + src[:, None] * C_I + ci[None, :], mask=src_ok[:, None] & ci_ok[None, :], other=0.0)
-        gz_op = cast_rne(gz, x_ptr.dtype.element_ty, INTERP_BF16)  # dot in the I/O dtype, as on the GPU
-        if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
-            xs = xs.to(tl.float32)
-            gz_op = gz_op.to(tl.float32)
-        acc = tl.dot(tl.trans(xs), gz_op, acc, input_precision=PRECISION)
-
-    rows = (split * 9 + tap) * C_IN_TOTAL + c_base + ci
-    tl.store(dw_ptr + rows.to(tl.int64)[:, None] * C_OUT + co[None, :], acc * scale,
-             mask=ci_ok[:, None] & co_ok[None, :])
     if DO_BIAS:
-        tl.store(db_ptr + split * C_OUT + co, db_acc * scale, mask=co_ok & bias_prog)
+        tl.store(db_ptr + split * C_OUT + co, db_acc, mask=co_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def conv3x3_bwd_dw_kernel(
     x1_ptr,     # first input, (N, C1, H, W) channels_last
     x2_ptr,     # second input, (N, C2, H, W) channels_last; any valid pointer when C2 == 0
     g_ptr,      # upstream grad, (N, C_OUT, H, W) channels_last
     mask_ptr,   # (N, H, W, ceil(C_OUT/8)) uint8 bit-packed forward mask; unused unless HAS_ACT
-    dw_ptr,     # fp32 partials, (SPLIT, 9, C1 + C2, C_OUT) contiguous
-    db_ptr,     # fp32 partials, (SPLIT, C_OUT) contiguous; written only if DO_BIAS
+    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, H, W) channels_last, g's dtype; if WRITE_GZ
+    dw_ptr,     # out: fp32 dW partials, (SPLIT, 9, C1 + C2, C_OUT) contiguous, unscaled
+    db_ptr,     # out: fp32 db partials, (SPLIT, C_OUT) contiguous, unscaled; if DO_BIAS
     M, H, W, C1, C2, C_OUT, CHUNK,
-    slope, scale,
-    HAS_ACT: tl.constexpr, DO_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    slope,
+    HAS_ACT: tl.constexpr, DO_BIAS: tl.constexpr, WRITE_GZ: tl.constexpr, INTERP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program owns a BLOCK_C (input channels) x BLOCK_CO (output channels) tile of one tap of dW,
-    # reduced over one chunk of CHUNK pixels (its split); grid = (C1 tiles then C2 tiles, each times
-    # the C_OUT tiles; 9 taps; SPLIT). One launch for both inputs.
+    # grid = (max(C tiles of x1 and x2 times C_OUT tiles, C_OUT tiles), 9 taps + 1, SPLIT pixel chunks).
+    # Programs with axis-1 index 9 make gz and db for C_OUT tile axis-0 (the rest of that row return).
     pid_tile = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
-    tiles1 = tl.cdiv(C1, BLOCK_C) * tl.cdiv(C_OUT, BLOCK_CO)
-    if pid_tile < tiles1:
-        _dw_tile(x1_ptr, g_ptr, mask_ptr, dw_ptr, db_ptr, pid_tile, tap, split, M, H, W, C1, C1 + C2, C_OUT, 0,
-                 CHUNK, slope, scale, HAS_ACT, DO_BIAS, INTERP_BF16, PRECISION, BLOCK_C, BLOCK_CO, BLOCK_P)
-    else:
-        _dw_tile(x2_ptr, g_ptr, mask_ptr, dw_ptr, db_ptr, pid_tile - tiles1, tap, split, M, H, W, C2, C1 + C2,
-                 C_OUT, C1, CHUNK, slope, scale, HAS_ACT, False, INTERP_BF16, PRECISION, BLOCK_C, BLOCK_CO, BLOCK_P)
-
+    n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
+    tiles1 = tl.cdiv(C1, BLOCK_C) * n_co_tiles
+    tiles2 = tl.cdiv(C2, BLOCK_C) * n_co_tiles
+    if tap == 9:
+        if pid_tile < n_co_tiles:
+            _gz_db_program(g_ptr, mask_ptr, gz_ptr, db_ptr, pid_tile, split, M, C_OUT, CHUNK, slope,
+                           HAS_ACT, DO_BIAS, WRITE_GZ, INTERP_BF16, IDX64, BLOCK_CO, BLOCK_P)
+    elif pid_tile < tiles1:
+        _dw_tile(x1_ptr, C1, 0, g_ptr, mask_ptr, dw_ptr, pid_tile, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
+                 slope, HAS_ACT, INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
+    elif pid_tile < tiles1 + tiles2:
+        _dw_tile(x2_ptr, C2, C1, g_ptr, mask_ptr, dw_ptr, pid_tile - tiles1, tap, split, M, H, W, C1 + C2, C_OUT,
+                 CHUNK, slope, HAS_ACT, INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
 
 
 @triton.jit
-def conv3x3_bwd_finalize_kernel(
-    dw_parts_ptr,   # fp32 partials, (SPLIT, 9, C_IN, C_OUT) contiguous (tap-major, as the dW kernel writes)
-    db_parts_ptr,   # fp32 partials, (SPLIT, C_OUT) contiguous; read only if HAS_BIAS
-    dw_ptr,         # dW, (C_OUT, C_IN, 3, 3) contiguous, weight dtype: element at (co*C_IN + ci)*9 + tap
-    db_ptr,         # db, (C_OUT,), weight dtype; written only if HAS_BIAS
-    SPLIT, C_IN, C_OUT,
+def _finalize_dw(
+    dwp_ptr,    # fp32 partials (SPLIT, 9, C_IN, C_OUT) contiguous, unscaled
+    dbp_ptr,    # fp32 partials (SPLIT, C_OUT), unscaled; if HAS_BIAS
+    dw_ptr,     # dW (C_OUT, C_IN, 3, 3) with strides d_co, d_ci, d_tap (the weight's own layout)
+    db_ptr,     # db (C_OUT,); if HAS_BIAS
+    pid, SPLIT, C_IN, C_OUT, d_co, d_ci, d_tap, scale,
     HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # One program owns BLOCK consecutive elements of dW (in its (C_out, C_in, 3, 3) order) and, for the
-    # first C_OUT offsets, of db: it sums the split-K partials in a fixed order (deterministic), then casts.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < C_OUT * C_IN * 9
-    tap = offs % 9
-    ci = (offs // 9) % C_IN
-    co = offs // (9 * C_IN)
-    src = (tap * C_IN + ci) * C_OUT + co
-    b_ok = (offs < C_OUT) & HAS_BIAS
+    """BLOCK consecutive partial elements (tap, ci, co) summed over the splits in order 0..SPLIT-1."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    per_split = 9 * C_IN * C_OUT
+    ok = offs < per_split
+    co = offs % C_OUT
+    ci = (offs // C_OUT) % C_IN
+    tap = offs // (C_OUT * C_IN)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLIT):
-        acc += tl.load(dw_parts_ptr + s * 9 * C_IN * C_OUT + src, mask=ok, other=0.0)
-        if HAS_BIAS:
-            b_acc += tl.load(db_parts_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)
-    tl.store(dw_ptr + offs, cast_rne(acc, dw_ptr.dtype.element_ty, INTERP_BF16), mask=ok)
+        acc += tl.load(dwp_ptr + s * per_split + offs, mask=ok, other=0.0)
+    tl.store(dw_ptr + co * d_co + ci * d_ci + tap * d_tap, cast_rne(acc * scale, dw_ptr.dtype.element_ty, INTERP_BF16),
+             mask=ok)
     if HAS_BIAS:
-        tl.store(db_ptr + offs, cast_rne(b_acc, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+        b_ok = offs < C_OUT
+        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLIT):
+            b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)
+        tl.store(db_ptr + offs, cast_rne(b_acc * scale, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
 
 
-# Every config is run by the tests; BLOCK_K-like dims (BLOCK_K, BLOCK_P) >= 16; no num_warps=8.
-DX_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-]
-DW_CONFIGS = [
-    triton.Config({"BLOCK_C": 64, "BLOCK_CO": 64, "BLOCK_P": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_C": 64, "BLOCK_CO": 64, "BLOCK_P": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_C": 64, "BLOCK_CO": 32, "BLOCK_P": 128}, num_warps=4, num_stages=3),
-]
-DX_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)
-DW_INTERPRETER_CONFIG = triton.Config({"BLOCK_C": 64, "BLOCK_CO": 64, "BLOCK_P": 128}, num_warps=4, num_stages=1)
-FINALIZE_BLOCK = 1024
-# The dW split chunk is a multiple of every BLOCK_P above, so a chunk never straddles two tiles.
-DW_CHUNK_MULTIPLE = 128
-
-conv3x3_bwd_dx_autotuned = triton.autotune(configs=DX_CONFIGS, key=["M", "H", "W", "C_OUT", "C_I"])(
-    conv3x3_bwd_dx_kernel
-)
-conv3x3_bwd_dw_autotuned = triton.autotune(configs=DW_CONFIGS, key=["M", "H", "W", "C1", "C2", "C_OUT", "CHUNK"])(
-    conv3x3_bwd_dw_kernel
-)
-
-
-# ------------------------------------------------------------------------------------------------
-# Host launcher
-# ------------------------------------------------------------------------------------------------
-def _launch_kwargs(config: triton.Config) -> dict:
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def _dw_split(m: int, c_in: int, c_out: int, device) -> int:
-    """Pixel chunks of the dW reduction: ~4 programs per SM (a 64x64 dW tile has little work per tap,
-    so occupancy comes from the split), chunks >= 1024 px; the fp32 workspace stays a few MB."""
-    import torch
-
-    if INTERPRETING or device.type != "cuda":
-        return 1  # the interpreter runs programs one after another: splitting buys nothing
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = 9 * triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64)
-    return max(1, min(triton.cdiv(4 * sms, tiles), m // 1024))
-
-
-def conv3x3_bwd(grad, inputs, w_taps, mask, negative_slope, scale: float, has_bias: bool,
-                dx_config: triton.Config | None = None, dw_config: triton.Config | None = None,
-                dw_split: int | None = None):
-    """Launch the backward. Returns ([dx_i per input], dW, db or None).
-
-    grad: dL/dy (any layout; converted once to channels_last). w_taps: the forward's weight copy,
-    weight_taps(W) = (3, 3, C_in, C_out) contiguous. mask: the forward's uint8 z > 0 mask
-    (bit-packed, used only when negative_slope is not None). scale: s1*s2 of the residuals present.
-    dx_config / dw_config / dw_split force a config or split (tests); None autotunes on a GPU.
-    """
-    import torch
-
-    g = grad.contiguous(memory_format=torch.channels_last)
-    xs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
-    n, c_out, h, w = g.shape
-    m = n * h * w
-    c_in_total = w_taps.shape[2]
-    if m == 0:  # an empty batch: zero parameter grads, empty input grads
-        dw = w_taps.new_zeros((c_out, c_in_total, 3, 3))
-        return ([torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for x in xs],
-                dw, w_taps.new_zeros((c_out,)) if has_bias else None)
-    has_act = negative_slope is not None
-    if has_act and mask.numel() != m * triton.cdiv(c_out, 8):
-        raise RuntimeError("fused_conv3x3 backward: the forward saved no activation mask "
-                           "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
-    mask_arg = mask if has_act else g
-    slope = float(negative_slope) if has_act else 0.0
-    interp_bf16 = INTERPRETING and g.dtype != torch.float32
-    if dx_config is None and INTERPRETING:
-        dx_config = DX_INTERPRETER_CONFIG
-    if dw_config is None and INTERPRETING:
-        dw_config = DW_INTERPRETER_CONFIG
-    split = dw_split or _dw_split(m, c_in_total, c_out, g.device)
-    chunk = triton.cdiv(triton.cdiv(m, split), DW_CHUNK_MULTIPLE) * DW_CHUNK_MULTIPLE
-    split = triton.cdiv(m, chunk)
-    dw_parts = torch.empty((split, 9, c_in_total, c_out), dtype=torch.float32, device=g.device)
-    db_parts = torch.empty((split, c_out), dtype=torch.float32, device=g.device) if has_bias else dw_parts
-
-    c1 = xs[0].shape[1]
-    c2 = xs[1].shape[1] if len(xs) == 2 else 0
-    dxs = []
-    c_base = 0
-    for x in xs:  # dX: one launch per input, each grad written directly in its own tensor
-        c_i = x.shape[1]
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        dx_args = (g, mask_arg, w_taps, dx, m, h, w, c_out, c_in_total, c_i, c_base, slope, float(scale))
-        dx_flags = dict(HAS_ACT=has_act, INTERP_BF16=interp_bf16, PRECISION=dot_precision(g.dtype))
-
-        def dx_grid(meta, c_i=c_i):
-            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_i, meta["BLOCK_N"]))
-
-        if dx_config is not None:
-            conv3x3_bwd_dx_kernel[dx_grid(dx_config.kwargs)](*dx_args, **dx_flags, **_launch_kwargs(dx_config))
-        else:
-            conv3x3_bwd_dx_autotuned[dx_grid](*dx_args, **dx_flags)
-        dxs.append(dx)
-        c_base += c_i
-
-    x2 = xs[1] if len(xs) == 2 else xs[0]
-    dw_args = (xs[0], x2, g, mask_arg, dw_parts, db_parts, m, h, w, c1, c2, c_out, chunk, slope, float(scale))
-    dw_flags = dict(HAS_ACT=has_act, DO_BIAS=has_bias, INTERP_BF16=interp_bf16, PRECISION=dot_precision(g.dtype))
-
-    def dw_grid(meta):
-        co_tiles = triton.cdiv(c_out, meta["BLOCK_CO"])
-        return ((triton.cdiv(c1, meta["BLOCK_C"]) + triton.cdiv(c2, meta["BLOCK_C"])) * co_tiles, 9, split)
-
-    if dw_config is not None:
-        conv3x3_bwd_dw_kernel[dw_grid(dw_config.kwargs)](*dw_args, **dw_flags, **_launch_kwargs(dw_config))
+@triton.jit(do_not_specialize=SHAPE_ARGS)
+def conv3x3_bwd_dx_kernel(
+    ga_ptr,     # gradient source A: gz of a conv, (N, CA, H, W) channels_last (activation already applied)
+    wa_ptr,     # that conv's weight, element (co, ci, tap) at co*sa_co + ci*sa_ci + tap*sa_tap
+    gb_ptr,     # optional source B (CB > 0): gz of a second conv whose input is the same tensor
+    wb_ptr,     # its weight
+    out1_ptr,   # out: channels [0, N1) of the result, (N, N1, H, W) channels_last
+    out2_ptr,   # out: channels [N1, N_TOT), (N, N_TOT - N1, H, W) channels_last; if N_TOT > N1
+    omask_ptr,  # (N, H, W, ceil(N_TOT/8)) uint8 mask of the conv that produced this tensor; if OUT_ACT
+    fa_dwp, fa_dbp, fa_dw, fa_db,   # finalize job A: partials -> dW, db (see _finalize_dw); if FIN_A
+    fb_dwp, fb_dbp, fb_dw, fb_db,   # finalize job B; if FIN_B
+    M, H, W,
+    CA, sa_co, sa_ci, sa_tap, wa_base,     # result channel n reads weight A's input channel wa_base + n
+    CB, sb_co, sb_ci, sb_tap, wb_base,
+    N1, N_TOT,
+    FA_SPLIT, FA_CIN, FA_COUT, fa_co, fa_ci, fa_tap,
+    FB_SPLIT, FB_CIN, FB_COUT, fb_co, fb_ci, fb_tap,
+    N_DX_PROGS, N_FA_PROGS,
+    slope, scale, fa_scale, fb_scale,
+    OUT_ACT: tl.constexpr, FIN_A: tl.constexpr, FA_BIAS: tl.constexpr, FIN_B: tl.constexpr, FB_BIAS: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KA: tl.constexpr, KA_STEPS: tl.constexpr, EVEN_KA: tl.constexpr,
+    BLOCK_KB: tl.constexpr, KB_STEPS: tl.constexpr, EVEN_KB: tl.constexpr,
+    FIN_BLOCK: tl.constexpr,
+):
+    # 1-D grid: N_DX_PROGS tiles of the result (BLOCK_M pixels x BLOCK_N channels, pixel tiles fastest),
+    # then N_FA_PROGS finalize programs of job A, then those of job B.
+    pid = tl.program_id(0)
+    if pid < N_DX_PROGS:
+        n_m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_n = pid // n_m_tiles
+        pid_m = pid - pid_n * n_m_tiles
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = offs_m < M
+        n_ok = offs_n < N_TOT
+        w_idx = offs_m % W
+        h_idx = (offs_m // W) % H
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # B[k = co, n = ci] = W[co, ci, tap]
+        acc = accumulate_taps(acc, ga_ptr, wa_ptr, CA, sa_co, sa_ci, sa_tap, wa_base, H, W, offs_m, m_ok, h_idx,
+                              w_idx, offs_n, n_ok, -1, KA_STEPS, BLOCK_KA, EVEN_KA, INTERP_BF16, PRECISION, IDX64)
+        if KB_STEPS > 0:
+            acc = accumulate_taps(acc, gb_ptr, wb_ptr, CB, sb_co, sb_ci, sb_tap, wb_base, H, W, offs_m, m_ok,
+                                  h_idx, w_idx, offs_n, n_ok, -1, KB_STEPS, BLOCK_KB, EVEN_KB, INTERP_BF16,
+                                  PRECISION, IDX64)
+        acc = acc * scale
+        if OUT_ACT:
+            acc = act_grad(acc, omask_ptr, offs_m, m_ok, offs_n, n_ok, N_TOT, slope)
+        ok1 = m_ok[:, None] & (offs_n < N1)[None, :]
+        tl.store(out1_ptr + pixel_rows(offs_m, N1, IDX64)[:, None] + offs_n[None, :],
+                 cast_rne(acc, out1_ptr.dtype.element_ty, INTERP_BF16), mask=ok1)
+        if N_TOT > N1:  # a two-input conv: channels from N1 on belong to the second input's grad
+            ok2 = m_ok[:, None] & ((offs_n >= N1) & n_ok)[None, :]
+            tl.store(out2_ptr + pixel_rows(offs_m, N_TOT - N1, IDX64)[:, None] + (offs_n - N1)[None, :],
+                     cast_rne(acc, out2_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
+    elif pid < N_DX_PROGS + N_FA_PROGS:
+        if FIN_A:
+            _finalize_dw(fa_dwp, fa_dbp, fa_dw, fa_db, pid - N_DX_PROGS, FA_SPLIT, FA_CIN, FA_COUT, fa_co, fa_ci,
+                         fa_tap, fa_scale, FA_BIAS, INTERP_BF16, FIN_BLOCK)
     else:
-        conv3x3_bwd_dw_autotuned[dw_grid](*dw_args, **dw_flags)
-
-    # One launch sums the partials, puts dW back in (C_out, C_in, 3, 3) order, casts, and does db.
-    dw = torch.empty((c_out, c_in_total, 3, 3), dtype=w_taps.dtype, device=w_taps.device)
-    db = torch.empty((c_out,), dtype=w_taps.dtype, device=w_taps.device) if has_bias else None
-    wt_interp = INTERPRETING and w_taps.dtype != torch.float32
-    grid = (triton.cdiv(dw.numel(), FINALIZE_BLOCK),)
-    conv3x3_bwd_finalize_kernel[grid](dw_parts, db_parts, dw, db if has_bias else dw, split, c_in_total, c_out,
-                                      HAS_BIAS=has_bias, INTERP_BF16=wt_interp, BLOCK=FINALIZE_BLOCK)
-    return dxs, dw, db
+        if FIN_B:
+            _finalize_dw(fb_dwp, fb_dbp, fb_dw, fb_db, pid - N_DX_PROGS - N_FA_PROGS, FB_SPLIT, FB_CIN, FB_COUT,
+                         fb_co, fb_ci, fb_tap, fb_scale, FB_BIAS, INTERP_BF16, FIN_BLOCK)

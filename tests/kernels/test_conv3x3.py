@@ -17,8 +17,8 @@ import torch
 
 from gafh_fast.config import load_config
 from gafh_fast.kernels import fused_conv3x3_triton
-from gafh_fast.kernels.conv3x3_bwd import DW_CONFIGS, DX_CONFIGS, conv3x3_bwd
-from gafh_fast.kernels.conv3x3_fwd import FWD_CONFIGS, conv3x3_fwd, weight_taps
+from gafh_fast.kernels import configs
+from gafh_fast.kernels.conv3x3 import conv_backward, conv_forward, kernel_weight
 from gafh_fast.models.generator import Generator
 from gafh_fast.ops import fused_conv3x3, fused_conv3x3_reference
 
@@ -172,23 +172,26 @@ def test_bfloat16(channels, r1, r2):
 
 
 # ---------------------------------------------------------------------------------------------
-# Every autotune config (not only the winner), with the dW split-K path (3 pixel chunks)
+# Both heuristic candidates of every kernel (not only the first), with the dW split-K path (3 chunks)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("index", range(max(len(FWD_CONFIGS), len(DX_CONFIGS), len(DW_CONFIGS))))
-def test_each_config(index):
-    fwd_cfg = FWD_CONFIGS[index % len(FWD_CONFIGS)]
-    dx_cfg = DX_CONFIGS[index % len(DX_CONFIGS)]
-    dw_cfg = DW_CONFIGS[index % len(DW_CONFIGS)]
-    slope, s1, s2 = 0.2, 0.2, 0.5
-    tensors, grad = make_case([40, 24], 33, 2, 11, 13, r1=True, r2=True, seed=index)  # M = 286 pixels
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("slope", [0.2, None])
+def test_each_candidate_config(index, slope):
+    s1, s2 = 0.2, 0.5
+    c1, c2, c_out, n, h, w = 40, 24, 33, 2, 11, 13
+    m = n * h * w  # 286 pixels
+    fwd_cfg = configs.fwd_candidates(c1, c2, c_out, w, m)[index]
+    dx_cfg = configs.dx_candidates(c_out, 0, c1 + c2, w, m)[index]
+    dw_cfg = configs.dw_candidates(c1, c2, c_out, w, m)[index]
+    tensors, grad = make_case([c1, c2], c_out, n, h, w, r1=True, r2=True, seed=index)
     (y_ref, g_ref), (y_abs, g_abs) = reference_and_scale(tensors, grad, slope, s1, s2)
     t = {k: v.float().to(DEVICE) for k, v in tensors.items()}
     inputs = [t["x1"], t["x2"]]
-    y, mask = conv3x3_fwd(inputs, t["weight"], t["bias"], slope, t["residual"], s1, t["residual2"], s2,
-                          save_mask=True, config=fwd_cfg)
+    y, mask = conv_forward(inputs, t["weight"], t["bias"], slope, t["residual"], s1, t["residual2"], s2,
+                           save_mask=True, config=fwd_cfg)
     assert_within(f"y (config {fwd_cfg})", y, y_ref, y_abs, 1e-5)
-    (dx1, dx2), dw, db = conv3x3_bwd(grad.float().to(DEVICE), inputs, weight_taps(t["weight"]), mask, slope,
-                                     s1 * s2, True, dx_config=dx_cfg, dw_config=dw_cfg, dw_split=3)
+    (dx1, dx2), dw, db = conv_backward(grad.float().to(DEVICE), inputs, t["weight"], kernel_weight(t["weight"]), mask,
+                                       slope, s1 * s2, True, dx_config=dx_cfg, dw_config=dw_cfg, dw_split=3)
     for name, got in (("x1", dx1), ("x2", dx2), ("weight", dw), ("bias", db)):
         assert_within(f"d{name} (configs {dx_cfg} / {dw_cfg})", got, g_ref[name], g_abs[name], 1e-5)
 

@@ -1,0 +1,73 @@
+"""Tile configs: at most two candidates per kernel, picked by a heuristic on the channel counts, the
+image width and a bucket of M (pixels), instead of a fixed list autotuned on the exact M.
+
+Why these tiles: the trunk's channel counts are 32, 64 and 96 (nf 64, gc 32), so a tile as wide as
+C_out (BLOCK_N = C_out) and a K block as deep as one tap of one input (BLOCK_K = min(64, C)) wastes no
+MMA lanes and takes one loop step per tap; 64-wide tiles on 32-channel operands masked half of every
+MMA off. BLOCK_M is the only free choice: 128 when the pixel tiles fill the machine (>= 2 waves on
+132 SMs), else 64. No num_warps=8 (pytorch issue 173068: miscompiled 3x3 implicit GEMM).
+"""
+from __future__ import annotations
+
+import triton
+
+H100_SMS = 132  # the bucket thresholds assume an H100-class part; waves are only a heuristic input
+
+
+def pow2_block(c: int, lo: int = 16, hi: int = 64) -> int:
+    """The smallest power of two >= c, clamped to [lo, hi] (tl.dot needs K, N >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(c), 1))))
+
+
+def m_bucket(m: int) -> int:
+    """Tuning keys hold M rounded up to a power of two (>= 1024): batch sizes share their decisions."""
+    return max(1024, triton.next_power_of_2(max(int(m), 1)))
+
+
+def _k_meta(prefix: str, c: int) -> dict:
+    """BLOCK_K, its step count per tap and whether it divides C, for one GEMM operand of C channels."""
+    if c == 0:
+        return {f"BLOCK_{prefix}": 16, f"{prefix}_STEPS": 0, f"EVEN_{prefix}": True}
+    block = pow2_block(c)
+    return {f"BLOCK_{prefix}": block, f"{prefix}_STEPS": triton.cdiv(c, block), f"EVEN_{prefix}": c % block == 0}
+
+
+def _block_m_choices(m: int, n_tiles: int) -> list[tuple[int, int]]:
+    """(BLOCK_M, num_stages) candidates: 128 first when it gives >= 2 waves, else 64 first."""
+    waves_128 = triton.cdiv(m_bucket(m), 128) * n_tiles / H100_SMS
+    return [(128, 3), (64, 4)] if waves_128 >= 2 else [(64, 4), (128, 3)]
+
+
+def fwd_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.Config]:
+    block_n = pow2_block(c_out, lo=16, hi=128)
+    meta = {"BLOCK_N": block_n, **_k_meta("K1", c1), **_k_meta("K2", c2)}
+    n_tiles = triton.cdiv(c_out, block_n)
+    return [triton.Config({"BLOCK_M": bm, **meta}, num_warps=4, num_stages=st) for bm, st in _block_m_choices(m, n_tiles)]
+
+
+def dx_candidates(ca: int, cb: int, n_tot: int, w: int, m: int) -> list[triton.Config]:
+    block_n = pow2_block(n_tot)
+    meta = {"BLOCK_N": block_n, **_k_meta("KA", ca), **_k_meta("KB", cb)}
+    n_tiles = triton.cdiv(n_tot, block_n)
+    return [triton.Config({"BLOCK_M": bm, **meta}, num_warps=4, num_stages=st) for bm, st in _block_m_choices(m, n_tiles)]
+
+
+def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.Config]:
+    """dW tiles: C_out x C_in blocks of one tap; the pixel block (the GEMM's K) is the free choice."""
+    meta = {"BLOCK_C": pow2_block(max(c1, c2)), "BLOCK_CO": pow2_block(c_out)}
+    return [triton.Config({**meta, "BLOCK_P": 128}, num_warps=4, num_stages=3),
+            triton.Config({**meta, "BLOCK_P": 64}, num_warps=4, num_stages=4)]
+
+
+FIN_BLOCK = 1024           # finalize programs: partial elements per program
+DW_CHUNK_MULTIPLE = 128    # dW pixel chunks are a multiple of every BLOCK_P above
+
+
+def dw_split(m: int, c_in: int, c_out: int, sms: int) -> int:
+    """Pixel chunks of the dW reduction: ~4 programs per SM over the (tap, tile) programs, chunks of at
+    least 1024 pixels (the fp32 workspace stays a few MB). sms = 0: one chunk (the interpreter runs
+    programs one after another, so splitting buys nothing there)."""
+    if sms <= 0:
+        return 1
+    tiles = 9 * triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64)
+    return max(1, min(triton.cdiv(4 * sms, tiles), m // 1024))

@@ -1,0 +1,356 @@
+"""Host code of the fused conv3x3 and of the fused IDB: per call only allocation and launches.
+
+Everything that depends only on the shapes (argument checks, the tile config, grids, constexpr
+flags, the dW split) is worked out once per exact shape and kept in a plan; the tile config comes
+from configs.py's heuristic, timed between its two candidates by tuning.Tuner on a GPU.
+
+Launches: a conv forward is 1, its backward 2 (dW + gz/db, then dX + the dW finalize); an IDB
+forward is 2 and its backward 4:
+    dW(conv2) + gz2 + db2 partials  ->  dX(conv2)[h1 channels] * act1' = gz1  ->  dW(conv1) + db1
+    ->  dx = dX(conv2)[x channels] + dX(conv1) in one GEMM, plus the finalize of dW1, db1, dW2, db2.
+Weights are read through their strides: a channels_last weight (ci fastest) is used in place; any
+other layout is copied to channels_last once per forward call and the copy is reused by the backward.
+(No cache across calls: DeepSpeed updates parameters through `.data.copy_`, which does not bump the
+tensor's version counter, so a version-keyed cache would serve stale weights.)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from . import configs
+from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel
+from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
+from .launch import KernelLauncher, aligned
+from .tuning import Tuner, cuda_timer, default_cache_path
+
+FWD = KernelLauncher(conv3x3_fwd_kernel, "fwd")
+DW = KernelLauncher(conv3x3_bwd_dw_kernel, "dw")
+DX = KernelLauncher(conv3x3_bwd_dx_kernel, "dx")
+
+# False: take each kernel's first heuristic candidate without timing (the GPU kernel tests set it for
+# every test but one, so that stage stays within its time budget). Never true under the interpreter.
+AUTOTUNE = not INTERPRETING
+_TUNER: Optional[Tuner] = None
+_PLANS: dict = {}
+_SMS: dict = {}
+
+
+def tuner() -> Tuner:
+    global _TUNER
+    if _TUNER is None:
+        cuda = torch.cuda.is_available()
+        _TUNER = Tuner(default_cache_path(), torch.cuda.get_device_name() if cuda else "cpu",
+                       cuda_timer if cuda else None)
+    return _TUNER
+
+
+def set_tuner(new: Optional[Tuner]) -> Optional[Tuner]:
+    """Install a tuner (tests, bench); plans made with the old one are dropped. Returns the old one."""
+    global _TUNER
+    old, _TUNER = _TUNER, new
+    _PLANS.clear()
+    for launcher in (FWD, DW, DX):
+        launcher.forget()
+    return old
+
+
+def _sms(device: torch.device) -> int:
+    """SMs of a CUDA device; 0 for the interpreter (one dW chunk)."""
+    if device.type != "cuda":
+        return 0
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def cfg_key(cfg: Optional[triton.Config]):
+    """A hashable identity of a forced config (plan keys)."""
+    if cfg is None:
+        return None
+    return tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages
+
+
+def _choose(kernel: str, tune_key: tuple, candidates, run, forced) -> triton.Config:
+    if forced is not None:
+        return forced
+    return tuner().choose(kernel, tune_key, candidates, run, first=not AUTOTUNE or INTERPRETING)
+
+
+def check_args(inputs, weight, bias, residual, residual2) -> None:
+    """Clear errors for shapes/dtypes the kernels do not handle (the reference would also refuse)."""
+    if len(inputs) not in (1, 2):
+        raise ValueError(f"fused_conv3x3 (triton) takes one or two inputs, got {len(inputs)}")
+    x0 = inputs[0]
+    if x0.dim() != 4:
+        raise ValueError(f"fused_conv3x3 inputs must be (N, C, H, W), got {tuple(x0.shape)}")
+    if x0.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fused_conv3x3 (triton) supports float32 and bfloat16, got {x0.dtype}")
+    n, _, h, w = x0.shape
+    for i, x in enumerate(inputs):
+        if x.dim() != 4 or (x.shape[0], x.shape[2], x.shape[3]) != (n, h, w):
+            raise ValueError(f"fused_conv3x3 input {i} has shape {tuple(x.shape)}; expected (N={n}, C, {h}, {w})")
+        if x.dtype != x0.dtype or x.device != x0.device:
+            raise ValueError(f"fused_conv3x3 input {i} is {x.dtype} on {x.device}; input 0 is {x0.dtype} on {x0.device}")
+    c_in = sum(x.shape[1] for x in inputs)
+    if weight.dim() != 4 or weight.shape[1:] != (c_in, 3, 3):
+        raise ValueError(f"fused_conv3x3 weight {tuple(weight.shape)} does not fit (C_out, {c_in}, 3, 3)")
+    c_out = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"fused_conv3x3 bias {tuple(bias.shape)} does not fit ({c_out},)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
+            raise ValueError(f"fused_conv3x3 {name} is {t.dtype} on {t.device}; the inputs are {x0.dtype} on {x0.device}")
+    for name, r in (("residual", residual), ("residual2", residual2)):
+        if r is not None and (tuple(r.shape) != (n, c_out, h, w) or r.dtype != x0.dtype):
+            raise ValueError(f"fused_conv3x3 {name} is {tuple(r.shape)} {r.dtype}; expected {(n, c_out, h, w)} {x0.dtype}")
+
+
+def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the kernels read it: as is when (kh, kw) fold into one tap stride and ci is
+    contiguous (channels_last), else a channels_last copy."""
+    s_co, s_ci, s_kh, s_kw = weight.stride()
+    if s_ci == 1 and s_kh == 3 * s_kw:
+        return weight
+    return weight.detach().contiguous(memory_format=torch.channels_last)
+
+
+def _wstrides(w: torch.Tensor) -> tuple[int, int, int]:
+    s = w.stride()
+    return s[0], s[1], s[3]  # co, ci, tap (kernel_weight guarantees s_kh == 3*s_kw)
+
+
+def _dtype_flags(dtype) -> dict:
+    return dict(INTERP_BF16=INTERPRETING and dtype != torch.float32,
+                # fp32 I/O is the exactness path (tests, fp32 training): no silent TF32 truncation
+                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_cl(n, c, h, w, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------
+def conv_forward(inputs, weight, bias, slope, residual, res_scale, residual2, res2_scale, save_mask: bool,
+                 w_k: Optional[torch.Tensor] = None, config: Optional[triton.Config] = None):
+    """(y, mask): y (N, C_out, H, W) channels_last; mask (N, H, W, ceil(C_out/8)) uint8 bits z > 0 when
+    save_mask and there is an activation, else empty. w_k: kernel_weight(weight) if the caller has it;
+    config: force a tile config (tests)."""
+    x1 = _cl(inputs[0])
+    x2 = _cl(inputs[1]) if len(inputs) == 2 else None
+    w_k = kernel_weight(weight) if w_k is None else w_k
+    r1 = _cl(residual) if residual is not None else None
+    r2 = _cl(residual2) if residual2 is not None else None
+    save = bool(save_mask and slope is not None)
+    key = ("fwd", x1.shape, None if x2 is None else x2.shape, w_k.shape, w_k.stride(), x1.dtype, x1.device,
+           bias is not None, slope is not None, r1 is not None, r2 is not None, save, cfg_key(config))
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_args(inputs, weight, bias, residual, residual2)
+    n, c1, h, w = x1.shape
+    c_out = w_k.shape[0]
+    y = _empty_cl(n, c_out, h, w, x1)
+    mask = torch.empty(mask_shape(n, h, w, c_out) if save else (0,), dtype=torch.uint8, device=x1.device)
+    m = n * h * w
+    if m == 0:
+        return y, mask
+    ptrs = (x1, x2 if x2 is not None else x1, w_k, bias if bias is not None else y, r1 if r1 is not None else y,
+            r2 if r2 is not None else y, y, mask if save else y)
+    scalars = (m, h, w, c1, 0 if x2 is None else x2.shape[1], c_out, *_wstrides(w_k),
+               float(slope) if slope is not None else 0.0, float(res_scale), float(res2_scale))
+    if plan is None:
+        flags = dict(HAS_BIAS=bias is not None, HAS_ACT=slope is not None, HAS_R1=r1 is not None,
+                     HAS_R2=r2 is not None, SAVE_MASK=save, IDX64=max(m * max(c1, scalars[4], c_out), 1) >= 2**31,
+                     **_dtype_flags(x1.dtype))
+
+        def run(cfg):
+            _launch_fwd(key + (cfg_key(cfg),), cfg, flags, ptrs, scalars, m, c_out)
+
+        cands = configs.fwd_candidates(c1, scalars[4], c_out, w, m)
+        cfg = _choose("fwd", (c1, scalars[4], c_out, w, configs.m_bucket(m), str(x1.dtype), tuple(flags.items())),
+                      cands, run, config)
+        plan = _PLANS[key] = (cfg, flags)
+    cfg, flags = plan
+    _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out)
+    return y, mask
+
+
+def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
+    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(c_out, cfg.kwargs["BLOCK_N"]))
+    FWD.launch((key, aligned(*ptrs)), grid, ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward pieces
+# ------------------------------------------------------------------------------------------------
+def _dw_partials(x1, x2, g, mask, slope, write_gz: bool, has_bias: bool, split: Optional[int],
+                 config: Optional[triton.Config]):
+    """Launch the dW kernel: (gz or None, dW partials, db partials or None, split)."""
+    n, c_out, h, w = g.shape
+    m = n * h * w
+    c1 = x1.shape[1]
+    c2 = 0 if x2 is None else x2.shape[1]
+    has_act = slope is not None
+    key = ("dw", x1.shape, c2, g.shape, g.dtype, g.device, has_act, write_gz, has_bias, split, cfg_key(config))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if has_act and mask.numel() != m * triton.cdiv(c_out, 8):
+            raise RuntimeError("fused_conv3x3 backward: the forward saved no activation mask "
+                               "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
+        s = split or configs.dw_split(m, c1 + c2, c_out, _sms(g.device))
+        chunk = triton.cdiv(triton.cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
+        s = triton.cdiv(m, chunk)
+        flags = dict(HAS_ACT=has_act, DO_BIAS=has_bias, WRITE_GZ=write_gz, IDX64=m * max(c1, c2, c_out) >= 2**31,
+                     **_dtype_flags(g.dtype))
+        plan = [None, flags, s, chunk]
+    cfg, flags, s, chunk = plan
+    gz = _empty_cl(n, c_out, h, w, g) if write_gz else None
+    dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=g.device)
+    dbp = torch.empty((s, c_out), dtype=torch.float32, device=g.device) if has_bias else None
+    ptrs = (x1, x2 if x2 is not None else x1, g, mask if has_act else g, gz if write_gz else g, dwp,
+            dbp if has_bias else dwp)
+    scalars = (m, h, w, c1, c2, c_out, chunk, float(slope) if has_act else 0.0)
+    if cfg is None:
+        def run(c):
+            _launch_dw(key + (cfg_key(c),), c, flags, ptrs, scalars, s)
+
+        cands = configs.dw_candidates(c1, c2, c_out, w, m)
+        plan[0] = _choose("dw", (c1, c2, c_out, w, configs.m_bucket(m), str(g.dtype), tuple(flags.items())),
+                          cands, run, config)
+        _PLANS[key] = plan
+    _launch_dw(key, plan[0], flags, ptrs, scalars, s)
+    return gz, dwp, dbp, s
+
+
+def _launch_dw(key, cfg, flags, ptrs, scalars, split):
+    c1, c2, c_out = scalars[3], scalars[4], scalars[5]
+    bc, bco = cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_CO"]
+    co_tiles = triton.cdiv(c_out, bco)
+    tiles = (triton.cdiv(c1, bc) + triton.cdiv(c2, bc)) * co_tiles
+    DW.launch((key, aligned(*ptrs)), (max(tiles, co_tiles), 10, split), ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
+
+
+class Finalize:
+    """One dW/db reduction job for the dX kernel's extra programs."""
+    __slots__ = ("dwp", "dbp", "dw", "db", "split", "scale")
+
+    def __init__(self, dwp, dbp, dw, db, split, scale):
+        self.dwp, self.dbp, self.dw, self.db, self.split, self.scale = dwp, dbp, dw, db, split, scale
+
+
+def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize], fin_b: Optional[Finalize],
+        config: Optional[triton.Config]):
+    """Launch the dX kernel. src_*: (gz, kernel weight, first weight input channel of the result)."""
+    ga, wa, base_a = src_a
+    n, ca, h, w = ga.shape
+    m = n * h * w
+    n1 = out1.shape[1]
+    n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
+    cb = src_b[0].shape[1] if src_b is not None else 0
+    fa_n = triton.cdiv(fin_a.dwp[0].numel(), configs.FIN_BLOCK) if fin_a is not None else 0
+    fb_n = triton.cdiv(fin_b.dwp[0].numel(), configs.FIN_BLOCK) if fin_b is not None else 0
+    key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,
+           src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, ga.dtype, ga.device,
+           None if fin_a is None else (fin_a.dw.shape, fin_a.dw.stride(), fin_a.db is not None, fin_a.split),
+           None if fin_b is None else (fin_b.dw.shape, fin_b.dw.stride(), fin_b.db is not None, fin_b.split), cfg_key(config))
+    plan = _PLANS.get(key)
+    gb, wb, base_b = src_b if src_b is not None else (ga, wa, 0)
+    fa = fin_a or Finalize(ga, ga, ga, ga, 0, 1.0)
+    fb = fin_b or Finalize(ga, ga, ga, ga, 0, 1.0)
+    ptrs = (ga, wa, gb, wb, out1, out2 if out2 is not None else out1, omask if omask is not None else ga,
+            fa.dwp, fa.dbp if fa.dbp is not None else fa.dwp, fa.dw, fa.db if fa.db is not None else fa.dw,
+            fb.dwp, fb.dbp if fb.dbp is not None else fb.dwp, fb.dw, fb.db if fb.db is not None else fb.dw)
+    fa_shape = (fa.split, fa.dw.shape[1], fa.dw.shape[0], *_wstrides(fa.dw)) if fin_a else (0, 1, 1, 0, 0, 0)
+    fb_shape = (fb.split, fb.dw.shape[1], fb.dw.shape[0], *_wstrides(fb.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
+    if plan is None:
+        flags = dict(OUT_ACT=omask is not None, FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
+                     FIN_B=fin_b is not None, FB_BIAS=fin_b is not None and fin_b.db is not None,
+                     IDX64=m * max(ca, cb, n_tot) >= 2**31, **_dtype_flags(ga.dtype), FIN_BLOCK=configs.FIN_BLOCK)
+        plan = [None, flags]
+    cfg, flags = plan
+    scalars_head = (m, h, w, ca, *_wstrides(wa), base_a, cb, *_wstrides(wb), base_b, n1, n_tot, *fa_shape, *fb_shape)
+    scalars_tail = (fa_n, float(slope) if slope is not None else 0.0, float(scale), float(fa.scale), float(fb.scale))
+    if cfg is None:
+        def run(c):
+            _launch_dx(key + (cfg_key(c),), c, flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
+
+        cands = configs.dx_candidates(ca, cb, n_tot, w, m)
+        plan[0] = _choose("dx", (ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags["OUT_ACT"]),
+                          cands, run, config)
+        _PLANS[key] = plan
+    _launch_dx(key, plan[0], flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
+
+
+def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
+    n_dx = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n_tot, cfg.kwargs["BLOCK_N"])
+    args = ptrs + head + (n_dx,) + tail
+    DX.launch((key, aligned(*ptrs)), (n_dx + fa_n + fb_n,), args, {**flags, **cfg.kwargs}, cfg)
+
+
+def _grad_like(weight: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
+    """dW in the parameter's own layout when it has one the finalize can write (AccumulateGrad then
+    keeps it without a copy), else in the kernel weight's layout."""
+    dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
+    src = weight if dense else w_k
+    return torch.empty_strided(src.shape, src.stride(), dtype=w_k.dtype, device=w_k.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward of one conv (two launches)
+# ------------------------------------------------------------------------------------------------
+def conv_backward(grad, inputs, weight, w_k, mask, slope, scale: float, has_bias: bool,
+                  dx_config=None, dw_config=None, dw_split: Optional[int] = None):
+    """([dx per input], dW, db or None). w_k: the forward's kernel_weight(weight)."""
+    g = _cl(grad)
+    xs = [_cl(x) for x in inputs]
+    n, c_out, h, w = g.shape
+    dw = _grad_like(weight, w_k)
+    db = torch.empty((c_out,), dtype=w_k.dtype, device=w_k.device) if has_bias else None
+    dxs = [_empty_cl(*x.shape, x) for x in xs]
+    if n * h * w == 0:  # an empty batch: zero parameter grads, empty input grads
+        return dxs, dw.zero_(), db.zero_() if has_bias else None
+    x2 = xs[1] if len(xs) == 2 else None
+    gz, dwp, dbp, split = _dw_partials(xs[0], x2, g, mask, slope, slope is not None, has_bias, dw_split, dw_config)
+    fin = Finalize(dwp, dbp, dw, db, split, scale)
+    _dx((gz if gz is not None else g, w_k, 0), None, dxs[0], dxs[1] if x2 is not None else None, None,
+        slope, scale, fin, None, dx_config)
+    return dxs, dw, db
+
+
+# ------------------------------------------------------------------------------------------------
+# The IDB: h1 = act(conv1(x)); y = x0 + act(conv2([x, h1]))   (2 launches forward, 4 backward)
+# ------------------------------------------------------------------------------------------------
+def idb_forward(x, x0, w1, b1, w2, b2, slope: float, save_mask: bool, w1_k=None, w2_k=None):
+    """(y, h1, mask1, mask2)."""
+    h1, mask1 = conv_forward([x], w1, b1, slope, None, 1.0, None, 1.0, save_mask, w_k=w1_k)
+    y, mask2 = conv_forward([x, h1], w2, b2, slope, x0, 1.0, None, 1.0, save_mask, w_k=w2_k)
+    return y, h1, mask1, mask2
+
+
+def idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
+    """(dx, dW1, db1, dW2, db2); dx0 is the upstream gradient itself (residual scale 1)."""
+    g = _cl(grad)
+    x = _cl(x)
+    n, nf, h, w = x.shape
+    gc = h1.shape[1]
+    dw1, dw2 = _grad_like(w1, w1_k), _grad_like(w2, w2_k)
+    db1 = torch.empty((gc,), dtype=w1_k.dtype, device=w1_k.device)
+    db2 = torch.empty((nf,), dtype=w2_k.dtype, device=w2_k.device)
+    dx = _empty_cl(n, nf, h, w, x)
+    if n * h * w == 0:
+        return dx, dw1.zero_(), db1.zero_(), dw2.zero_(), db2.zero_()
+    gz2, dwp2, dbp2, split2 = _dw_partials(x, h1, g, mask2, slope, True, True, None, None)
+    gz1 = _empty_cl(n, gc, h, w, x)
+    _dx((gz2, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, None)
+    _, dwp1, dbp1, split1 = _dw_partials(x, None, gz1, None, None, False, True, None, None)
+    _dx((gz2, w2_k, 0), (gz1, w1_k, 0), dx, None, None, None, 1.0,
+        Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None)
+    return dx, dw1, db1, dw2, db2

@@ -1,0 +1,85 @@
+"""Launching a Triton kernel with as little Python as possible once its config is known.
+
+`JITFunction.run` re-binds the arguments, recomputes the specialisation key and looks up its cache on
+every call (the issue measured 22-27 us with the autotuner on top); the CompiledKernel it returns can
+be launched directly (~2 us). A KernelLauncher keeps that CompiledKernel per launch key. The key must
+pin everything the JIT specialises on: the host code builds it from the exact channel counts (the
+shape arguments M/H/W are do_not_specialize), dtypes, constexpr flags, the config, and whether each
+pointer is 16-byte aligned; the device index is added here.
+
+Raw launch paths:
+  * CUDA: the first launch of a key goes through kernel[grid](...) (compiles or loads from Triton's
+    disk cache) and keeps the CompiledKernel; later launches call it with every argument in signature
+    order (constexprs included: the launch convention of Triton >= 3.3).
+  * Interpreter: every launch goes through kernel[grid](...) (there is no compiled kernel).
+  * STANDIN (bench/host_overhead.py): a callable that replaces both, so the host path can be timed
+    on a machine without a GPU.
+LAUNCHES counts launches per kernel name (the launch-count test reads it).
+"""
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import triton
+import triton.language as tl
+
+from .conv3x3_fwd import INTERPRETING
+
+LAUNCHES: Counter = Counter()
+# bench/host_overhead.py sets this to a callable(name, grid, args, constexprs, options) -> compiled-like
+STANDIN: Optional[Callable] = None
+
+_MIN_DIRECT = (3, 3)  # CompiledKernel[grid](*all args) is the convention from Triton 3.3 on
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+DIRECT_LAUNCH = _triton_version() >= _MIN_DIRECT
+
+
+def _is_constexpr(annotation) -> bool:
+    return annotation is tl.constexpr or (isinstance(annotation, str) and "constexpr" in annotation)
+
+
+class KernelLauncher:
+    """One per JIT kernel. launch(key, grid, args, constexprs, config)."""
+
+    def __init__(self, kernel, name: str):
+        self.kernel = kernel
+        self.name = name
+        self._compiled: dict[Any, tuple[Any, tuple]] = {}
+        sig = inspect.signature(kernel.fn).parameters  # JITFunction and InterpretedFunction both have .fn
+        params = list(sig)
+        self._constexpr_names = [n for n, p in sig.items() if _is_constexpr(p.annotation)]
+        n_rt = len(params) - len(self._constexpr_names)
+        if params[n_rt:] != self._constexpr_names:
+            raise TypeError(f"{name}: constexpr parameters must come last (direct launch passes them in order)")
+
+    def launch(self, key, grid: tuple, args: tuple, constexprs: dict, config: triton.Config) -> None:
+        LAUNCHES[self.name] += 1
+        hit = self._compiled.get(key)
+        if hit is not None:
+            compiled, tail = hit
+            compiled[grid](*args, *tail)
+            return
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if STANDIN is not None:
+            compiled = STANDIN(self.name, grid, args, constexprs, options)
+        else:
+            compiled = self.kernel[grid](*args, **constexprs, **options)
+        if compiled is not None and (DIRECT_LAUNCH or STANDIN is not None) and not INTERPRETING:
+            self._compiled[key] = (compiled, tuple(constexprs[n] for n in self._constexpr_names))
+
+    def forget(self) -> None:
+        """Drop the kept compiled kernels (the host-overhead bench's cold measurement)."""
+        self._compiled.clear()
+
+
+def aligned(*tensors) -> tuple:
+    """Whether each tensor's data pointer is 16-byte aligned (the JIT specialises on it)."""
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)

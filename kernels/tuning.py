@@ -1,0 +1,117 @@
+"""Bounded autotuning: choose between a kernel's (at most two) heuristic candidates once per tuning
+key, and remember the choice across processes.
+
+The key buckets M (configs.m_bucket), so batch sizes share decisions. Choices persist in a JSON file
+keyed by device name, Triton version and the kernel's key, in the user cache dir
+($XDG_CACHE_HOME or ~/.cache)/gafh_fast/autotune.json, written atomically (temp file + os.replace,
+merged with what another process wrote meanwhile). A warm process reads the file and times nothing.
+
+The timer is injected: on a GPU it is triton.testing.do_bench (device events, median); the CPU tests
+pass their own. With one candidate nothing is timed. Under the interpreter the host code asks for
+`first` (no timing: interpreter time says nothing about the GPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+import triton
+
+log = logging.getLogger("gafh_fast")
+
+
+def default_cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "gafh_fast", "autotune.json")
+
+
+def config_to_dict(cfg: triton.Config) -> dict:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def config_from_dict(d: dict) -> triton.Config:
+    return triton.Config(dict(d["kwargs"]), num_warps=d["num_warps"], num_stages=d["num_stages"])
+
+
+def cuda_timer(fn: Callable[[], None]) -> float:
+    """Median ms of fn on the current CUDA device (events; short: two candidates, tiny kernels)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+class Tuner:
+    """Choice of config per (kernel, key); `choose` times the candidates only on a miss."""
+
+    def __init__(self, cache_path: Optional[str], device_name: str, timer: Optional[Callable] = None):
+        self.cache_path = cache_path
+        self.device_name = device_name
+        self.timer = timer
+        self.choices: dict[str, dict] = {}
+        self.timed_seconds = 0.0  # wall time spent timing candidates in this process (bench reports it)
+        self.log: list[dict] = []  # one entry per decision: kernel, key, candidates' ms, chosen, source
+        self._loaded = False
+
+    def _full_key(self, kernel: str, key: tuple) -> str:
+        return f"{self.device_name}|triton {triton.__version__}|{kernel}|{key!r}"
+
+    def _load(self) -> None:
+        self._loaded = True
+        if not self.cache_path or not os.path.exists(self.cache_path):
+            return
+        try:
+            with open(self.cache_path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:  # a corrupt cache is re-tuned, and said so
+            log.warning("autotune cache %s unreadable (%s): tuning again", self.cache_path, e)
+            return
+        for k, v in data.items():
+            self.choices.setdefault(k, v)
+
+    def _save(self, full_key: str, entry: dict) -> None:
+        if not self.cache_path:
+            return
+        os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+        data = {}
+        if os.path.exists(self.cache_path):  # merge: another process may have added keys meanwhile
+            try:
+                with open(self.cache_path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                data = {}
+        data[full_key] = entry
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.cache_path), prefix=".autotune.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.cache_path)  # atomic: readers see the old or the new file, never half
+
+    def choose(self, kernel: str, key: tuple, candidates: Sequence[triton.Config],
+               run_candidate: Optional[Callable[[triton.Config], None]] = None, first: bool = False) -> triton.Config:
+        """The config for (kernel, key): from memory, the cache file, or by timing run_candidate(cfg)."""
+        if first or len(candidates) == 1:
+            return candidates[0]
+        if not self._loaded:
+            self._load()
+        full_key = self._full_key(kernel, key)
+        hit = self.choices.get(full_key)
+        if hit is not None:
+            cfg = config_from_dict(hit["config"])
+            if any(config_to_dict(cfg) == config_to_dict(c) for c in candidates):
+                return cfg
+            # the cached winner is no longer a candidate (the heuristic changed): tune again
+        if self.timer is None or run_candidate is None:
+            raise RuntimeError(f"autotune of {kernel} {key}: no timer given and no cached choice")
+        t0 = time.perf_counter()
+        times = [float(self.timer(lambda c=c: run_candidate(c))) for c in candidates]
+        self.timed_seconds += time.perf_counter() - t0
+        best = min(range(len(candidates)), key=times.__getitem__)
+        entry = {"config": config_to_dict(candidates[best]), "ms": times}
+        self.choices[full_key] = entry
+        self.log.append({"kernel": kernel, "key": key, "ms": times, "chosen": config_to_dict(candidates[best])})
+        log.info("autotune %s %s: %s ms -> %s", kernel, key, ["%.4f" % t for t in times], candidates[best])
+        self._save(full_key, entry)
+        return candidates[best]

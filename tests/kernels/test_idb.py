@@ -1,0 +1,135 @@
+"""The fused IDB (one autograd Function, 2 + 4 launches) against the float64 reference, and the
+launch count.
+
+    y = x0 + LReLU(conv2([x, LReLU(conv1(x))]))          (spec: the internal dense block)
+Every output and gradient (x, x0, W1, b1, W2, b2) is compared elementwise with the same bound as the
+single-conv tests: |kernel - ref| <= rel * (the same computation on |values| and |grad|), with rel =
+1e-5 for float32 and 2**-7 for bfloat16 (two convs deep: h1, gz2 and gz1 are each rounded to bf16
+once, each rounding relative to its own |terms|, which the |values| chain bounds).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gafh_fast.kernels import conv3x3, fused_idb_triton, launch
+from gafh_fast.kernels.compile_check import PickTuner
+from gafh_fast.ops import fused_conv3x3_reference
+
+from .test_conv3x3 import DEVICE, assert_within
+
+REL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
+NAMES = ("x", "x0", "w1", "b1", "w2", "b2")
+
+
+def make_idb(nf, gc, n, h, w, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    t = {
+        "x": torch.randn(n, nf, h, w, generator=gen), "x0": torch.randn(n, nf, h, w, generator=gen),
+        "w1": torch.randn(gc, nf, 3, 3, generator=gen) / (3 * nf ** 0.5), "b1": torch.randn(gc, generator=gen),
+        "w2": torch.randn(nf, nf + gc, 3, 3, generator=gen) / (3 * (nf + gc) ** 0.5),
+        "b2": torch.randn(nf, generator=gen),
+    }
+    grad = torch.randn(n, nf, h, w, generator=gen)
+    return {k: v.to(dtype).double() for k, v in t.items()}, grad.to(dtype).double()
+
+
+def idb_reference(t, grad, same_x):
+    """float64 (y, grads) and the same on absolute values (the bound scale)."""
+    out = []
+    for absolute in (False, True):
+        leaves = {k: (v.abs() if absolute else v).clone().requires_grad_(True) for k, v in t.items()}
+        x0 = leaves["x"] if same_x else leaves["x0"]
+        h1 = fused_conv3x3_reference([leaves["x"]], leaves["w1"], leaves["b1"], 0.2)
+        y = fused_conv3x3_reference([leaves["x"], h1], leaves["w2"], leaves["b2"], 0.2, x0, 1.0)
+        names = [k for k in NAMES if not (same_x and k == "x0")]
+        grads = torch.autograd.grad(y, [leaves[k] for k in names], grad.abs() if absolute else grad)
+        out.append((y.detach(), dict(zip(names, grads))))
+    return out
+
+
+def run_idb(nf, gc, n, h, w, dtype, weight_layout="nchw", same_x=False, seed=0):
+    t, grad = make_idb(nf, gc, n, h, w, dtype, seed)
+    (y_ref, g_ref), (y_abs, g_abs) = idb_reference(t, grad, same_x)
+    leaves = {}
+    for k, v in t.items():
+        v = v.to(dtype).to(DEVICE)
+        if v.dim() == 4 and (k.startswith("x") or weight_layout == "channels_last"):
+            v = v.contiguous(memory_format=torch.channels_last)
+        leaves[k] = v.requires_grad_(True)
+    x0 = leaves["x"] if same_x else leaves["x0"]
+    launch.LAUNCHES.clear()
+    y = fused_idb_triton(leaves["x"], x0, leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"], 0.2)
+    names = [k for k in NAMES if not (same_x and k == "x0")]
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], grad.to(dtype).to(DEVICE))
+    launches = sum(launch.LAUNCHES.values())
+    rel = REL[dtype]
+    assert y.dtype == dtype
+    assert_within("y", y, y_ref, y_abs, rel)
+    for k, g in zip(names, grads):
+        assert g.shape == leaves[k].shape and g.dtype == dtype
+        assert_within(f"d{k}", g, g_ref[k], g_abs[k], rel)
+    return launches
+
+
+@pytest.mark.parametrize("nf, gc, n, h, w, dtype, weight_layout", [
+    (16, 8, 2, 5, 7, torch.float32, "nchw"),            # odd H and W, NCHW weights (copied per call)
+    (64, 32, 1, 3, 4, torch.float32, "channels_last"),  # the trunk's channels; weights read in place
+    (12, 20, 2, 3, 5, torch.bfloat16, "channels_last"), # awkward channels (gc > nf), bf16
+    (64, 32, 1, 4, 3, torch.bfloat16, "nchw"),
+])
+def test_idb_matches_float64_reference(nf, gc, n, h, w, dtype, weight_layout):
+    assert run_idb(nf, gc, n, h, w, dtype, weight_layout) == 6
+
+
+def test_idb_first_block_x_is_x0():
+    """The RIDB's first IDB gets x0 as both inputs: autograd sums the two gradients."""
+    run_idb(8, 16, 1, 4, 4, torch.float32, same_x=True, seed=3)
+
+
+def test_idb_second_candidate_configs():
+    """The other heuristic candidate of every IDB kernel, at the trunk's channel counts."""
+    old = conv3x3.set_tuner(PickTuner(1))
+    try:
+        assert run_idb(64, 32, 1, 3, 5, torch.float32, "channels_last", seed=5) == 6
+    finally:
+        conv3x3.set_tuner(old)
+
+
+def test_launch_count_per_idb():
+    """At most 6 Triton launches per IDB forward + backward (2 + 4), 2 for a forward without grad."""
+    x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
+    w1 = torch.randn(4, 8, 3, 3, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(8, 12, 3, 3, device=DEVICE, requires_grad=True)
+    b1 = torch.randn(4, device=DEVICE, requires_grad=True)
+    b2 = torch.randn(8, device=DEVICE, requires_grad=True)
+    for _ in range(2):  # the second call runs from the kept plans
+        launch.LAUNCHES.clear()
+        y = fused_idb_triton(x, x, w1, b1, w2, b2)
+        assert sum(launch.LAUNCHES.values()) == 2
+        y.sum().backward()
+        assert dict(launch.LAUNCHES) == {"fwd": 2, "dx": 2, "dw": 2}
+    launch.LAUNCHES.clear()
+    with torch.no_grad():
+        fused_idb_triton(x, x, w1, b1, w2, b2)
+    assert dict(launch.LAUNCHES) == {"fwd": 2}
+
+
+def test_idb_custom_op_autograd_path():
+    """torch.compile's path: the registered fused_idb ops and their register_autograd backward."""
+    t, grad = make_idb(8, 8, 2, 3, 4, torch.float32, seed=7)
+    (y_ref, g_ref), (y_abs, g_abs) = idb_reference(t, grad, False)
+    leaves = {k: v.float().to(DEVICE).requires_grad_(True) for k, v in t.items()}
+    y = torch.ops.gafh_fast.fused_idb_fwd(leaves["x"], leaves["x0"], leaves["w1"], leaves["b1"], leaves["w2"],
+                                          leaves["b2"], 0.2, True)[0]
+    assert_within("y", y, y_ref, y_abs, 1e-5)
+    grads = torch.autograd.grad(y, [leaves[k] for k in NAMES], grad.float().to(DEVICE))
+    for k, g in zip(NAMES, grads):
+        assert_within(f"d{k}", g, g_ref[k], g_abs[k], 1e-5)
+
+
+def test_idb_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 8, 4, 4, device=DEVICE)
+    w1, b1 = torch.randn(4, 8, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_idb_triton(x, x, w1, b1, torch.randn(8, 8, 3, 3, device=DEVICE), torch.randn(8, device=DEVICE))
