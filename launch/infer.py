@@ -16,8 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from gafh_fast.inference import EXIT_USAGE, InferenceOptions, InferenceUsageError, run_inference
-from gafh_fast.inference.inputs import PIL_DEFAULT_MAX_PIXELS
+# torch-free at import: the decode worker processes are spawned, and spawning re-imports this script
+from gafh_fast.inference.inputs import PIL_DEFAULT_MAX_PIXELS, InferenceUsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA graphs on GPU) for the fixed batch")
+    p.add_argument("--compile", choices=("auto", "on", "off"), nargs="?", const="on", default="auto",
+                   help="torch.compile reduce-overhead (CUDA graphs on GPU) on the fixed padded batch; "
+                        "auto (default): on for CUDA, off on CPU; a bare --compile means on")
     p.add_argument("--decoder", choices=("auto", "dali", "pil"), default="auto",
-                   help="auto: DALI on the GPU when nvidia.dali and CUDA are there, else PIL threads")
-    p.add_argument("--decode-threads", type=int, default=8)
-    p.add_argument("--write-threads", type=int, default=8)
+                   help="auto: DALI on the GPU when nvidia.dali and CUDA are there, else PIL worker processes")
+    p.add_argument("--decode-workers", "--decode-threads", dest="decode_workers", type=int, default=None,
+                   help="PIL decode processes (DALI: its threads); default: an eighth of this rank's cores")
+    p.add_argument("--write-workers", "--write-threads", dest="write_workers", type=int, default=None,
+                   help="PNG / npy writer threads (the encoder releases the GIL); default: the other cores")
     p.add_argument("--format", choices=("png", "npy", "none"), default="png",
                    help="npy: one uint8 (256, 256, 3) array per image; none: write nothing (evaluation only)")
     p.add_argument("--png-compress-level", type=int, choices=range(10), default=1, metavar="0-9")
@@ -58,6 +62,8 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    from gafh_fast.inference.runner import EXIT_USAGE, InferenceOptions, run_inference
+
     try:
         return run_inference(InferenceOptions(**vars(args))).exit_code
     except InferenceUsageError as e:

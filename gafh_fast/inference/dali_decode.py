@@ -1,4 +1,4 @@
-"""GPU decoding with NVIDIA DALI (nvJPEG / nvImageCodec): the fast path of decode.ThreadedBatches.
+"""GPU decoding with NVIDIA DALI (nvJPEG / nvImageCodec): the fast path of decode.PooledBatches.
 
 Only the LR inference mode uses it (evaluation always takes the PIL reference path). Python reads
 each file's bytes and checks the header with PIL in a thread pool (zero-byte, non-image and
@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gafh_fast.inference.decode import DecodedBatch, ThreadedBatches, in_background
+from gafh_fast.inference.decode import DecodedBatch, PooledBatches, in_background
 from gafh_fast.inference.inputs import BadInputError, InputItem
+
 
 def dali_unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the DALI GPU decoder can run on `device`, else why not."""
@@ -54,10 +55,14 @@ def _read_checked(path: str, max_pixels: int) -> bytes:
 
 
 class DaliBatches:
-    """Same iteration contract as ThreadedBatches (tensors = (uint8 (n, lr, lr, 3) on the GPU,))."""
+    """Same iteration contract as PooledBatches (tensors = (uint8 (n, lr, lr, 3) on the GPU,)).
+
+    threads: DALI's CPU threads and the file-reading threads (reads release the GIL).
+    pil_fallback: the PIL decoding of the same items; a batch DALI rejects is decoded again by it.
+    """
 
     def __init__(self, items: Sequence[InputItem], batch_size: int, lr_size: int, device: torch.device,
-                 threads: int, max_pixels: int, pil_fallback: ThreadedBatches):
+                 threads: int, max_pixels: int, pil_fallback: PooledBatches):
         self.items, self.batch_size, self.lr_size = list(items), batch_size, lr_size
         self.device, self.threads, self.max_pixels = device, threads, max_pixels
         # "mixed" = nvImageCodec on the GPU; a CPU device runs the same graph on DALI's CPU operators,
@@ -131,9 +136,7 @@ class DaliBatches:
                 except RuntimeError:
                     # corrupt data past the header: PIL decodes this batch and names the bad file(s)
                     self._pipe = None
-                    redo = ThreadedBatches([it for it, _ in oks], len(oks), self.pil_fallback.decode_one,
-                                           self.threads, pin_memory=self.device.type == "cuda", prefetch=1)
-                    for batch in redo:
+                    for batch in self.pil_fallback.subset([it for it, _ in oks]):
                         batch.failures = failures + batch.failures
                         yield batch
                     continue

@@ -1,30 +1,36 @@
-"""Decoding batches ahead of the model: a PIL thread pool (the reference, runs anywhere) into pinned memory.
+"""Decoding batches ahead of the model: PIL in a pool of worker processes (runs anywhere), into pinned memory.
 
-A producer thread decodes up to `prefetch` batches ahead while the device runs the current one. Bad
-inputs come back as (item, reason) pairs in the batch; they never stop the run. The GPU decoder
-(nvidia.dali) lives in dali_decode.py and yields the same `DecodedBatch`.
+PIL holds the GIL for most of a small image's decode (opening, header parsing, mode conversion are
+Python), so threads do not add cores: processes do. Each worker is spawned (never forked: the parent
+may hold CUDA and threads), imports only inputs.py (no torch) and gets the decoder once. Each batch
+is split into one chunk of paths per worker; up to `prefetch` batches are in the pool at once, and a
+producer thread stacks finished batches while the device runs the current one. Bad inputs come back
+as (item, reason) pairs in the batch; they never stop the run. The GPU decoder (nvidia.dali) lives in
+dali_decode.py and yields the same `DecodedBatch`.
 """
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from gafh_fast.inference.inputs import BadInputError, InputItem
+from gafh_fast.inference.inputs import InputItem, decode_paths, install_decoder
 
 
 @dataclass
 class DecodedBatch:
     items: list[InputItem]                 # inputs decoded fine, in order
-    tensors: tuple[torch.Tensor, ...]      # one stacked tensor per field of the decode function
+    tensors: tuple[torch.Tensor, ...]      # one stacked tensor per field of the decoder's output
     failures: list[tuple[InputItem, str]] = field(default_factory=list)
-    decode_seconds: float = 0.0            # wall time the producer spent decoding this batch
+    decode_seconds: float = 0.0            # wall time from submitting this batch to the pool to stacking it
 
     def __len__(self) -> int:
         return len(self.items)
@@ -33,93 +39,142 @@ class DecodedBatch:
 _END = object()
 
 
-class ThreadedBatches:
-    """Iterate DecodedBatch of `batch_size` items (the last may be smaller), decoded by `decode_one`.
+class PooledBatches:
+    """Iterate DecodedBatch of `batch_size` items (the last may be smaller), decoded by `decoder` in `workers`
+    processes.
 
-    decode_one(path) -> tuple of numpy arrays (fixed shapes) or raises BadInputError.
+    decoder: picklable; decoder(path) -> (tuple of numpy arrays of fixed shapes, (w, h) when the input was
+    resized else None), or raises BadInputError (inputs.LrDecoder, inputs.PairDecoder).
+    on_resized(path, w, h): called in this process for inputs the decoder resized (the resize notice).
     pin_memory: stack straight into page-locked buffers so the host-to-device copy can be async.
     """
 
-    def __init__(self, items: Sequence[InputItem], batch_size: int, decode_one: Callable,
-                 threads: int = 8, pin_memory: bool = False, prefetch: int = 3):
-        self.items, self.batch_size, self.decode_one = list(items), batch_size, decode_one
-        self.threads, self.pin_memory, self.prefetch = threads, pin_memory, prefetch
+    def __init__(self, items: Sequence[InputItem], batch_size: int, decoder, workers: int,
+                 pin_memory: bool = False, prefetch: int = 3, on_resized: Optional[Callable] = None):
+        self.items, self.batch_size, self.decoder = list(items), batch_size, decoder
+        self.workers, self.pin_memory, self.prefetch, self.on_resized = workers, pin_memory, prefetch, on_resized
 
     def __len__(self) -> int:
         return -(-len(self.items) // self.batch_size)
 
-    def _decode_safely(self, item: InputItem):
-        try:
-            return self.decode_one(item.source)
-        except BadInputError as e:
-            return str(e)
+    def subset(self, items: Sequence[InputItem]) -> "PooledBatches":
+        """The same decoding for other items, as one batch (the DALI decoder's redo of a failed batch)."""
+        return PooledBatches(items, max(len(items), 1), self.decoder, self.workers, self.pin_memory, 1,
+                             self.on_resized)
 
     def _assemble(self, chunk: list[InputItem], results: list, seconds: float) -> DecodedBatch:
         oks = [(it, r) for it, r in zip(chunk, results) if not isinstance(r, str)]
         failures = [(it, r) for it, r in zip(chunk, results) if isinstance(r, str)]
+        if self.on_resized is not None:
+            for it, (_, resized) in oks:
+                if resized is not None:
+                    self.on_resized(it.source, *resized)
         tensors = ()
         if oks:
             fields = []
-            for k in range(len(oks[0][1])):
-                first = oks[0][1][k]
+            for k, first in enumerate(oks[0][1][0]):
                 out = torch.empty((len(oks),) + first.shape, dtype=torch.from_numpy(np.empty(0, first.dtype)).dtype,
                                   pin_memory=self.pin_memory)
-                np.stack([r[k] for _, r in oks], out=out.numpy())
+                np.stack([r[0][k] for _, r in oks], out=out.numpy())
                 fields.append(out)
             tensors = tuple(fields)
         return DecodedBatch([it for it, _ in oks], tensors, failures, seconds)
 
     def _produce(self) -> Iterator[DecodedBatch]:
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="gafh-decode") as pool:
-            for start in range(0, len(self.items), self.batch_size):
+        starts = iter(range(0, len(self.items), self.batch_size))
+        in_pool: deque = deque()  # (items, futures of its chunks, submit time)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=install_decoder,
+                                 initargs=(self.decoder,)) as pool:
+
+            def submit_next() -> None:
+                start = next(starts, None)
+                if start is None:
+                    return
                 chunk = self.items[start:start + self.batch_size]
-                t0 = time.perf_counter()
-                results = list(pool.map(self._decode_safely, chunk))
-                yield self._assemble(chunk, results, time.perf_counter() - t0)
+                step = -(-len(chunk) // self.workers)  # one chunk of paths per worker
+                futures = [pool.submit(decode_paths, [it.source for it in chunk[i:i + step]])
+                           for i in range(0, len(chunk), step)]
+                in_pool.append((chunk, futures, time.perf_counter()))
+
+            try:
+                for _ in range(self.prefetch):
+                    submit_next()
+                while in_pool:
+                    chunk, futures, t0 = in_pool.popleft()
+                    results = [r for f in futures for r in f.result()]
+                    submit_next()
+                    yield self._assemble(chunk, results, time.perf_counter() - t0)
+            finally:
+                for _, futures, _ in in_pool:  # leaving early: drop what has not started
+                    for f in futures:
+                        f.cancel()
 
     def __iter__(self) -> Iterator[DecodedBatch]:
         return in_background(self._produce(), self.prefetch)
 
 
-def in_background(iterator: Iterator, depth: int) -> Iterator:
+class in_background:
     """Run `iterator` in a producer thread, at most `depth` items ahead of the consumer.
 
-    Exceptions in the producer are re-raised in the consumer; leaving the loop early stops the producer.
+    The producer starts at once (decoding overlaps the model's compilation), not at the first next().
+    Exceptions in the producer are re-raised in the consumer. close() (also at the end or on an error, and
+    in a `with` block) stops the producer; a consumer that leaves early must call it.
     """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
 
-    def put(obj) -> bool:
-        while not stop.is_set():
+    def __init__(self, iterator: Iterator, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._producer = threading.Thread(target=self._produce, args=(iterator,), name="gafh-decode-producer",
+                                          daemon=True)
+        self._producer.start()
+
+    def _put(self, obj) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(obj, timeout=0.1)
+                self._queue.put(obj, timeout=0.1)
                 return True
             except queue.Full:
                 pass
         return False
 
-    def produce() -> None:
+    def _produce(self, iterator: Iterator) -> None:
         try:
             for obj in iterator:
-                if not put(obj):
-                    return
-            put(_END)
+                if not self._put(obj):
+                    break
+            else:
+                self._put(_END)
         except BaseException as e:  # re-raised in the consumer
-            put(e)
+            self._put(e)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a generator's finally (the process pool's shutdown) runs in this thread
 
-    producer = threading.Thread(target=produce, name="gafh-decode-producer", daemon=True)
-    producer.start()
-    try:
-        while True:
-            obj = q.get()
+    def __iter__(self) -> "in_background":
+        return self
+
+    def __next__(self):
+        if self._stop.is_set():
+            raise StopIteration
+        obj = self._queue.get()
+        if obj is _END or isinstance(obj, BaseException):
+            self.close()
             if obj is _END:
-                return
-            if isinstance(obj, BaseException):
-                raise obj
-            yield obj
-    finally:
-        stop.set()
-        producer.join()
+                raise StopIteration
+            raise obj
+        return obj
+
+    def close(self) -> None:
+        self._stop.set()
+        self._producer.join()
+
+    def __enter__(self) -> "in_background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-__all__ = ["DecodedBatch", "ThreadedBatches", "in_background"]
+__all__ = ["DecodedBatch", "PooledBatches", "in_background"]

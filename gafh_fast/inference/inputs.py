@@ -1,6 +1,7 @@
 """What sharded inference reads: the input list, each rank's shard, output paths, and 8-bit LR faces.
 
-Everything here is plain PIL / NumPy and runs in decode threads. A bad input never raises out of
+Everything here is plain PIL / NumPy, without torch: the decode worker processes (decode.PooledBatches)
+import this module only, so each starts in a fraction of a second. A bad input never raises out of
 this module except as `BadInputError`, whose message is the reason written to the manifest.
 """
 from __future__ import annotations
@@ -193,6 +194,59 @@ def load_lr_uint8(path: str, lr_size: int, max_pixels: int, notice: Optional[Res
             notice(path, w, h)
         im = im.crop(centre_square_box(w, h)).resize((lr_size, lr_size), Image.BICUBIC)
     return np.asarray(im, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoders for the worker processes: picklable, installed once per worker, fed lists of paths
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LrDecoder:
+    """Inference: one input face -> ((lr, lr, 3) uint8,), and its (w, h) when it had to be resized."""
+    lr_size: int
+    max_pixels: int
+
+    def __call__(self, path: str) -> tuple[tuple[np.ndarray, ...], Optional[tuple[int, int]]]:
+        resized: list[tuple[int, int]] = []
+        lr = load_lr_uint8(path, self.lr_size, self.max_pixels, lambda _p, w, h: resized.append((w, h)))
+        return (lr,), (resized[0] if resized else None)
+
+
+@dataclass(frozen=True)
+class PairDecoder:
+    """Evaluation: an HR face -> ((lr, lr, 3), (hr, hr, 3)) uint8 by the data package's reference loader."""
+    hr_size: int
+    lr_size: int
+    windows: dict  # path -> crop window (x, y, w, h) from the split index
+
+    def __call__(self, path: str) -> tuple[tuple[np.ndarray, ...], None]:
+        from gafh_fast.data.layouts import BadImage, Sample
+        from gafh_fast.data.pil import load_pair
+
+        try:
+            hr, lr = load_pair(Sample(path, self.windows[path]), self.hr_size, self.lr_size, flip=False)
+        except BadImage as e:
+            raise BadInputError(str(e)) from None
+        return (lr, hr), None
+
+
+_worker_decoder = None
+
+
+def install_decoder(decoder) -> None:
+    """Pool initializer: the decoder (and its windows table) crosses to each worker once, not per task."""
+    global _worker_decoder
+    _worker_decoder = decoder
+
+
+def decode_paths(paths: list[str]) -> list:
+    """In a worker: per path, (arrays, resized_from) or the reason string of a bad input."""
+    out = []
+    for path in paths:
+        try:
+            out.append(_worker_decoder(path))
+        except BadInputError as e:
+            out.append(str(e))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Sharded large-batch inference and evaluation: one process per device under torchrun, or one plain process.
 
-Per rank: list (rank 0, broadcast) -> own shard -> skip complete outputs -> decode ahead (PIL pool or
-DALI) -> G in bf16 / channels_last -> 8-bit result -> background writer -> manifest part. Rank 0 then
-merges the manifest, and in evaluation mode gathers the per-image scores and prints the table.
+Per rank: list (rank 0, broadcast) -> own shard -> skip complete outputs -> decode ahead (PIL process
+pool or DALI) -> G in bf16 / channels_last on a fixed padded batch (torch.compile with CUDA graphs by
+default on CUDA) -> 8-bit result -> background writer -> manifest part. Rank 0 then merges the
+manifest, and in evaluation mode gathers the per-image scores and prints the table.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,9 +23,10 @@ from tqdm import tqdm
 
 from gafh_fast import metrics
 from gafh_fast.inference import evaluate
-from gafh_fast.inference.decode import ThreadedBatches
-from gafh_fast.inference.inputs import (PIL_DEFAULT_MAX_PIXELS, InferenceUsageError, InputItem, ResizeNotice,
-                                        assign_output_names, list_inputs, load_lr_uint8, output_complete, shard)
+from gafh_fast.inference.decode import PooledBatches
+from gafh_fast.inference.inputs import (PIL_DEFAULT_MAX_PIXELS, InferenceUsageError, InputItem, LrDecoder,
+                                        PairDecoder, ResizeNotice, assign_output_names, list_inputs,
+                                        output_complete, shard)
 from gafh_fast.inference.outputs import FAILED, FORMAT_SUFFIX, OK, SKIPPED, ManifestPart, OutputWriter, merge_manifest
 
 log = logging.getLogger("gafh_fast")
@@ -47,10 +49,10 @@ class InferenceOptions:
     batch_size: int = 256                 # per rank
     dtype: str = "auto"                   # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     kernels: str = "auto"                 # auto | triton | torch (config key `kernels`)
-    compile: bool = False                 # torch.compile; on CUDA mode reduce-overhead (CUDA graphs)
+    compile: str = "auto"                 # auto (on for CUDA) | on | off: torch.compile reduce-overhead
     decoder: str = "auto"                 # auto (DALI when usable) | dali | pil
-    decode_threads: int = 8
-    write_threads: int = 8
+    decode_workers: Optional[int] = None  # PIL processes (DALI: its threads); None: split_cores()
+    write_workers: Optional[int] = None   # PNG / npy writer threads; None: split_cores()
     format: str = "png"                   # png | npy (uint8 (256, 256, 3) per image) | none (evaluation only)
     png_compress_level: int = 1           # zlib level: 1 is ~4x faster to encode than PIL's 6, still lossless
     max_pixels: int = PIL_DEFAULT_MAX_PIXELS
@@ -71,6 +73,8 @@ class InferenceSummary:
     exit_code: int
     waits: dict = field(default_factory=dict)   # rank 0's seconds waiting on decode / writes
     evaluation: Optional[dict] = None
+    model_path: str = ""                        # what ran G (backend, dtype, compiled or eager, batch shape)
+    warmup_seconds: float = 0.0                 # first batch: compile + CUDA graph capture (not in `seconds`)
 
 
 @dataclass
@@ -123,7 +127,17 @@ def _sum_over_ranks(ctx: DistContext, values: list[int]) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def load_model(opts: InferenceOptions, device: torch.device):
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module      # the generator, or its torch.compile wrapper
+    cfg: object                 # the config stored in the weights file
+    dtype: torch.dtype
+    compiled: bool
+    path: str                   # in words: backend, dtype, compiled or eager, the batch shape
+    warmup_seconds: float = 0.0
+
+
+def load_model(opts: InferenceOptions, device: torch.device) -> LoadedModel:
     """G built from the config inside the weights file; any mismatch or unusable request -> usage error."""
     from gafh_fast.export import load_generator, read_generator_config
     from gafh_fast.ops import KernelUnavailableError, resolve_backend
@@ -135,16 +149,44 @@ def load_model(opts: InferenceOptions, device: torch.device):
     cfg.kernels = opts.kernels
     try:
         generator, cfg = load_generator(opts.weights, cfg, device="cpu")  # safetensors: no pickle
-        resolve_backend(opts.kernels, device)
+        backend = resolve_backend(opts.kernels, device)
     except (ValueError, KernelUnavailableError) as e:
         raise InferenceUsageError(str(e)) from e
     dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"] if opts.dtype == "auto" else DTYPES[opts.dtype]
     generator = generator.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
-    model = generator
-    if opts.compile:
-        # reduce-overhead captures CUDA graphs for the one padded batch shape
-        model = torch.compile(generator, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
-    return model, cfg, dtype
+    # the device decides only the default: `--compile on` runs the same torch.compile call on CPU, where
+    # inductor leaves CUDA graphs out by itself
+    compiled = opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
+    model = torch.compile(generator, mode="reduce-overhead", dynamic=False) if compiled else generator
+    path = (f"kernels={opts.kernels} -> {backend}, {str(dtype).replace('torch.', '')}, channels_last, "
+            + ("torch.compile reduce-overhead (CUDA graphs on CUDA)" if compiled else "eager")
+            + f" (--compile {opts.compile}), fixed batch {opts.batch_size} (short batches zero-padded)")
+    return LoadedModel(model, cfg, dtype, compiled, path)
+
+
+def warm_up(model, compiled: bool, batch_size: int, lr_size: int, dtype: torch.dtype,
+            device: torch.device) -> float:
+    """Seconds for the first batch on zeros: compilation and CUDA graph capture happen here, not in the run.
+
+    reduce-overhead compiles on the first call, records the graph on the second and replays from the
+    third; eager needs one call (cuDNN picks its algorithms). `.cpu()` waits for the device.
+    """
+    zeros = torch.zeros((batch_size, lr_size, lr_size, 3), dtype=torch.uint8, device=device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(3 if compiled else 1):
+            _forward(model, zeros, dtype, batch_size).cpu()
+    return time.perf_counter() - start
+
+
+def split_cores(opts: InferenceOptions, decoder: str) -> tuple[int, int]:
+    """(decode workers, write workers) as given, else this rank's share of the cores: a PNG encode costs
+    about 10x a 32x32 decode, so decoding gets an eighth (at least 1) and the writer the rest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    decode = opts.decode_workers or max(1, cores // 8)
+    write = opts.write_workers or max(1, cores - (decode if decoder == "pil" else 0))
+    return decode, write
 
 
 def u8_nhwc_to_signed(u8_nhwc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -175,7 +217,7 @@ def _list_for_evaluation(opts: InferenceOptions, cfg):
     layout, scheme = opts.layout or cfg.data.layout, opts.split_scheme or cfg.data.split
     try:
         index = index_split(root, layout, scheme, opts.split, seed=cfg.data.seed,
-                            num_threads=opts.decode_threads)
+                            num_threads=opts.decode_workers)
     except (LayoutError, ValueError) as e:
         raise InferenceUsageError(f"--input-hr {root}: {e}") from e
     rel = lambda p: Path(os.path.relpath(p, root)).as_posix()  # noqa: E731
@@ -211,14 +253,19 @@ def _check_options(opts: InferenceOptions) -> None:
                                   "or --input-hr (HR faces to evaluate on)")
     if opts.format == "none" and opts.input_hr is None:
         raise InferenceUsageError("--format none writes nothing; it is only meaningful with --input-hr")
-    if opts.batch_size < 1 or opts.decode_threads < 1 or opts.write_threads < 1:
-        raise InferenceUsageError("--batch-size, --decode-threads and --write-threads must be >= 1")
+    if opts.batch_size < 1 or any(n is not None and n < 1 for n in (opts.decode_workers, opts.write_workers)):
+        raise InferenceUsageError("--batch-size, --decode-workers and --write-workers must be >= 1")
+    if opts.compile not in ("auto", "on", "off"):
+        raise InferenceUsageError(f"--compile must be auto, on or off, got {opts.compile!r}")
 
 
 def _run(opts: InferenceOptions, ctx: DistContext) -> InferenceSummary:
     evaluating = opts.input_hr is not None
-    choose_decoder(opts, ctx.device)  # flag errors before anything is read or written
-    model, cfg, dtype = load_model(opts, ctx.device)
+    decoder, _ = choose_decoder(opts, ctx.device)  # flag errors before anything is read or written
+    decode_workers, write_workers = split_cores(opts, decoder)
+    opts = replace(opts, decode_workers=decode_workers, write_workers=write_workers)
+    g = load_model(opts, ctx.device)
+    cfg = g.cfg
     lr_size, hr_size = cfg.lr_size, cfg.data.hr_size
     out_dir = Path(opts.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +280,7 @@ def _run(opts: InferenceOptions, ctx: DistContext) -> InferenceSummary:
     suffix = FORMAT_SUFFIX.get(opts.format, "")
     todo = mine
     if opts.resume and not evaluating:  # evaluation always scores (and rewrites) every image
-        with ThreadPoolExecutor(opts.decode_threads) as pool:
+        with ThreadPoolExecutor(opts.write_workers) as pool:  # header + trailer reads: I/O, GIL released
             done = list(pool.map(lambda it: output_complete(it.output(out_dir, suffix), hr_size, opts.format), mine))
         todo = [it for it, d in zip(mine, done) if not d]
         for it in (it for it, d in zip(mine, done) if d):
@@ -241,15 +288,30 @@ def _run(opts: InferenceOptions, ctx: DistContext) -> InferenceSummary:
     (global_todo,) = _sum_over_ranks(ctx, [len(todo)])
 
     batches, decoder = _make_batches(opts, ctx, todo, windows, lr_size, hr_size)
+    with iter(batches) as iterator:  # decoding starts now, while G compiles
+        g.warmup_seconds = warm_up(g.model, g.compiled, opts.batch_size, lr_size, g.dtype, ctx.device)
+        if ctx.rank == 0:
+            log.info("G: %s; first batch (compilation, graph capture; not in the rate) %.1f s",
+                     g.path, g.warmup_seconds)
+        return _loop(opts, ctx, g, iterator, manifest, global_todo, decoder)
+
+
+def _loop(opts: InferenceOptions, ctx: DistContext, g: LoadedModel, iterator, manifest: ManifestPart,
+          global_todo: int, decoder: str) -> InferenceSummary:
+    """Decoded batches -> G -> writer / scores, then the manifest and the summary."""
+    evaluating = opts.input_hr is not None
+    out_dir, cfg = Path(opts.output), g.cfg
 
     writer = None if opts.format == "none" else OutputWriter(
-        out_dir, opts.format, opts.write_threads, manifest, opts.png_compress_level,
+        out_dir, opts.format, opts.write_workers, manifest, opts.png_compress_level,
         max_in_flight=max(4 * opts.batch_size, 64))
+    if ctx.rank == 0 and writer is not None:
+        log.info("writing %s in %d threads%s", opts.format, opts.write_workers,
+                 " (libpng via imagecodecs, GIL released while encoding)" if opts.format == "png" else "")
     rows: list[dict] = []
     bar = tqdm(total=global_todo, disable=ctx.rank != 0 or not opts.progress, unit="img", dynamic_ncols=True,
                desc="evaluate" if evaluating else "hallucinate", smoothing=0.1)
     start, decode_wait, pending = time.perf_counter(), 0.0, None
-    iterator = iter(batches)
     while True:
         t0 = time.perf_counter()
         batch = next(iterator, None)
@@ -261,7 +323,7 @@ def _run(opts: InferenceOptions, ctx: DistContext) -> InferenceSummary:
         if len(batch):
             lr_u8 = batch.tensors[0].to(ctx.device, non_blocking=True)
             with torch.inference_mode():
-                hf_u8 = _forward(model, lr_u8, dtype, opts.batch_size)  # (n, 3, H, W)
+                hf_u8 = _forward(g.model, lr_u8, g.dtype, opts.batch_size)  # (n, 3, H, W)
                 if evaluating:
                     hr_u8 = batch.tensors[1].to(ctx.device, non_blocking=True)
                     scores = evaluate.score_batch(hf_u8, u8_nhwc_to_signed(hr_u8, torch.float32),
@@ -293,7 +355,7 @@ def _run(opts: InferenceOptions, ctx: DistContext) -> InferenceSummary:
         rows = evaluate.gather_rows(rows, ctx.world_size)
         evaluation = evaluate.summarise(rows, cfg.val.crop_border)
     summary = InferenceSummary(ok + skipped + failed, ok, skipped, failed, seconds, ctx.world_size, decoder,
-                               EXIT_SOME_FAILED if failed else EXIT_OK, waits, evaluation)
+                               EXIT_SOME_FAILED if failed else EXIT_OK, waits, evaluation, g.path, g.warmup_seconds)
     if ctx.rank == 0:
         merge_manifest(out_dir, ctx.world_size)
         if evaluating:
@@ -322,47 +384,28 @@ def choose_decoder(opts: InferenceOptions, device: torch.device) -> tuple[str, O
 
 def _make_batches(opts: InferenceOptions, ctx: DistContext, todo: list[InputItem], windows: dict,
                   lr_size: int, hr_size: int):
-    """Decoding: DALI on the GPU when it can run here, else the PIL pool (into pinned memory on CUDA)."""
+    """Decoding: DALI on the GPU when it can run here, else the PIL process pool (into pinned memory on CUDA)."""
     from gafh_fast.inference.dali_decode import DaliBatches
 
     evaluating = opts.input_hr is not None
-    pin = ctx.device.type == "cuda"
+    pin = ctx.device.type == "cuda"  # page-locked host memory exists only with CUDA: async uploads
     if evaluating:
-        from gafh_fast.data.pil import load_pair
-        from gafh_fast.data.layouts import Sample
-
-        def decode_one(path: str):
-            return load_pair(Sample(path, windows[path]), hr_size, lr_size, flip=False)[::-1]  # (lr, hr)
+        decode = PairDecoder(hr_size, lr_size, {it.source: windows[it.source] for it in todo})  # (lr, hr)
     else:
-        notice = ResizeNotice(lr_size)
-
-        def decode_one(path: str):
-            return (load_lr_uint8(path, lr_size, opts.max_pixels, notice),)
-    batches = ThreadedBatches(todo, opts.batch_size, _as_bad_input(decode_one), opts.decode_threads, pin)
+        decode = LrDecoder(lr_size, opts.max_pixels)
+    batches = PooledBatches(todo, opts.batch_size, decode, opts.decode_workers, pin,
+                            on_resized=None if evaluating else ResizeNotice(lr_size))
     decoder, dali_reason = choose_decoder(opts, ctx.device)
     if decoder == "dali":
-        batches = DaliBatches(todo, opts.batch_size, lr_size, ctx.device, opts.decode_threads,
+        batches = DaliBatches(todo, opts.batch_size, lr_size, ctx.device, opts.decode_workers,
                               opts.max_pixels, pil_fallback=batches)
     if ctx.rank == 0:
         log.info("decoding with %s", "DALI on the GPU (nvImageCodec), crop + antialiased cubic resize on the GPU"
-                 if decoder == "dali" else f"PIL in {opts.decode_threads} threads into "
+                 if decoder == "dali" else f"PIL in {opts.decode_workers} worker processes into "
                  f"{'pinned' if pin else 'ordinary (CPU run)'} memory"
                  + ("" if decoder == "dali" or evaluating else f"; not DALI: {dali_reason or '--decoder pil'}"))
 
     return batches, decoder
-
-
-def _as_bad_input(decode_one):
-    """The data package reports bad files as BadImage; the manifest wants BadInputError."""
-    from gafh_fast.data.layouts import BadImage
-    from gafh_fast.inference.inputs import BadInputError
-
-    def wrapped(path: str):
-        try:
-            return decode_one(path)
-        except BadImage as e:
-            raise BadInputError(str(e)) from None
-    return wrapped
 
 
 def _forward(model, lr_u8: torch.Tensor, dtype: torch.dtype, pad_to: int) -> torch.Tensor:
@@ -399,11 +442,17 @@ def _queue_writes(writer: OutputWriter, items: list[InputItem], host: torch.Tens
         writer.submit(item, arrays[i])
 
 
+def bounding_stage(waits: dict, seconds: float) -> str:
+    """"decode" or "write" when rank 0 spent over a tenth of the run waiting on that stage, else "model"."""
+    worst = max(waits, key=waits.get) if waits else None
+    return worst if worst is not None and waits[worst] > 0.1 * seconds else "model"
+
+
 def summary_line(s: InferenceSummary, out_dir: Path) -> str:
     rate = s.ok / s.seconds if s.seconds > 0 else 0.0
-    bound = max(s.waits, key=s.waits.get) if s.waits and max(s.waits.values()) > 0.1 * s.seconds else "model"
     return (f"done: {s.inputs} inputs | {s.ok} ok, {s.skipped} skipped-existing, {s.failed} failed | "
-            f"{s.ok} images in {s.seconds:.1f} s = {rate:.1f} img/s over {s.world_size} rank(s) | "
-            f"decoder {s.decoder}; rank 0 waited {s.waits.get('decode', 0):.1f} s on decode, "
-            f"{s.waits.get('write', 0):.1f} s on writes ({bound}-bound) | manifest {out_dir / 'manifest.jsonl'}"
+            f"{s.ok} images in {s.seconds:.1f} s = {rate:.1f} img/s over {s.world_size} rank(s), "
+            f"after a {s.warmup_seconds:.1f} s first batch | bound by {bounding_stage(s.waits, s.seconds)}: "
+            f"rank 0 waited {s.waits.get('decode', 0):.1f} s on decode ({s.decoder}), "
+            f"{s.waits.get('write', 0):.1f} s on writes | manifest {out_dir / 'manifest.jsonl'}"
             + (f" | exit {s.exit_code}: some inputs failed" if s.exit_code else ""))
