@@ -1,13 +1,19 @@
 """The one switch between the plain-PyTorch reference and the fused Triton kernels.
 
-Every 3x3 convolution of the generator trunk calls `fused_conv3x3`. Its `torch` backend below is the
-reference semantics; the `triton` backend (gafh_fast.kernels) computes the same thing in one pass.
+Every 3x3 convolution of the generator trunk calls `fused_conv3x3`, every internal dense block
+`fused_idb` (its two convs in one autograd Function). Their `torch` backend below is the reference
+semantics; the `triton` backend (gafh_fast.kernels) computes the same thing in fewer passes.
+
+`auto`: torch on CPU. On CUDA, per op shape (and whether a backward follows), the faster of triton
+and torch, timed once per process like cudnn.benchmark (AutoChooser below), each decision logged.
+Under torch.compile an undecided shape takes torch (timing inside a trace is impossible).
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +55,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        chosen = "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
+        # on CUDA the choice is per op shape, timed (AutoChooser); "auto" tells the caller to ask it
+        chosen = "auto" if device.type == "cuda" and triton_unavailable_reason(device) is None else "torch"
     elif backend == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
@@ -60,8 +67,79 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     # Logging inside a torch.compile trace is a graph break (fullgraph=True fails): log from eager calls.
     if (backend, chosen) not in _logged_choices and not torch.compiler.is_compiling():
         _logged_choices.add((backend, chosen))
-        log.info("fused_conv3x3: kernels=%s -> %s backend on %s", backend, chosen, device.type)
+        log.info("fused_conv3x3: kernels=%s -> %s backend on %s%s", backend, chosen, device.type,
+                 " (per shape: the faster of triton and torch, timed once)" if chosen == "auto" else "")
     return chosen
+
+
+def median_ms_per_call(fn: Callable[[], None], device: torch.device, calls: int = 5, rounds: int = 3) -> float:
+    """Median over rounds of the mean ms per call of `calls` back-to-back calls, the device drained
+    before and after (host and device time both count: in eager mode either can bound a call)."""
+    fn()  # warm-up: compilation, autotuning, cudnn.benchmark search happen here
+    fn()
+    times = []
+    for _ in range(rounds):
+        _drain(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _drain(device)
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def _drain(device: torch.device) -> None:
+    if device.type == "cuda":  # the only device-specific line of the timed decision
+        torch.cuda.synchronize(device)
+
+
+class AutoChooser:
+    """The faster backend per (op, shape) key, timed once per process on fresh random tensors of that
+    shape (a private generator: the caller's RNG stream is untouched), each decision logged."""
+
+    def __init__(self, timer: Callable[[Callable[[], None], torch.device], float] = median_ms_per_call):
+        self.timer = timer
+        self.decisions: dict[tuple, str] = {}
+        self.timings: dict[tuple, dict[str, float]] = {}
+
+    def choose(self, key: tuple, impls: dict[str, Callable], args: Sequence, needs_grad: bool) -> str:
+        hit = self.decisions.get(key)
+        if hit is not None:
+            return hit
+        if torch.compiler.is_compiling():
+            return "torch"
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        gen = torch.Generator(device=device).manual_seed(0)
+        fresh = [torch.randn(a.shape, generator=gen, device=device, dtype=a.dtype).to(
+                 memory_format=torch.channels_last if a.dim() == 4 and a.is_contiguous(
+                     memory_format=torch.channels_last) else torch.contiguous_format)
+                 if isinstance(a, torch.Tensor) else a for a in args]
+        times = {}
+        for name, impl in impls.items():
+            def call(impl=impl):
+                leaves = [a.detach().requires_grad_(needs_grad) if isinstance(a, torch.Tensor) else a for a in fresh]
+                with torch.set_grad_enabled(needs_grad):
+                    out = impl(*leaves)
+                    if needs_grad:
+                        out.backward(torch.ones_like(out))
+            times[name] = float(self.timer(call, device))
+        chosen = min(times, key=times.__getitem__)
+        self.decisions[key] = chosen
+        self.timings[key] = times
+        log.info("kernels=auto %s: %s -> %s", key, ", ".join(f"{k} {v:.4f} ms" for k, v in times.items()), chosen)
+        return chosen
+
+
+AUTO = AutoChooser()
+
+
+def _shape_key(op: str, tensors, needs_grad: bool, *extra) -> tuple:
+    return (op, tuple(None if t is None else tuple(t.shape) for t in tensors),
+            str(tensors[0].dtype).replace("torch.", ""), needs_grad, *extra)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def fused_conv3x3_reference(
@@ -108,6 +186,20 @@ def fused_conv3x3(
     if weight.shape[-2:] != (3, 3):
         raise ValueError(f"fused_conv3x3 takes 3x3 weights, got {tuple(weight.shape)}")
     chosen = resolve_backend(backend, inputs[0].device)
+    if chosen == "auto":
+        from gafh_fast.kernels import fused_conv3x3_triton
+
+        n_in = len(inputs)
+
+        def run(*a, triton_path):
+            xs, rest = list(a[:n_in]), a[n_in:]
+            impl = fused_conv3x3_triton if triton_path else fused_conv3x3_reference
+            return impl(xs, rest[0], rest[1], negative_slope, rest[2], res_scale, rest[3], res2_scale)
+
+        tensors = (*inputs, weight, bias, residual, residual2)
+        key = _shape_key("conv3x3", tensors, _needs_grad(tensors), negative_slope is None, res_scale, res2_scale)
+        chosen = AUTO.choose(key, {"triton": lambda *a: run(*a, triton_path=True),
+                                   "torch": lambda *a: run(*a, triton_path=False)}, tensors, key[3])
     if chosen == "torch":
         return fused_conv3x3_reference(
             inputs, weight, bias, negative_slope, residual, res_scale, residual2, res2_scale
@@ -117,3 +209,29 @@ def fused_conv3x3(
     return fused_conv3x3_triton(
         list(inputs), weight, bias, negative_slope, residual, res_scale, residual2, res2_scale
     )
+
+
+def fused_idb_reference(x, x0, w1, b1, w2, b2, negative_slope: float = 0.2) -> torch.Tensor:
+    """The internal dense block as two reference convs (spec: h1 = LReLU(conv(x)); x0 + LReLU(conv([x, h1])))."""
+    h1 = fused_conv3x3_reference([x], w1, b1, negative_slope)
+    return fused_conv3x3_reference([x, h1], w2, b2, negative_slope, x0, 1.0)
+
+
+def fused_idb(x: torch.Tensor, x0: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+              b2: Optional[torch.Tensor], *, negative_slope: float = 0.2, backend: str = "auto") -> torch.Tensor:
+    """y = x0 + LReLU(conv3x3([x, LReLU(conv3x3(x, w1) + b1)], w2) + b2): one IDB, one op.
+
+    The triton backend runs it as one autograd Function (2 launches forward, 4 backward)."""
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "auto":
+        from gafh_fast.kernels import fused_idb_triton
+
+        tensors = (x, x0, w1, b1, w2, b2)
+        key = _shape_key("idb", tensors, _needs_grad(tensors), negative_slope)
+        chosen = AUTO.choose(key, {"triton": lambda *a: fused_idb_triton(*a, negative_slope),
+                                   "torch": lambda *a: fused_idb_reference(*a, negative_slope)}, tensors, key[3])
+    if chosen == "torch":
+        return fused_idb_reference(x, x0, w1, b1, w2, b2, negative_slope)
+    from gafh_fast.kernels import fused_idb_triton
+
+    return fused_idb_triton(x, x0, w1, b1, w2, b2, negative_slope)

@@ -33,10 +33,6 @@ def config_to_dict(cfg: triton.Config) -> dict:
     return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def config_from_dict(d: dict) -> triton.Config:
-    return triton.Config(dict(d["kwargs"]), num_warps=d["num_warps"], num_stages=d["num_stages"])
-
-
 def cuda_timer(fn: Callable[[], None]) -> float:
     """Median ms of fn on the current CUDA device (events; short: two candidates, tiny kernels)."""
     import triton.testing
@@ -99,9 +95,9 @@ class Tuner:
         full_key = self._full_key(kernel, key)
         hit = self.choices.get(full_key)
         if hit is not None:
-            cfg = config_from_dict(hit["config"])
-            if any(config_to_dict(cfg) == config_to_dict(c) for c in candidates):
-                return cfg
+            for c in candidates:
+                if config_to_dict(c) == hit["config"]:
+                    return c
             # the cached winner is no longer a candidate (the heuristic changed): tune again
         if self.timer is None or run_candidate is None:
             raise RuntimeError(f"autotune of {kernel} {key}: no timer given and no cached choice")

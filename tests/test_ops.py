@@ -75,3 +75,57 @@ def test_choice_is_logged_once(caplog, monkeypatch):
         for _ in range(3):
             resolve_backend("torch", torch.device("cpu"))
     assert sum("kernels=torch -> torch" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_idb and kernels=auto's timed decision (the CUDA path with the device swapped for the CPU)
+# ---------------------------------------------------------------------------------------------
+def _idb_tensors(requires_grad=True):
+    g = torch.Generator().manual_seed(2)
+    shapes = [(2, 6, 5, 4), (2, 6, 5, 4), (3, 6, 3, 3), (3,), (6, 9, 3, 3), (6,)]
+    return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_(requires_grad) for s in shapes]
+
+
+def test_fused_idb_reference_semantics():
+    x, x0, w1, b1, w2, b2 = _idb_tensors(False)
+    h1 = _conv3x3_by_unfold(x, w1, b1)
+    h1 = torch.where(h1 >= 0, h1, 0.2 * h1)
+    z = _conv3x3_by_unfold(torch.cat([x, h1], 1), w2, b2)
+    want = x0 + torch.where(z >= 0, z, 0.2 * z)
+    torch.testing.assert_close(ops.fused_idb(x, x0, w1, b1, w2, b2, backend="torch"), want, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_chooser_times_each_backend_once_and_logs(caplog):
+    import time
+
+    calls = {"torch": 0, "slow": 0}
+
+    def reference(*a):
+        calls["torch"] += 1
+        return ops.fused_idb_reference(*a)
+
+    def slow(*a):  # the same maths plus 5 ms: must lose
+        calls["slow"] += 1
+        time.sleep(0.005)
+        return ops.fused_idb_reference(*a)
+
+    chooser = ops.AutoChooser()  # the real timer (median of back-to-back calls), CPU tensors
+    tensors = _idb_tensors()
+    key = ops._shape_key("idb", tensors, True, 0.2)
+    with caplog.at_level(logging.INFO, logger="gafh_fast"):
+        assert chooser.choose(key, {"slow": slow, "torch": reference}, tensors, True) == "torch"
+        first_calls = dict(calls)
+        assert chooser.choose(key, {"slow": slow, "torch": reference}, tensors, True) == "torch"
+    assert calls == first_calls and first_calls["torch"] >= 5  # decided once per process and shape
+    assert chooser.timings[key]["slow"] > chooser.timings[key]["torch"]
+    logged = [r.getMessage() for r in caplog.records if "kernels=auto" in r.getMessage()]
+    assert len(logged) == 1 and "-> torch" in logged[0] and "(2, 6, 5, 4)" in logged[0]
+    assert all(t.grad is None for t in tensors)  # the caller's tensors are not touched
+
+
+def test_auto_chooser_keeps_the_callers_rng_stream():
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    ops.AutoChooser().choose(("k",), {"torch": ops.fused_idb_reference}, _idb_tensors(), True)
+    torch.testing.assert_close(torch.rand(3), want)

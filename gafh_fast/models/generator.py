@@ -1,7 +1,8 @@
 """GAFH-RIDN generator in plain PyTorch, exactly as ../shared/spec/GAFH_RIDN.md (section Generator G).
 
-Every trunk 3x3 conv goes through `gafh_fast.ops.fused_conv3x3`; the `nn.Conv2d` modules only hold
-parameters, so the state-dict keys are the same whichever backend runs.
+Every trunk 3x3 conv goes through `gafh_fast.ops.fused_conv3x3`, each IDB's two through
+`gafh_fast.ops.fused_idb` (one fused op); the `nn.Conv2d` modules only hold parameters, so the
+state-dict keys are the same whichever backend runs.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gafh_fast.config import GeneratorConfig
-from gafh_fast.ops import fused_conv3x3
+from gafh_fast.ops import fused_conv3x3, fused_idb
 
 
 def _kaiming_(module: nn.Module, scale: float) -> None:
@@ -33,11 +34,10 @@ class IDB(nn.Module):
         self.kernels = "torch"
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        h1 = fused_conv3x3([x], self.conv1.weight, self.conv1.bias, backend=self.kernels)  # (N, gc, H, W)
-        # the RIDB input x0 is added after every internal block (spec: r1 = x0, s1 = 1)
-        return fused_conv3x3(
-            [x, h1], self.conv2.weight, self.conv2.bias, residual=x0, res_scale=1.0, backend=self.kernels
-        )  # (N, nf, H, W)
+        # h1 = LReLU(conv1(x)) (N, gc, H, W); out = x0 + LReLU(conv2([x, h1])) (N, nf, H, W): the RIDB
+        # input x0 is added after every internal block (spec: r1 = x0, s1 = 1)
+        return fused_idb(x, x0, self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias,
+                         backend=self.kernels)
 
 
 class RIDB(nn.Module):

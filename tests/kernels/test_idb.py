@@ -133,3 +133,25 @@ def test_idb_bad_arguments_raise_clear_errors():
     w1, b1 = torch.randn(4, 8, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE)
     with pytest.raises(ValueError, match="does not fit"):
         fused_idb_triton(x, x, w1, b1, torch.randn(8, 8, 3, 3, device=DEVICE), torch.randn(8, device=DEVICE))
+
+
+def test_auto_times_triton_and_torch_per_shape(monkeypatch, caplog):
+    """kernels=auto's CUDA path (ops.fused_idb -> AutoChooser over the real triton and torch
+    backends), run with the device swapped: CPU tensors, Triton interpreted. The interpreter is far
+    slower, so torch must win; the decision is logged once and the result is the reference's."""
+    import logging
+
+    from gafh_fast import ops
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "auto")
+    # the real timer, at its smallest (2 warm-up calls, 1 timed): interpreted launches are slow
+    monkeypatch.setattr(ops, "AUTO", ops.AutoChooser(lambda fn, dev: ops.median_ms_per_call(fn, dev, 1, 1)))
+    t, grad = make_idb(4, 4, 1, 2, 3, torch.float32, seed=9)
+    leaves = [t[k].float().requires_grad_(True) for k in NAMES]
+    with caplog.at_level(logging.INFO, logger="gafh_fast"):
+        y = ops.fused_idb(*leaves, backend="auto")
+        ops.fused_idb(*leaves, backend="auto")
+    (key, times), = ops.AUTO.timings.items()
+    assert set(times) == {"triton", "torch"} and ops.AUTO.decisions[key] == "torch"
+    assert sum("kernels=auto" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(y, ops.fused_idb_reference(*leaves), rtol=0, atol=0)

@@ -1,0 +1,166 @@
+"""Bounded autotuning: the tile heuristic, bucketed keys, and the choice persisted across processes.
+
+The timing itself is injected (a timer that returns set numbers per config); everything else (the
+choice, the JSON cache, its atomic write, a second process reading it) is the real code."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gafh_fast.kernels import configs, conv3x3
+from gafh_fast.kernels.tuning import Tuner, config_to_dict
+
+TRUNK = dict(nf=64, gc=32, side=32)
+
+
+@pytest.mark.parametrize("batch", [8, 64, 256])
+def test_heuristic_tiles_fit_the_trunk_channels(batch):
+    m = batch * TRUNK["side"] ** 2
+    conv1 = configs.fwd_candidates(64, 0, 32, 32, m)
+    conv2 = configs.fwd_candidates(64, 32, 64, 32, m)
+    assert all(c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_K1"] == 64 and c.kwargs["K2_STEPS"] == 0 for c in conv1)
+    assert all(c.kwargs["BLOCK_N"] == 64 and (c.kwargs["BLOCK_K1"], c.kwargs["BLOCK_K2"]) == (64, 32) for c in conv2)
+    # batch 8: 128-pixel tiles would fill 132 SMs less than twice, so 64 comes first
+    assert conv1[0].kwargs["BLOCK_M"] == (64 if batch == 8 else 128)
+    dx = configs.dx_candidates(64, 32, 64, 32, m)
+    assert all((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_KA"], c.kwargs["BLOCK_KB"]) == (64, 64, 32) for c in dx)
+    dw = configs.dw_candidates(64, 0, 32, 32, m)
+    assert all((c.kwargs["BLOCK_C"], c.kwargs["BLOCK_CO"]) == (64, 32) for c in dw)
+
+
+@pytest.mark.parametrize("c1, c2, c_out", [(3, 0, 17), (17, 0, 17), (40, 24, 33), (64, 32, 64), (256, 0, 256)])
+def test_at_most_two_candidates_with_legal_tiles(c1, c2, c_out):
+    for m in (1, 1000, 2**16, 2**20):
+        for cands in (configs.fwd_candidates(c1, c2, c_out, 7, m), configs.dx_candidates(c_out, c2, c1, 7, m),
+                      configs.dw_candidates(c1, c2, c_out, 7, m)):
+            assert 1 <= len(cands) <= 2
+            for c in cands:
+                blocks = [v for k, v in c.kwargs.items() if k.startswith("BLOCK_")]
+                assert all(b >= 16 and b & (b - 1) == 0 for b in blocks) and c.num_warps == 4
+
+
+def test_m_is_bucketed():
+    assert configs.m_bucket(10) == 1024 and configs.m_bucket(65536) == 65536 and configs.m_bucket(65537) == 131072
+
+
+class ScriptedTimer:
+    """Returns the set ms of whichever candidate the timed callable ran (it records its config)."""
+
+    def __init__(self, ms_by_block_m):
+        self.ms_by_block_m = ms_by_block_m
+        self.ran = []
+        self.calls = 0
+
+    def run_candidate(self, cfg):
+        self.ran.append(cfg)
+
+    def __call__(self, fn):
+        self.calls += 1
+        fn()
+        return self.ms_by_block_m[self.ran[-1].kwargs["BLOCK_M"]]
+
+
+def test_choice_is_timed_once_and_persisted_atomically(tmp_path):
+    path = tmp_path / "cache" / "autotune.json"
+    cands = configs.fwd_candidates(64, 32, 64, 32, 2**16)
+    timer = ScriptedTimer({128: 0.30, 64: 0.20})
+    tuner = Tuner(str(path), "Test GPU", timer)
+    key = (64, 32, 64, 32, configs.m_bucket(2**16), "bf16")
+    chosen = tuner.choose("fwd", key, cands, timer.run_candidate)
+    assert chosen.kwargs["BLOCK_M"] == 64 and timer.calls == 2
+    assert tuner.choose("fwd", key, cands, timer.run_candidate) is chosen and timer.calls == 2  # memory hit
+    data = json.loads(path.read_text())
+    (full_key, entry), = data.items()
+    assert full_key.startswith("Test GPU|triton ") and "fwd" in full_key
+    assert entry["config"] == config_to_dict(chosen) and entry["ms"] == [0.30, 0.20]
+    assert os.listdir(path.parent) == ["autotune.json"]  # no temp file left behind
+
+    # A second process reads the file and times nothing (it has no timer: timing would raise).
+    code = (
+        "import sys; from gafh_fast.kernels import configs; from gafh_fast.kernels.tuning import Tuner\n"
+        f"t = Tuner({str(path)!r}, 'Test GPU', None)\n"
+        f"c = t.choose('fwd', {key!r}, configs.fwd_candidates(64, 32, 64, 32, 2**16), lambda c: None)\n"
+        "print(c.kwargs['BLOCK_M'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "64"
+
+    # Another device, or a Triton version, does not share the entry: it is timed again.
+    other = Tuner(str(path), "Other GPU", ScriptedTimer({128: 0.1, 64: 0.2}))
+    assert other.choose("fwd", key, cands, other.timer.run_candidate).kwargs["BLOCK_M"] == 128
+    assert len(json.loads(path.read_text())) == 2  # merged, not overwritten
+
+
+def test_no_timer_and_no_cached_choice_is_an_error(tmp_path):
+    tuner = Tuner(str(tmp_path / "a.json"), "Test GPU", None)
+    with pytest.raises(RuntimeError, match="no timer"):
+        tuner.choose("dw", ("k",), configs.dw_candidates(64, 0, 32, 32, 4096), lambda c: None)
+
+
+def test_corrupt_cache_is_retuned(tmp_path, caplog):
+    path = tmp_path / "autotune.json"
+    path.write_text("{not json")
+    timer = ScriptedTimer({128: 0.5, 64: 0.4})
+    tuner = Tuner(str(path), "Test GPU", timer)
+    assert tuner.choose("fwd", ("k",), configs.fwd_candidates(16, 0, 16, 8, 4096), timer.run_candidate)
+    assert timer.calls == 2 and "unreadable" in caplog.text
+    assert json.loads(path.read_text())  # rewritten whole
+
+
+class KeyRecorder(Tuner):
+    def __init__(self):
+        super().__init__(None, "recorder")
+        self.keys = []
+
+    def choose(self, kernel, key, candidates, run_candidate=None, first=False):
+        self.keys.append((kernel, key))
+        return candidates[0]
+
+
+def test_host_path_asks_with_bucketed_keys():
+    """Batch 1 and batch 2 at the same image size fall in one M bucket: the same tuning keys."""
+    from gafh_fast.kernels import fused_idb_triton
+
+    recorder = KeyRecorder()
+    old = conv3x3.set_tuner(recorder)
+    try:
+        keys = []
+        for batch in (1, 2):
+            recorder.keys.clear()
+            x = torch.randn(batch, 8, 3, 5, requires_grad=True)
+            w1, b1 = torch.randn(4, 8, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+            w2, b2 = torch.randn(8, 12, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+            fused_idb_triton(x, x, w1, b1, w2, b2).sum().backward()
+            keys.append(list(recorder.keys))
+    finally:
+        conv3x3.set_tuner(old)
+    assert len(keys[0]) == 6 and keys[0] == keys[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times real launches: GPU only (the logic is tested above)")
+def test_autotune_on_gpu(tmp_path):
+    """The one GPU test that times candidates: the IDB at the trunk's channels, small images."""
+    from gafh_fast.kernels import fused_idb_triton
+    from gafh_fast.kernels.tuning import cuda_timer
+
+    tuner = Tuner(str(tmp_path / "autotune.json"), torch.cuda.get_device_name(), cuda_timer)
+    old = conv3x3.set_tuner(tuner)
+    conv3x3.AUTOTUNE = True
+    try:
+        x = torch.randn(8, 64, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w1 = torch.randn(32, 64, 3, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w2 = torch.randn(64, 96, 3, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b1 = torch.zeros(32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b2 = torch.zeros(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        fused_idb_triton(x, x, w1, b1, w2, b2).float().sum().backward()
+        torch.cuda.synchronize()
+    finally:
+        conv3x3.set_tuner(old)
+    assert len(tuner.log) == 6 and all(len(e["ms"]) == 2 for e in tuner.log)
+    assert len(json.loads((tmp_path / "autotune.json").read_text())) == 6
