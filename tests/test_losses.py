@@ -48,3 +48,57 @@ def test_perceptual_and_pixel_losses():
     a = torch.tensor([[0.0, 1.0], [-1.0, 0.5]])
     b = torch.tensor([[0.5, 1.0], [1.0, 0.0]])
     assert pixel_loss(a, b).item() == pytest.approx((0.5 + 0 + 2 + 0.5) / 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# global_mean across two ranks (gloo, two spawned processes)
+# ------------------------------------------------------------------------------------------------
+def _ragan_on_rank(rank: int, port: int, c_real: torch.Tensor, c_fake: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    n = c_real.shape[0] // 2
+    mine = slice(rank * n, (rank + 1) * n)
+    result = {}
+    for name, fn in (("d", ragan_d_loss), ("g", ragan_g_loss)):
+        r, f = c_real[mine].clone().requires_grad_(True), c_fake[mine].clone().requires_grad_(True)
+        loss = fn(r, f, global_mean=True)
+        loss.backward()
+        result[name] = (loss.detach(), r.grad, f.grad)
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _hand_ragan_tensor(c_real, c_fake, target_real):
+    """The spec's loss on one whole batch, with autograd (softplus form of BCE)."""
+    f = torch.nn.functional.softplus
+    bce = (lambda x, t: f(-x).mean() if t == 1 else f(x).mean())
+    return bce(c_real - c_fake.mean(), target_real) + bce(c_fake - c_real.mean(), 1 - target_real)
+
+
+def test_global_mean_gathers_over_ranks_loss_and_gradient(tmp_path):
+    """Two ranks with global_mean: the mean of their losses is the spec's loss on the whole batch, and
+    their gradients (averaged as data parallelism does) are its gradient. The ranks' logits have
+    different means, so the local-mean loss is far off (checked, so a missing gather cannot pass)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    c_real = torch.tensor([1.0, -0.5, 2.0, 3.0, 2.5, 4.0], dtype=torch.float64)   # rank 1's are larger
+    c_fake = torch.tensor([0.3, 0.1, -1.0, -2.0, -3.0, -2.5], dtype=torch.float64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ragan_on_rank, args=(port, c_real, c_fake, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name, target_real in (("d", 1), ("g", 0)):
+        r, f = c_real.clone().requires_grad_(True), c_fake.clone().requires_grad_(True)
+        whole = _hand_ragan_tensor(r, f, target_real)
+        whole.backward()
+        mean_loss = (ranks[0][name][0] + ranks[1][name][0]) / 2
+        assert mean_loss.item() == pytest.approx(whole.item(), rel=1e-12), f"L_{name}"
+        local = [_hand_ragan_tensor(c_real[s], c_fake[s], target_real) for s in (slice(0, 3), slice(3, 6))]
+        assert abs((local[0] + local[1]).item() / 2 - whole.item()) > 0.1  # local means would be far off
+        for i, (what, grad) in enumerate((("real", r.grad), ("fake", f.grad)), start=1):
+            got = torch.cat([ranks[0][name][i], ranks[1][name][i]]) / 2  # data-parallel averaging
+            torch.testing.assert_close(got, grad, rtol=1e-12, atol=1e-15, msg=f"dL_{name}/dC({what})")
