@@ -1,17 +1,23 @@
-"""Inference throughput: G forward (eager / fused Triton / torch.compile + CUDA graphs) and end to end.
+"""Inference throughput: G forward (eager / fused Triton / torch.compile + CUDA graphs), each stage of the
+launch/infer.py pipeline alone, and end to end.
 
     python bench/infer_suite.py [--device cuda] [--batch 256] [--smoke]
 
 `run(device, batch, smoke)` returns one dict per row:
     {"name", "device", "batch", "dtype", "img_per_s" (None when skipped), "skipped" (reason or None), "detail"}
-GPU rows use the paper generator in bf16, channels_last. On CPU only the eager and end-to-end rows
-run; `smoke=True` shrinks everything (batch 2, the tiny generator, a few images) so it takes seconds.
-The end-to-end row also times each stage alone (PIL decode, G, PNG encode + write) and names the
-slowest as the bound.
+GPU rows use the paper generator in bf16, channels_last. On CPU the Triton and compiled forward rows
+are skipped; `smoke=True` shrinks everything (batch 2, the tiny generator, a few images) so it takes
+seconds. Stage rows: decode alone (the PIL process pool; DALI where it can run), G alone as the
+runner runs it (its model path, fixed padded batch, after its warm-up), the PNG writer alone at each
+worker count (1 and 2 on CPU; up to the core count on CUDA, with the speed-up over 1 worker), and the
+end-to-end row, which names the slowest stage and the runner's own verdict (where rank 0 waited).
+`partial_rows` keeps the rows finished so far (bench/throughput.py reads it after a stage timeout).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ from gafh_fast.models import build_generator
 
 TINY = ["model.generator.nf=8", "model.generator.gc=8", "model.generator.num_dnb=1",
         "model.generator.ridb_per_dnb=1", "model.generator.idb_per_ridb=1"]
+partial_rows: list[dict] = []
 
 
 def _sync(device: torch.device) -> None:
@@ -84,72 +91,141 @@ def forward_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
     return rows
 
 
+def _smooth_faces(rng: np.random.Generator, count: int, size: int) -> list[np.ndarray]:
+    """Bicubic-upsampled noise plus grain: compresses like small photos (pure noise would not)."""
+    faces = []
+    for _ in range(count):
+        base = Image.fromarray(rng.integers(0, 256, (max(size // 4, 2),) * 2 + (3,), dtype=np.uint8))
+        base = np.asarray(base.resize((size, size), Image.BICUBIC), dtype=np.int16)
+        faces.append(np.clip(base + rng.integers(-6, 7, (size, size, 3)), 0, 255).astype(np.uint8))
+    return faces
+
+
 def _synthetic_faces(folder: Path, count: int, size: int = 32) -> None:
-    """Smooth random 32x32 PNGs (bicubic-upsampled 8x8 noise + grain): compress like small photos."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-        grain = rng.integers(-6, 7, (size, size, 3))
-        arr = np.clip(np.asarray(base, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
+    for i, face in enumerate(_smooth_faces(rng, count, size)):
         sub = folder / f"{i // 1000:03d}"
         sub.mkdir(exist_ok=True)
-        Image.fromarray(arr).save(sub / f"{i:07d}.png")
+        Image.fromarray(face).save(sub / f"{i:07d}.png")
 
 
-def end_to_end_rows(device: torch.device, batch: int, smoke: bool, threads: int = 8) -> list[dict]:
-    from gafh_fast.export import save_generator
-    from gafh_fast.inference import InferenceOptions, run_inference
-    from gafh_fast.inference.decode import ThreadedBatches
-    from gafh_fast.inference.inputs import ResizeNotice, list_inputs, load_lr_uint8
+def _rate_after_first(batches) -> float:
+    """Images per second after the first batch arrives (the pool's start-up stays out of the rate), or of
+    the first batch alone when there is only one."""
+    t_start = time.perf_counter()
+    it = iter(batches)
+    first = next(it)
+    t_first, n = time.perf_counter(), 0
+    for b in it:
+        n += len(b)
+    end = time.perf_counter()
+    return n / (end - t_first) if n else len(first) / (t_first - t_start)
+
+
+def writer_rate(out: Path, faces: list[np.ndarray], workers: int, count: int) -> float:
+    """PNG encode + atomic write alone: `count` images through OutputWriter with `workers` threads."""
+    from gafh_fast.inference.inputs import InputItem
     from gafh_fast.inference.outputs import ManifestPart, OutputWriter
 
+    out.mkdir(parents=True)
+    manifest = ManifestPart(out, 0)
+    writer = OutputWriter(out, "png", workers, manifest, png_compress_level=1, max_in_flight=4 * count)
+    items = [InputItem(f"in/{i}.png", f"{i // 1000:03d}/{i:07d}") for i in range(count)]
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        writer.submit(item, faces[i % len(faces)])
+    writer.close()
+    rate = count / (time.perf_counter() - t0)
+    manifest.close()
+    if manifest.counts["ok"] != count:
+        raise RuntimeError(f"the writer wrote {manifest.counts['ok']} of {count} images: {manifest.counts}")
+    return rate
+
+
+def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
+    from gafh_fast.export import save_generator
+    from gafh_fast.inference import InferenceOptions, run_inference
+    from gafh_fast.inference.dali_decode import DaliBatches, dali_unavailable_reason
+    from gafh_fast.inference.decode import PooledBatches
+    from gafh_fast.inference.inputs import LrDecoder, list_inputs
+    from gafh_fast.inference.runner import bounding_stage, forward_padded, load_model, split_cores, warm_up
+
     cfg = load_config(None, (TINY if smoke else []) + ["kernels=auto"])
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     count = 6 if smoke else max(8 * batch, 2048)
+    write_count = 96 if smoke else count
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    worker_counts = [1, 2] if device.type != "cuda" else sorted({1, 2, 4, 8, cores} & set(range(1, cores + 1)))
     rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        partial_rows.append(row)
+
     with tempfile.TemporaryDirectory(prefix="gafh_infer_bench_") as tmp:
         tmp = Path(tmp)
         weights = save_generator(build_generator(cfg), cfg, tmp / "g.safetensors")
         _synthetic_faces(tmp / "faces", count)
-        common = dict(weights=weights, batch_size=batch, device=str(device), decode_threads=threads,
-                      write_threads=threads, progress=False)
-        # warm-up on one batch (model load, cuDNN / Triton autotuning), then the timed run
-        (tmp / "warm.txt").write_text("\n".join(i.source for i in list_inputs(tmp / "faces")[:batch]))
-        run_inference(InferenceOptions(input=tmp / "warm.txt", output=tmp / "warm_out", **common))
-        s = run_inference(InferenceOptions(input=tmp / "faces", output=tmp / "out", **common))
-        e2e = s.ok / s.seconds
-
-        # each stage alone, at the same batch size and thread counts
+        opts = InferenceOptions(weights=weights, input=tmp / "faces", output=tmp / "out", batch_size=batch,
+                                device=str(device), progress=False)
+        decode_workers, write_workers = split_cores(opts, "pil")
         items = list_inputs(tmp / "faces")
-        notice = ResizeNotice(cfg.lr_size)
-        decode = ThreadedBatches(items, batch, lambda p: (load_lr_uint8(p, cfg.lr_size, 0, notice),), threads,
-                                 pin_memory=device.type == "cuda")
-        t0 = time.perf_counter()
-        for _ in decode:
-            pass
-        decode_rate = len(items) / (time.perf_counter() - t0)
-        g = build_generator(cfg).to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
-        x = torch.randn(batch, 3, cfg.lr_size, cfg.lr_size, device=device, dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
-        model_rate = _time_forward(g, x, 2 if smoke else 10, 1 if smoke else 2)
-        out = tmp / "write_only"
-        out.mkdir()
-        manifest = ManifestPart(out, 0)
-        writer = OutputWriter(out, "png", threads, manifest, png_compress_level=1)
-        hf = np.random.default_rng(0).integers(0, 256, (cfg.data.hr_size, cfg.data.hr_size, 3), dtype=np.uint8)
-        t0 = time.perf_counter()
-        for item in items:
-            writer.submit(item, hf)
-        writer.close()
-        write_rate = len(items) / (time.perf_counter() - t0)
-        manifest.close()
-    stages = {"decode (PIL)": decode_rate, "G forward": model_rate, "PNG encode + write": write_rate}
-    bound = min(stages, key=stages.get)
-    detail = (f"{count} images; stages alone (img/s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
-              + f"; bound by {bound}; runner waits: decode {s.waits['decode']:.2f} s, writes {s.waits['write']:.2f} s"
-              + f"; decoder {s.decoder}")
-    rows.append(_row("end to end: decode + G + PNG (launch/infer.py path)", device, batch, dtype, e2e, detail=detail))
+        stages = {}
+
+        # decode alone: the PIL process pool the runner uses off DALI; DALI where it can run
+        pil = PooledBatches(items, batch, LrDecoder(cfg.lr_size, 0), decode_workers, device.type == "cuda")
+        stages[f"decode (PIL, {decode_workers} processes)"] = _rate_after_first(pil)
+        add(_row(f"stage alone: decode, PIL in {decode_workers} processes", device, batch, "uint8",
+                 stages[f"decode (PIL, {decode_workers} processes)"], detail=f"{count} 32x32 PNGs"))
+        reason = dali_unavailable_reason(device)
+        if reason is None:
+            dali = DaliBatches(items, batch, cfg.lr_size, device, decode_workers, 0, pil_fallback=pil)
+            stages["decode (DALI)"] = _rate_after_first(dali)
+            add(_row("stage alone: decode, DALI on the GPU", device, batch, "uint8", stages["decode (DALI)"]))
+        else:
+            add(_row("stage alone: decode, DALI on the GPU", device, batch, "uint8", skipped=reason))
+
+        # G alone, exactly as the runner runs it (its defaults: kernels auto, compile auto, padded batch)
+        g = load_model(opts, device)
+        warm = warm_up(g.model, g.compiled, batch, cfg.lr_size, g.dtype, device)
+        lr = torch.randint(0, 256, (batch, cfg.lr_size, cfg.lr_size, 3), dtype=torch.uint8, device=device)
+        iters = 2 if smoke else 10
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                out = forward_padded(g.model, lr, g.dtype, batch)
+            out.cpu()  # waits for the device
+        stages["G (runner path)"] = batch * iters / (time.perf_counter() - t0)
+        add(_row("stage alone: G forward, the runner's path", device, batch, g.dtype, stages["G (runner path)"],
+                 detail=f"{g.path}; first batch {warm:.1f} s"))
+
+        # the writer alone at each worker count: 3 rounds, counts interleaved (a shared machine's load
+        # drifts), the median of each
+        faces = _smooth_faces(np.random.default_rng(1), 16, cfg.data.hr_size)
+        rounds = {w: [] for w in worker_counts}
+        for r in range(3):
+            for w in worker_counts:
+                rounds[w].append(writer_rate(tmp / f"write_{w}_{r}", faces, w, write_count))
+        by_workers = {w: statistics.median(rates) for w, rates in rounds.items()}
+        for w, rate in by_workers.items():
+            add(_row(f"stage alone: PNG encode + write, {w} worker(s)", device, batch, "uint8", rate,
+                     detail=f"{write_count} images {cfg.data.hr_size}x{cfg.data.hr_size}, median of 3 "
+                            f"({', '.join(f'{x:.0f}' for x in rounds[w])}); x{rate / by_workers[1]:.2f} the rate "
+                            f"of 1 worker"))
+        stages[f"PNG write ({write_workers} workers)"] = (
+            by_workers[write_workers] if write_workers in by_workers
+            else writer_rate(tmp / "write_default", faces, write_workers, write_count))
+
+        # end to end: launch/infer.py's path with its defaults (the warm-up is not in its seconds)
+        s = run_inference(opts)
+        bound = min(stages, key=stages.get)
+        add(_row("end to end: decode + G + PNG (launch/infer.py path)", device, batch, g.dtype, s.ok / s.seconds,
+                 detail=f"{count} images; stages alone (img/s): "
+                        + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
+                        + f"; slowest stage alone: {bound}; the run was bound by "
+                        + f"{bounding_stage(s.waits, s.seconds)} (rank 0 waited {s.waits['first_batch']:.2f} s "
+                        + f"for the first batch, then {s.waits['decode']:.2f} s on decode, {s.waits['write']:.2f} s "
+                        + f"on writes, of {s.seconds:.2f} s); decoder {s.decoder}"))
     return rows
 
 
@@ -158,7 +234,10 @@ def run(device: str, batch: int = 256, smoke: bool = False) -> list[dict]:
     dev = torch.device(device)
     if smoke and dev.type == "cpu":
         batch = min(batch, 2)
-    return forward_rows(dev, batch, smoke) + end_to_end_rows(dev, batch, smoke)
+    partial_rows.clear()
+    rows = forward_rows(dev, batch, smoke)
+    partial_rows.extend(rows)
+    return rows + pipeline_rows(dev, batch, smoke)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -37,7 +37,7 @@ MAX_PIXELS = 10_000  # bomb.png (120x120 = 14 400 pixels) exceeds it
 BAD = {"empty.png": "empty file", "notes.txt": "not an image", "trunc.png": "corrupt image",
        "bomb.png": "decompression bomb"}
 # Every run whose pixels are compared bit for bit uses this --batch-size: G always runs on a batch of exactly
-# this shape (zero-padded), and the promise is bitwise equality for one batch size (see _forward in runner.py).
+# this shape (zero-padded), and the promise is bitwise equality for one batch size (see forward_padded in runner.py).
 BATCH = "3"
 
 
@@ -326,6 +326,17 @@ def test_compile_on_cpu_runs_the_padded_compiled_path(ws, single, caplog):
                      r"first batch \(compilation, graph capture; not in the rate\) \d+\.\d s", caplog.text)
     for n in names:
         _assert_matches_reference(_pixels(out / n), _pixels(single[1] / n), f"compiled {n}")
+
+
+def test_bounding_stage_by_hand():
+    """The done line's verdict: the stage rank 0 waited on for over a tenth of the run after the first batch."""
+    from gafh_fast.inference.runner import bounding_stage
+
+    # 15 s run, 5 s of it for the first batch: 10 s steady, so the threshold is 1 s
+    assert bounding_stage({"decode": 2.0, "write": 0.1, "first_batch": 5.0}, 15.0) == "decode"
+    assert bounding_stage({"decode": 0.5, "write": 0.9, "first_batch": 5.0}, 15.0) == "model"
+    assert bounding_stage({"decode": 0.5, "write": 1.1, "first_batch": 5.0}, 15.0) == "write"
+    assert bounding_stage({"decode": 1.2, "write": 0.0, "first_batch": 0.0}, 15.0) == "model"  # 1.2 < 1.5
 
 
 def test_listing_names_and_completeness_check(tmp_path):

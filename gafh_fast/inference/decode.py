@@ -1,10 +1,11 @@
 """Decoding batches ahead of the model: PIL in a pool of worker processes (runs anywhere), into pinned memory.
 
 PIL holds the GIL for most of a small image's decode (opening, header parsing, mode conversion are
-Python), so threads do not add cores: processes do. Each worker is spawned (never forked: the parent
-may hold CUDA and threads), imports only inputs.py (no torch) and gets the decoder once. Each batch
-is split into one chunk of paths per worker; up to `prefetch` batches are in the pool at once, and a
-producer thread stacks finished batches while the device runs the current one. Bad inputs come back
+Python), so threads do not add cores: processes do. Workers are spawned, never forked (this process may
+hold CUDA and threads). A spawned worker imports the main script again (launch/infer.py keeps its
+imports free of torch for this) and inputs.py, and gets the decoder once. Each batch is split into one
+chunk of paths per worker; up to `prefetch` batches are in the pool at once, and a producer thread
+stacks finished batches while the device runs the current one. Bad inputs come back
 as (item, reason) pairs in the batch; they never stop the run. The GPU decoder (nvidia.dali) lives in
 dali_decode.py and yields the same `DecodedBatch`.
 """
@@ -83,32 +84,30 @@ class PooledBatches:
     def _produce(self) -> Iterator[DecodedBatch]:
         starts = iter(range(0, len(self.items), self.batch_size))
         in_pool: deque = deque()  # (items, futures of its chunks, submit time)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=install_decoder,
-                                 initargs=(self.decoder,)) as pool:
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=install_decoder, initargs=(self.decoder,))
 
-            def submit_next() -> None:
-                start = next(starts, None)
-                if start is None:
-                    return
-                chunk = self.items[start:start + self.batch_size]
-                step = -(-len(chunk) // self.workers)  # one chunk of paths per worker
-                futures = [pool.submit(decode_paths, [it.source for it in chunk[i:i + step]])
-                           for i in range(0, len(chunk), step)]
-                in_pool.append((chunk, futures, time.perf_counter()))
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is None:
+                return
+            chunk = self.items[start:start + self.batch_size]
+            step = -(-len(chunk) // self.workers)  # one chunk of paths per worker
+            futures = [pool.submit(decode_paths, [it.source for it in chunk[i:i + step]])
+                       for i in range(0, len(chunk), step)]
+            in_pool.append((chunk, futures, time.perf_counter()))
 
-            try:
-                for _ in range(self.prefetch):
-                    submit_next()
-                while in_pool:
-                    chunk, futures, t0 = in_pool.popleft()
-                    results = [r for f in futures for r in f.result()]
-                    submit_next()
-                    yield self._assemble(chunk, results, time.perf_counter() - t0)
-            finally:
-                for _, futures, _ in in_pool:  # leaving early: drop what has not started
-                    for f in futures:
-                        f.cancel()
+        try:
+            for _ in range(self.prefetch):
+                submit_next()
+            while in_pool:
+                chunk, futures, t0 = in_pool.popleft()
+                results = [r for f in futures for r in f.result()]
+                submit_next()
+                yield self._assemble(chunk, results, time.perf_counter() - t0)
+        finally:
+            # no waiting for the workers to exit: the consumer's last next() would wait with it
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[DecodedBatch]:
         return in_background(self._produce(), self.prefetch)

@@ -71,7 +71,8 @@ class InferenceSummary:
     world_size: int
     decoder: str
     exit_code: int
-    waits: dict = field(default_factory=dict)   # rank 0's seconds waiting on decode / writes
+    waits: dict = field(default_factory=dict)   # rank 0's seconds waiting on decode / writes; first_batch:
+                                                # waiting for the first decoded batch (worker start-up)
     evaluation: Optional[dict] = None
     model_path: str = ""                        # what ran G (backend, dtype, compiled or eager, batch shape)
     warmup_seconds: float = 0.0                 # first batch: compile + CUDA graph capture (not in `seconds`)
@@ -175,7 +176,7 @@ def warm_up(model, compiled: bool, batch_size: int, lr_size: int, dtype: torch.d
     start = time.perf_counter()
     with torch.inference_mode():
         for _ in range(3 if compiled else 1):
-            _forward(model, zeros, dtype, batch_size).cpu()
+            forward_padded(model, zeros, dtype, batch_size).cpu()
     return time.perf_counter() - start
 
 
@@ -311,11 +312,14 @@ def _loop(opts: InferenceOptions, ctx: DistContext, g: LoadedModel, iterator, ma
     rows: list[dict] = []
     bar = tqdm(total=global_todo, disable=ctx.rank != 0 or not opts.progress, unit="img", dynamic_ncols=True,
                desc="evaluate" if evaluating else "hallucinate", smoothing=0.1)
-    start, decode_wait, pending = time.perf_counter(), 0.0, None
+    start, decode_wait, first_wait, pending = time.perf_counter(), 0.0, None, None
     while True:
         t0 = time.perf_counter()
         batch = next(iterator, None)
-        decode_wait += time.perf_counter() - t0
+        if first_wait is None:  # start-up (worker processes, DALI's pipeline), not the decoder's pace
+            first_wait = time.perf_counter() - t0
+        else:
+            decode_wait += time.perf_counter() - t0
         if batch is None:
             break
         for item, reason in batch.failures:
@@ -323,7 +327,7 @@ def _loop(opts: InferenceOptions, ctx: DistContext, g: LoadedModel, iterator, ma
         if len(batch):
             lr_u8 = batch.tensors[0].to(ctx.device, non_blocking=True)
             with torch.inference_mode():
-                hf_u8 = _forward(g.model, lr_u8, g.dtype, opts.batch_size)  # (n, 3, H, W)
+                hf_u8 = forward_padded(g.model, lr_u8, g.dtype, opts.batch_size)  # (n, 3, H, W)
                 if evaluating:
                     hr_u8 = batch.tensors[1].to(ctx.device, non_blocking=True)
                     scores = evaluate.score_batch(hf_u8, u8_nhwc_to_signed(hr_u8, torch.float32),
@@ -346,7 +350,8 @@ def _loop(opts: InferenceOptions, ctx: DistContext, g: LoadedModel, iterator, ma
     bar.close()
     manifest.close()
     seconds = time.perf_counter() - start
-    waits = {"decode": round(decode_wait, 3), "write": round(writer.wait_seconds if writer else 0.0, 3)}
+    waits = {"decode": round(decode_wait, 3), "write": round(writer.wait_seconds if writer else 0.0, 3),
+             "first_batch": round(first_wait or 0.0, 3)}
     ok, skipped, failed = _sum_over_ranks(ctx, [manifest.counts[OK], manifest.counts[SKIPPED], manifest.counts[FAILED]])
     if ctx.world_size > 1:
         dist.barrier()  # every part file is closed before rank 0 reads them
@@ -408,7 +413,7 @@ def _make_batches(opts: InferenceOptions, ctx: DistContext, todo: list[InputItem
     return batches, decoder
 
 
-def _forward(model, lr_u8: torch.Tensor, dtype: torch.dtype, pad_to: int) -> torch.Tensor:
+def forward_padded(model, lr_u8: torch.Tensor, dtype: torch.dtype, pad_to: int) -> torch.Tensor:
     """G on n <= pad_to faces, always run as a batch of exactly pad_to (zero-padded).
 
     One shape serves CUDA graphs, and it makes each image's result independent of its batch-mates,
@@ -443,9 +448,11 @@ def _queue_writes(writer: OutputWriter, items: list[InputItem], host: torch.Tens
 
 
 def bounding_stage(waits: dict, seconds: float) -> str:
-    """"decode" or "write" when rank 0 spent over a tenth of the run waiting on that stage, else "model"."""
-    worst = max(waits, key=waits.get) if waits else None
-    return worst if worst is not None and waits[worst] > 0.1 * seconds else "model"
+    """"decode" or "write" when rank 0 spent over a tenth of the run (after the first batch) waiting on
+    that stage, else "model"."""
+    steady = {k: waits.get(k, 0.0) for k in ("decode", "write")}
+    worst = max(steady, key=steady.get)
+    return worst if steady[worst] > 0.1 * (seconds - waits.get("first_batch", 0.0)) else "model"
 
 
 def summary_line(s: InferenceSummary, out_dir: Path) -> str:
@@ -453,6 +460,7 @@ def summary_line(s: InferenceSummary, out_dir: Path) -> str:
     return (f"done: {s.inputs} inputs | {s.ok} ok, {s.skipped} skipped-existing, {s.failed} failed | "
             f"{s.ok} images in {s.seconds:.1f} s = {rate:.1f} img/s over {s.world_size} rank(s), "
             f"after a {s.warmup_seconds:.1f} s first batch | bound by {bounding_stage(s.waits, s.seconds)}: "
-            f"rank 0 waited {s.waits.get('decode', 0):.1f} s on decode ({s.decoder}), "
-            f"{s.waits.get('write', 0):.1f} s on writes | manifest {out_dir / 'manifest.jsonl'}"
+            f"rank 0 waited {s.waits.get('decode', 0):.1f} s on decode ({s.decoder}) after "
+            f"{s.waits.get('first_batch', 0):.1f} s for the first batch, {s.waits.get('write', 0):.1f} s on writes "
+            f"| manifest {out_dir / 'manifest.jsonl'}"
             + (f" | exit {s.exit_code}: some inputs failed" if s.exit_code else ""))
