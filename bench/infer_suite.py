@@ -123,8 +123,12 @@ def _rate_after_first(batches) -> float:
     return n / (end - t_first) if n else len(first) / (t_first - t_start)
 
 
-def writer_rate(out: Path, faces: list[np.ndarray], workers: int, count: int) -> float:
-    """PNG encode + atomic write alone: `count` images through OutputWriter with `workers` threads."""
+def writer_rate(out: Path, faces: list[np.ndarray], workers: int, count: int) -> tuple[float, float]:
+    """PNG encode + atomic write alone: `count` images through OutputWriter with `workers` threads.
+
+    Returns (img/s, cores busy = this process's CPU seconds / wall seconds): a writer serialised by the GIL
+    cannot keep more than about one core busy, whatever else runs on the machine.
+    """
     from gafh_fast.inference.inputs import InputItem
     from gafh_fast.inference.outputs import ManifestPart, OutputWriter
 
@@ -132,15 +136,15 @@ def writer_rate(out: Path, faces: list[np.ndarray], workers: int, count: int) ->
     manifest = ManifestPart(out, 0)
     writer = OutputWriter(out, "png", workers, manifest, png_compress_level=1, max_in_flight=4 * count)
     items = [InputItem(f"in/{i}.png", f"{i // 1000:03d}/{i:07d}") for i in range(count)]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i, item in enumerate(items):
         writer.submit(item, faces[i % len(faces)])
     writer.close()
-    rate = count / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     manifest.close()
     if manifest.counts["ok"] != count:
         raise RuntimeError(f"the writer wrote {manifest.counts['ok']} of {count} images: {manifest.counts}")
-    return rate
+    return count / wall, cpu / wall
 
 
 def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
@@ -153,7 +157,7 @@ def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
 
     cfg = load_config(None, (TINY if smoke else []) + ["kernels=auto"])
     count = 6 if smoke else max(8 * batch, 2048)
-    write_count = 96 if smoke else count
+    write_count = 160 if smoke else count
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     worker_counts = [1, 2] if device.type != "cuda" else sorted({1, 2, 4, 8, cores} & set(range(1, cores + 1)))
     rows = []
@@ -174,9 +178,10 @@ def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
 
         # decode alone: the PIL process pool the runner uses off DALI; DALI where it can run
         pil = PooledBatches(items, batch, LrDecoder(cfg.lr_size, 0), decode_workers, device.type == "cuda")
-        stages[f"decode (PIL, {decode_workers} processes)"] = _rate_after_first(pil)
-        add(_row(f"stage alone: decode, PIL in {decode_workers} processes", device, batch, "uint8",
-                 stages[f"decode (PIL, {decode_workers} processes)"], detail=f"{count} 32x32 PNGs"))
+        stages[f"decode (PIL, {decode_workers} process(es))"] = _rate_after_first(pil)
+        add(_row(f"stage alone: decode, PIL in {decode_workers} process(es)", device, batch, "uint8",
+                 stages[f"decode (PIL, {decode_workers} process(es))"],
+                 detail=f"{count} 32x32 PNGs, after the first batch (worker start-up)"))
         reason = dali_unavailable_reason(device)
         if reason is None:
             dali = DaliBatches(items, batch, cfg.lr_size, device, decode_workers, 0, pil_fallback=pil)
@@ -206,15 +211,16 @@ def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
         for r in range(3):
             for w in worker_counts:
                 rounds[w].append(writer_rate(tmp / f"write_{w}_{r}", faces, w, write_count))
-        by_workers = {w: statistics.median(rates) for w, rates in rounds.items()}
+        by_workers = {w: statistics.median(rate for rate, _ in got) for w, got in rounds.items()}
         for w, rate in by_workers.items():
             add(_row(f"stage alone: PNG encode + write, {w} worker(s)", device, batch, "uint8", rate,
                      detail=f"{write_count} images {cfg.data.hr_size}x{cfg.data.hr_size}, median of 3 "
-                            f"({', '.join(f'{x:.0f}' for x in rounds[w])}); x{rate / by_workers[1]:.2f} the rate "
-                            f"of 1 worker"))
-        stages[f"PNG write ({write_workers} workers)"] = (
+                            f"({', '.join(f'{x:.0f}' for x, _ in rounds[w])} img/s; cores busy "
+                            f"{', '.join(f'{c:.2f}' for _, c in rounds[w])}); x{rate / by_workers[1]:.2f} the "
+                            f"rate of 1 worker"))
+        stages[f"PNG write ({write_workers} worker(s))"] = (
             by_workers[write_workers] if write_workers in by_workers
-            else writer_rate(tmp / "write_default", faces, write_workers, write_count))
+            else writer_rate(tmp / "write_default", faces, write_workers, write_count)[0])
 
         # end to end: launch/infer.py's path with its defaults (the warm-up is not in its seconds)
         s = run_inference(opts)

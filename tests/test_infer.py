@@ -431,15 +431,19 @@ def test_dali_graph_matches_pil_and_reports_bad_files(ws):
 # GPU (runs only where CUDA is present; never ran on the CPU-only machine this was written on)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_decoders_agree_and_compile_runs(ws, single):
-    """bf16 + channels_last on the GPU, DALI vs PIL decoding, and --compile (CUDA graphs) on the padded batch."""
+def test_cuda_decoders_agree_and_compile_runs(ws, single, caplog):
+    """bf16 + channels_last on the GPU, DALI vs PIL decoding (both eager), and the default: --compile auto is
+    torch.compile reduce-overhead (CUDA graphs) on the padded batch."""
     common = ["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--batch-size", BATCH,
               "--max-pixels", str(MAX_PIXELS), "--no-progress", "--device", "cuda"]
     outs = {}
-    for name, extra in {"pil": ["--decoder", "pil"], "dali": ["--decoder", "dali"],
-                        "compiled": ["--decoder", "pil", "--compile"]}.items():
+    for name, extra in {"pil": ["--decoder", "pil", "--compile", "off"], "dali": ["--decoder", "dali", "--compile",
+                        "off"], "compiled": ["--decoder", "pil"]}.items():
         outs[name] = ws["root"] / f"out_cuda_{name}"
-        assert _launch_main()(common + ["--output", str(outs[name])] + extra) == EXIT_SOME_FAILED
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gafh_fast"):
+            assert _launch_main()(common + ["--output", str(outs[name])] + extra) == EXIT_SOME_FAILED
+        assert ("torch.compile reduce-overhead" in caplog.text) == (name == "compiled"), caplog.text
         assert [(r["path"], r["status"]) for r in _manifest(outs[name])] == \
             [(r["path"], r["status"]) for r in _manifest(single[1])]
     as_is = {"f0.png", "f1.png", "f2.png", "f3.png", "f4.png", "f5.png", "f6.png", "sub/deeper/d.png",
