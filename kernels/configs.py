@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import triton
 
-H100_SMS = 132  # the bucket thresholds assume an H100-class part; waves are only a heuristic input
+H100_SMS = 132
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a JIT function: ~7 us per call from Python)."""
+    return -(-a // b)  # the bucket thresholds assume an H100-class part; waves are only a heuristic input
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def pow2_block(c: int, lo: int = 16, hi: int = 64) -> int:
     """The smallest power of two >= c, clamped to [lo, hi] (tl.dot needs K, N >= 16)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(c), 1))))
+    return max(lo, min(hi, next_pow2(max(int(c), 1))))
 
 
 def m_bucket(m: int) -> int:
     """Tuning keys hold M rounded up to a power of two (>= 1024): batch sizes share their decisions."""
-    return max(1024, triton.next_power_of_2(max(int(m), 1)))
+    return max(1024, next_pow2(max(int(m), 1)))
 
 
 def _k_meta(prefix: str, c: int) -> dict:
@@ -29,26 +38,26 @@ def _k_meta(prefix: str, c: int) -> dict:
     if c == 0:
         return {f"BLOCK_{prefix}": 16, f"{prefix}_STEPS": 0, f"EVEN_{prefix}": True}
     block = pow2_block(c)
-    return {f"BLOCK_{prefix}": block, f"{prefix}_STEPS": triton.cdiv(c, block), f"EVEN_{prefix}": c % block == 0}
+    return {f"BLOCK_{prefix}": block, f"{prefix}_STEPS": cdiv(c, block), f"EVEN_{prefix}": c % block == 0}
 
 
 def _block_m_choices(m: int, n_tiles: int) -> list[tuple[int, int]]:
     """(BLOCK_M, num_stages) candidates: 128 first when it gives >= 2 waves, else 64 first."""
-    waves_128 = triton.cdiv(m_bucket(m), 128) * n_tiles / H100_SMS
+    waves_128 = cdiv(m_bucket(m), 128) * n_tiles / H100_SMS
     return [(128, 3), (64, 4)] if waves_128 >= 2 else [(64, 4), (128, 3)]
 
 
 def fwd_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.Config]:
     block_n = pow2_block(c_out, lo=16, hi=128)
     meta = {"BLOCK_N": block_n, **_k_meta("K1", c1), **_k_meta("K2", c2)}
-    n_tiles = triton.cdiv(c_out, block_n)
+    n_tiles = cdiv(c_out, block_n)
     return [triton.Config({"BLOCK_M": bm, **meta}, num_warps=4, num_stages=st) for bm, st in _block_m_choices(m, n_tiles)]
 
 
 def dx_candidates(ca: int, cb: int, n_tot: int, w: int, m: int) -> list[triton.Config]:
     block_n = pow2_block(n_tot)
     meta = {"BLOCK_N": block_n, **_k_meta("KA", ca), **_k_meta("KB", cb)}
-    n_tiles = triton.cdiv(n_tot, block_n)
+    n_tiles = cdiv(n_tot, block_n)
     return [triton.Config({"BLOCK_M": bm, **meta}, num_warps=4, num_stages=st) for bm, st in _block_m_choices(m, n_tiles)]
 
 
@@ -69,5 +78,5 @@ def dw_split(m: int, c_in: int, c_out: int, sms: int) -> int:
     programs one after another, so splitting buys nothing there)."""
     if sms <= 0:
         return 1
-    tiles = 9 * triton.cdiv(c_in, 64) * triton.cdiv(c_out, 64)
-    return max(1, min(triton.cdiv(4 * sms, tiles), m // 1024))
+    tiles = 9 * cdiv(c_in, 64) * cdiv(c_out, 64)
+    return max(1, min(cdiv(4 * sms, tiles), m // 1024))

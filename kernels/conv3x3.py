@@ -21,6 +21,7 @@ import torch
 import triton
 
 from . import configs
+from .configs import cdiv
 from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel
 from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
 from .launch import KernelLauncher, aligned
@@ -184,7 +185,7 @@ def conv_forward(inputs, weight, bias, slope, residual, res_scale, residual2, re
 
 
 def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
-    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(c_out, cfg.kwargs["BLOCK_N"]))
+    grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_out, cfg.kwargs["BLOCK_N"]))
     FWD.launch((key, aligned(*ptrs)), grid, ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
 
 
@@ -202,12 +203,12 @@ def _dw_partials(x1, x2, g, mask, slope, write_gz: bool, has_bias: bool, split: 
     key = ("dw", x1.shape, c2, g.shape, g.dtype, g.device, has_act, write_gz, has_bias, split, cfg_key(config))
     plan = _PLANS.get(key)
     if plan is None:
-        if has_act and mask.numel() != m * triton.cdiv(c_out, 8):
+        if has_act and mask.numel() != m * cdiv(c_out, 8):
             raise RuntimeError("fused_conv3x3 backward: the forward saved no activation mask "
                                "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
         s = split or configs.dw_split(m, c1 + c2, c_out, _sms(g.device))
-        chunk = triton.cdiv(triton.cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
-        s = triton.cdiv(m, chunk)
+        chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
+        s = cdiv(m, chunk)
         flags = dict(HAS_ACT=has_act, DO_BIAS=has_bias, WRITE_GZ=write_gz, IDX64=m * max(c1, c2, c_out) >= 2**31,
                      **_dtype_flags(g.dtype))
         plan = [None, flags, s, chunk]
@@ -233,8 +234,8 @@ def _dw_partials(x1, x2, g, mask, slope, write_gz: bool, has_bias: bool, split: 
 def _launch_dw(key, cfg, flags, ptrs, scalars, split):
     c1, c2, c_out = scalars[3], scalars[4], scalars[5]
     bc, bco = cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_CO"]
-    co_tiles = triton.cdiv(c_out, bco)
-    tiles = (triton.cdiv(c1, bc) + triton.cdiv(c2, bc)) * co_tiles
+    co_tiles = cdiv(c_out, bco)
+    tiles = (cdiv(c1, bc) + cdiv(c2, bc)) * co_tiles
     DW.launch((key, aligned(*ptrs)), (max(tiles, co_tiles), 10, split), ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
 
 
@@ -255,8 +256,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
     n1 = out1.shape[1]
     n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
     cb = src_b[0].shape[1] if src_b is not None else 0
-    fa_n = triton.cdiv(fin_a.dwp[0].numel(), configs.FIN_BLOCK) if fin_a is not None else 0
-    fb_n = triton.cdiv(fin_b.dwp[0].numel(), configs.FIN_BLOCK) if fin_b is not None else 0
+    fa_n = cdiv(fin_a.dwp[0].numel(), configs.FIN_BLOCK) if fin_a is not None else 0
+    fb_n = cdiv(fin_b.dwp[0].numel(), configs.FIN_BLOCK) if fin_b is not None else 0
     key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,
            src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, ga.dtype, ga.device,
            None if fin_a is None else (fin_a.dw.shape, fin_a.dw.stride(), fin_a.db is not None, fin_a.split),
@@ -290,7 +291,7 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
 
 
 def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
-    n_dx = triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n_tot, cfg.kwargs["BLOCK_N"])
+    n_dx = cdiv(m, cfg.kwargs["BLOCK_M"]) * cdiv(n_tot, cfg.kwargs["BLOCK_N"])
     args = ptrs + head + (n_dx,) + tail
     DX.launch((key, aligned(*ptrs)), (n_dx + fa_n + fb_n,), args, {**flags, **cfg.kwargs}, cfg)
 

@@ -1,0 +1,148 @@
+"""Host overhead of the fused kernels' launch path, on CPU, with a stand-in launcher.
+
+    python bench/host_overhead.py [--batch 1] [--rounds 5] [--iters 200] [--json out.json]
+
+Times the Python around the kernels for one IDB forward + backward (nf 64, gc 32, 32x32, bf16,
+channels_last activations) with every Triton launch replaced by a stand-in that only counts: the
+autograd Function(s), argument checks, plans, allocations, weight re-layouts, grid/argument packing.
+Not included: Triton's own per-launch dispatch, which needs a GPU driver; the issue measured it at
+22-27 us for Autotuner.run + JITFunction.run and ~2 us for a kept CompiledKernel. The printed total
+adds those per launch (JIT path for the old code, compiled path for the new) as an estimate.
+
+Works on this tree (gafh_fast.kernels.launch.STANDIN) and on the tree before issue 11 (e86807d:
+its module-level kernel objects are replaced by stand-ins), so before/after come from one script:
+    PYTHONPATH=<old tree> python bench/host_overhead.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+JIT_US, COMPILED_US = 24.5, 2.0  # per-launch Triton dispatch (issue 11's CPU measurements), for the estimate
+
+
+class _StandInKernel:
+    """Old tree: stands in for a JITFunction/Autotuner: kernel[grid](*args, **kw) counts, does nothing."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.counter[0] += 1
+        return run
+
+
+def _install_standin():
+    """-> (counter list [launches], tree name)."""
+    counter = [0]
+    import gafh_fast.kernels as package
+
+    if hasattr(package, "fused_idb_triton"):  # this tree (an import hook may map the old tree's names)
+        from gafh_fast.kernels import launch
+
+        class _Compiled:
+            def __getitem__(self, grid):
+                def run(*args):
+                    counter[0] += 1
+                return run
+
+        compiled = _Compiled()
+
+        def standin(name, grid, args, constexprs, options):
+            counter[0] += 1
+            return compiled
+
+        launch.STANDIN = standin
+        from gafh_fast.kernels import conv3x3
+
+        conv3x3.AUTOTUNE = False  # no GPU to time on: each kernel's first heuristic candidate
+        return counter, "issue-11 tree (plans + kept compiled kernels)"
+    from gafh_fast.kernels import conv3x3_bwd as bwd, conv3x3_fwd as fwd
+
+    for mod in (fwd, bwd):
+        for name in list(vars(mod)):
+            if name.startswith("conv3x3_") and (name.endswith("_kernel") or name.endswith("_autotuned")):
+                setattr(mod, name, _StandInKernel(counter))
+    return counter, "pre-issue-11 tree (two Functions per IDB, autotuned JIT launches)"
+
+
+def _idb_call(batch: int, weight_layout: str):
+    """x and x0 apart, x0 without grad: autograd's own x-gradient add (real CPU work here) stays out."""
+    from gafh_fast import kernels
+
+    fmt = dict(dtype=torch.bfloat16)
+    cl = torch.channels_last
+    x = torch.randn(batch, 64, 32, 32, **fmt).contiguous(memory_format=cl).requires_grad_()
+    x0 = torch.randn(batch, 64, 32, 32, **fmt).contiguous(memory_format=cl)
+    ws = [torch.randn(32, 64, 3, 3, **fmt), torch.randn(64, 96, 3, 3, **fmt)]
+    if weight_layout == "channels_last":
+        ws = [w.contiguous(memory_format=cl) for w in ws]
+    w1, w2 = (w.requires_grad_() for w in ws)
+    b1, b2 = torch.zeros(32, **fmt, requires_grad=True), torch.zeros(64, **fmt, requires_grad=True)
+    gy = torch.randn(batch, 64, 32, 32, **fmt).contiguous(memory_format=cl)
+    params = [x, w1, b1, w2, b2]
+
+    if hasattr(kernels, "fused_idb_triton"):
+        def step():
+            kernels.fused_idb_triton(x, x0, w1, b1, w2, b2, 0.2).backward(gy)
+    else:
+        def step():
+            h1 = kernels.fused_conv3x3_triton([x], w1, b1, 0.2, None, 1.0, None, 1.0)
+            kernels.fused_conv3x3_triton([x, h1], w2, b2, 0.2, x0, 1.0, None, 1.0).backward(gy)
+
+    def call():
+        step()
+        for p in params:
+            p.grad = None
+    return call
+
+
+def measure(batch: int, rounds: int, iters: int) -> list[dict]:
+    counter, tree = _install_standin()
+    rows = []
+    for layout in ("nchw", "channels_last"):
+        call = _idb_call(batch, layout)
+        for _ in range(5):
+            call()  # plans, first launches
+        counter[0] = 0
+        call()
+        launches = counter[0]
+        per_round = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                call()
+            per_round.append((time.perf_counter() - t0) * 1e6 / iters)
+        host_us = statistics.median(per_round)
+        dispatch = COMPILED_US if tree.startswith("issue-11") else JIT_US
+        rows.append(dict(tree=tree, weights=layout, batch=batch, launches=launches, host_us=round(host_us, 1),
+                         spread_pct=round(100 * (max(per_round) - min(per_round)) / host_us, 1),
+                         est_total_us=round(host_us + launches * dispatch, 1), dispatch_us_per_launch=dispatch))
+        print(f"{tree} | weights {layout:13s} | batch {batch} | {launches} launches | host {host_us:7.1f} us "
+              f"(spread {rows[-1]['spread_pct']}%) | + {launches} x {dispatch} us dispatch = "
+              f"{rows[-1]['est_total_us']} us per IDB fwd+bwd")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=1,
+                        help="small by default: CPU-side tensor work (the old path's gradient adds) stays small")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = measure(args.batch, args.rounds, args.iters)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
