@@ -281,6 +281,12 @@ def test_usage_errors(ws):
                                        format="none"))
     with pytest.raises(InferenceUsageError, match="no such folder"):
         run_inference(InferenceOptions(weights=ws["weights"], output=ws["root"] / "o", input=ws["root"] / "nope"))
+    # through the launcher: exit 2 and nothing written
+    for bad in (["--format", "none"], ["--write-workers", "0"], ["--decode-workers", "-1"]):
+        out = ws["root"] / "o_usage"
+        args = ["--weights", str(ws["weights"]), "--input", str(ws["faces"]), "--output", str(out), *bad]
+        assert _launch_main()(args) == EXIT_USAGE, bad
+        assert not out.exists(), bad
 
 
 def test_pngs_are_lossless_npy_format_and_list_input(ws, single):
