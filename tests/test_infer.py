@@ -334,6 +334,23 @@ def test_compile_on_cpu_runs_the_padded_compiled_path(ws, single, caplog):
         _assert_matches_reference(_pixels(out / n), _pixels(single[1] / n), f"compiled {n}")
 
 
+def test_png_encoder_lossless_at_every_level_and_atomic(tmp_path):
+    """encode_png at levels 0 (stored), 1 (RLE + SUB, the default) and 9 decodes (PIL) to the exact array;
+    write_atomic leaves only the final file."""
+    import io
+
+    from gafh_fast.inference.outputs import encode_png, write_atomic
+
+    rng = np.random.default_rng(3)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64)))
+    for name, a in (("noise", rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)), ("smooth", smooth)):
+        for level in (0, 1, 9):
+            with Image.open(io.BytesIO(encode_png(a, level))) as im:
+                assert im.mode == "RGB" and np.array_equal(np.asarray(im), a), (name, level)
+    write_atomic(smooth, tmp_path / "x.png", "png", 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"] and np.array_equal(_pixels(tmp_path / "x.png"), smooth)
+
+
 def test_bounding_stage_by_hand():
     """The done line's verdict: the stage rank 0 waited on for over a tenth of the run after the first batch."""
     from gafh_fast.inference.runner import bounding_stage
