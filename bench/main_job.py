@@ -2,7 +2,8 @@
 
     python bench/main_job.py --work DIR [--device cuda|cpu] [--json PART.json] [--note NOTE.txt]
                              [--config configs/gafh_ridn_paper.yaml] [--steps 30] [--more-steps 5] [--batch 64]
-                             [--faces 1000] [--loader auto|dali|pil] [SECTION.KEY=VALUE ...]
+                             [--faces 640] [--loader auto|dali|pil] [--kernels auto|triton|torch]
+                             [SECTION.KEY=VALUE ...]
 
 1. `faces` generated faces (gafh_fast.data.synthetic) in DIR/faces-N, kept for a rerun on a warm machine;
 2. `deepspeed --num_gpus 1 launch/train.py`: the config with bf16, ZeRO 1 and a random VGG at batch `batch` for
@@ -10,6 +11,7 @@
 3. the same command with `--resume auto` and `steps + more_steps` as the last step;
 4. `torchrun --nproc_per_node 1 launch/infer.py` on the export: evaluation on the test split, PNGs written.
 Extra SECTION.KEY=VALUE arguments go to both training commands after ours (the CPU test makes the model tiny).
+--kernels sets the config's `kernels` and infer.py's --kernels alike (default: the config's and infer's own).
 Both launchers run as modules of this interpreter (`-m deepspeed.launcher.runner`, `-m torch.distributed.run`):
 the same programs as the `deepspeed` and `torchrun` scripts, without trusting which python those scripts name.
 
@@ -60,16 +62,18 @@ def train_command(args, run_dir: Path, faces: Path, loader: str, last_step: int,
     overrides = [f"data.root={faces}", f"data.loader={loader}", f"data.batch_size={args.batch}",
                  "deepspeed.bf16=true", "deepspeed.zero_stage=1", "train.content.pretrained=false",
                  f"train.max_steps={last_step}", f"train.checkpoint_every={args.steps}",
-                 f"train.log_every={max(1, args.steps // 3)}", f"val.every={args.steps}", *args.overrides]
+                 f"train.log_every={max(1, args.steps // 3)}", f"val.every={args.steps}",
+                 *([f"kernels={args.kernels}"] if args.kernels else []), *args.overrides]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
             str(_free_port()), "launch/train.py", "--config", args.config, "--run-dir", str(run_dir),
             "--resume", resume, *overrides]
 
 
-def infer_command(run_dir: Path, faces: Path, out: Path) -> list[str]:
+def infer_command(args, run_dir: Path, faces: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
             "launch/infer.py", "--weights", str(run_dir / "generator.safetensors"), "--input-hr", str(faces),
-            "--split", "test", "--output", str(out), "--no-progress"]
+            "--split", "test", "--output", str(out), "--no-progress",
+            *(["--kernels", args.kernels] if args.kernels else [])]
 
 
 def run(cmd: list[str], env: dict, what: str, capture: bool = False) -> str:
@@ -121,9 +125,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--more-steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--faces", type=int, default=1000)
+    p.add_argument("--faces", type=int, default=640, help="80/10/10 split: 512 train (8 batches of 64), 64 val, 64 test")
     p.add_argument("--loader", choices=("auto", "dali", "pil"), default="auto",
                    help="auto: dali when nvidia.dali imports, else pil (the note says which)")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"))
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
 
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
         check_checkpoint(run_dir, last)
 
         state["doing"] = "inference on the export"
-        out = run(infer_command(run_dir, faces, args.work / "infer"), env, "infer", capture=True)
+        out = run(infer_command(args, run_dir, faces, args.work / "infer"), env, "infer", capture=True)
         manifest = [json.loads(line) for line in (args.work / "infer" / "manifest.jsonl").read_text().splitlines()]
         ok, expected = sum(r["status"] == "ok" for r in manifest), test_split_size(faces)
         if ok != expected:

@@ -146,7 +146,7 @@ def suite(tmp_path_factory):
     env = dict(offline_env(), OUT=str(root / "out"), PYTHON=str(python), GPU_SUITE_DEVICE="cpu",
                GPU_SUITE_TMP=str(root / "scratch"), GPU_SUITE_STAGES="main-job data", GPU_SUITE_CAPS="data=1",
                GAFH_GIT_COMMIT=COMMIT, GAFH_GIT_DIRTY="0",
-               MAIN_JOB_ARGS=f"--steps 2 --more-steps 1 --batch 2 --faces 40 --loader pil {tiny} data.num_threads=1")
+               MAIN_JOB_ARGS=f"--steps 2 --more-steps 1 --batch 2 --faces 40 --loader pil --kernels torch {tiny} data.num_threads=1")
     proc = subprocess.run(["bash", str(tree / "bench" / "gpu_suite.sh")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     log = (root / "out" / "gpu_suite.log").read_text()
