@@ -147,6 +147,36 @@ def writer_rate(out: Path, faces: list[np.ndarray], workers: int, count: int) ->
     return count / wall, cpu / wall
 
 
+def gil_stall(side: int = 2048) -> tuple[float, float]:
+    """(longest stall of this thread in ms, encode ms) while another thread PNG-encodes a side x side image.
+
+    An encoder that holds the GIL stalls every other Python thread for its whole encode; one that releases
+    it leaves them running (stalls of a switch interval, 5 ms, or of the OS scheduler on a loaded machine).
+    """
+    import threading
+
+    from gafh_fast.inference.outputs import encode_png
+
+    image = _smooth_faces(np.random.default_rng(2), 1, side)[0]
+    encoded = threading.Event()
+    took: list[float] = []
+
+    def encode() -> None:
+        t0 = time.perf_counter()
+        encode_png(image, 1)
+        took.append(time.perf_counter() - t0)
+        encoded.set()
+
+    worker = threading.Thread(target=encode)
+    last, stall = time.perf_counter(), 0.0
+    worker.start()
+    while not encoded.is_set():
+        now = time.perf_counter()
+        stall, last = max(stall, now - last), now
+    worker.join()
+    return 1000 * stall, 1000 * took[0]
+
+
 def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
     from gafh_fast.export import save_generator
     from gafh_fast.inference import InferenceOptions, run_inference
@@ -212,12 +242,14 @@ def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
             for w in worker_counts:
                 rounds[w].append(writer_rate(tmp / f"write_{w}_{r}", faces, w, write_count))
         by_workers = {w: statistics.median(rate for rate, _ in got) for w, got in rounds.items()}
+        stall_ms, encode_ms = gil_stall()
         for w, rate in by_workers.items():
             add(_row(f"stage alone: PNG encode + write, {w} worker(s)", device, batch, "uint8", rate,
                      detail=f"{write_count} images {cfg.data.hr_size}x{cfg.data.hr_size}, median of 3 "
                             f"({', '.join(f'{x:.0f}' for x, _ in rounds[w])} img/s; cores busy "
                             f"{', '.join(f'{c:.2f}' for _, c in rounds[w])}); x{rate / by_workers[1]:.2f} the "
-                            f"rate of 1 worker"))
+                            f"rate of 1 worker; GIL: another thread stalled at most {stall_ms:.0f} ms during a "
+                            f"{encode_ms:.0f} ms encode of 2048x2048"))
         stages[f"PNG write ({write_workers} worker(s))"] = (
             by_workers[write_workers] if write_workers in by_workers
             else writer_rate(tmp / "write_default", faces, write_workers, write_count)[0])
