@@ -177,6 +177,28 @@ def gil_stall(side: int = 2048) -> tuple[float, float]:
     return 1000 * stall, 1000 * took[0]
 
 
+def cores_given(threads: int = 2, seconds: float = 0.5) -> float:
+    """CPU seconds per wall second that `threads` threads hashing (hashlib releases the GIL) get right now:
+    the ceiling of any writer's scaling on this machine at this moment (other work shares the cores)."""
+    import hashlib
+    import threading
+
+    block = bytes(1 << 20)
+
+    def hash_for() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            hashlib.sha256(block).digest()
+
+    workers = [threading.Thread(target=hash_for) for _ in range(threads)]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return (time.process_time() - cpu0) / (time.perf_counter() - t0)
+
+
 def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
     from gafh_fast.export import save_generator
     from gafh_fast.inference import InferenceOptions, run_inference
@@ -243,13 +265,15 @@ def pipeline_rows(device: torch.device, batch: int, smoke: bool) -> list[dict]:
                 rounds[w].append(writer_rate(tmp / f"write_{w}_{r}", faces, w, write_count))
         by_workers = {w: statistics.median(rate for rate, _ in got) for w, got in rounds.items()}
         stall_ms, encode_ms = gil_stall()
+        ceiling = cores_given(max(worker_counts))
         for w, rate in by_workers.items():
             add(_row(f"stage alone: PNG encode + write, {w} worker(s)", device, batch, "uint8", rate,
                      detail=f"{write_count} images {cfg.data.hr_size}x{cfg.data.hr_size}, median of 3 "
                             f"({', '.join(f'{x:.0f}' for x, _ in rounds[w])} img/s; cores busy "
                             f"{', '.join(f'{c:.2f}' for _, c in rounds[w])}); x{rate / by_workers[1]:.2f} the "
                             f"rate of 1 worker; GIL: another thread stalled at most {stall_ms:.0f} ms during a "
-                            f"{encode_ms:.0f} ms encode of 2048x2048"))
+                            f"{encode_ms:.0f} ms encode of 2048x2048; {max(worker_counts)} GIL-free hashing threads "
+                            f"got {ceiling:.2f} cores at the time"))
         stages[f"PNG write ({write_workers} worker(s))"] = (
             by_workers[write_workers] if write_workers in by_workers
             else writer_rate(tmp / "write_default", faces, write_workers, write_count)[0])
