@@ -62,11 +62,17 @@ class KernelLauncher:
 
     def launch(self, key, grid: tuple, args: tuple, constexprs: dict, config: triton.Config) -> None:
         LAUNCHES[self.name] += 1
+        # A CompiledKernel's runner reads grid[0], grid[1] and grid[2] (Triton 3.3 to 3.9); kernel[grid]
+        # pads a shorter grid itself. A 1-d grid crashed the first H100 run of this path.
+        grid = tuple(grid) + (1,) * (3 - len(grid))
         hit = self._compiled.get(key)
         if hit is not None:
             compiled, tail = hit
             compiled[grid](*args, *tail)
             return
+        unknown = set(constexprs) - set(self._constexpr_names)
+        if unknown:  # the interpreter would ignore them; the compiler refuses: fail the same on CPU
+            raise TypeError(f"{self.name}: unknown constexpr arguments {sorted(unknown)}")
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         if STANDIN is not None:
             compiled = STANDIN(self.name, grid, args, constexprs, options)

@@ -1,0 +1,26 @@
+"""The compiled-kernel launch path (kernels/launch.py), run on CPU with a stand-in for Triton's
+CompiledKernel: the CUDA-only part is then only the stand-in itself. The first H100 run of this path
+crashed because the direct launch passed a 1-d grid, which Triton's runner reads as grid[0..2]; the
+stand-in reads it the same way. It runs in a subprocess without TRITON_INTERPRET, because under the
+interpreter every launch goes through kernel[grid] and the kept-kernel path never runs."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_idb_forward_backward_through_kept_compiled_kernels():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "bench/host_overhead.py", "--rounds", "1", "--iters", "3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "per IDB fwd+bwd" in line]
+    assert len(rows) == 2, proc.stdout
+    # 2 forward + 4 backward launches per IDB, every one after the warm-up through a kept kernel
+    assert all(re.search(r"\| 6 launches \|", row) for row in rows), rows
