@@ -77,3 +77,22 @@ def test_two_ranks_print_once(tmp_path):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "error: data.root=" in line]
     assert len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_an_exception_in_a_step_ends_the_process_with_pil_workers(tmp_path):
+    """The PIL loader's workers ignore SIGTERM (so the launcher's signal cannot kill them before the
+    ranks save); an exception in the loop must still end the process instead of hanging at exit."""
+    script = (
+        "import sys, gafh_fast.train.trainer as t\n"
+        "from gafh_fast.config import load_config\n"
+        "def boom(*a, **k): raise RuntimeError('injected failure in train_step')\n"
+        "t.train_step = boom\n"
+        "cfg = load_config('configs/demo.yaml', ['data.loader=pil', 'data.synthetic_count=40', 'val.every=0',\n"
+        "                  'data.batch_size=2', 'train.max_steps=3'])\n"
+        f"t.Trainer(cfg, {str(tmp_path / 'run')!r}, resume='none').fit()\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)  # the bug: a hang until this timeout
+    assert proc.returncode == 1 and "injected failure in train_step" in proc.stderr, proc.stderr[-3000:]

@@ -257,6 +257,10 @@ class Trainer:
                 f"validation images; exported generator: {self.run_dir / 'generator.safetensors'}")
             return metrics
         finally:
+            # Closing the batch generator shuts the PIL loader's workers down through their done
+            # event. Left to interpreter exit, multiprocessing SIGTERMs them (which they ignore, so
+            # that the launcher's SIGTERM cannot kill them before the ranks save) and joins forever.
+            batches.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
