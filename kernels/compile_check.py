@@ -2,8 +2,8 @@
 
     python -m gafh_fast.kernels.compile_check [--batch 64] [--dtype bf16] [--json out.json]
 
-It runs the real host path (an IDB forward + backward, nf 64, gc 32, 32x32, and the RIDB's last conv
-with two residuals) with a stand-in launcher that records every launch (arguments, constexprs, grid,
+It runs the real host path (an IDB forward + backward, nf 64, gc 32, 32x32; the RIDB's last conv with
+two residuals; the first upsampling conv, nf -> nf with LeakyReLU at 64x64) with a stand-in launcher that records every launch (arguments, constexprs, grid,
 options), once per tile candidate of the heuristic. Each launch is specialised exactly as the JIT
 would (Triton's own binder on a cuda:90 target) and compiled; per kernel and config it prints:
 registers, spills, shared memory, SASS instructions per wgmma (HGMMA) in the main loop, wgmma waits
@@ -51,7 +51,8 @@ class PickTuner(Tuner):
 
 
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
-    """Every launch of one IDB forward + backward and one two-residual conv forward + backward."""
+    """Every launch of one IDB forward + backward, one two-residual conv forward + backward and one
+    activated (upsampling) conv forward + backward."""
     records = []
 
     def standin(name, grid, args, constexprs, options):
@@ -78,8 +79,14 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
         n_idb = len(records)
         z = fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2)
         z.backward(torch.ones_like(z))
+        n_ridb = len(records)
         for r in records[n_idb:]:
             r["label"] = "ridb_conv"
+        up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+        u = fused_conv3x3_triton([up], w3, b3, 0.2, None, 1.0, None, 1.0)
+        u.backward(torch.ones_like(u))
+        for r in records[n_ridb:]:
+            r["label"] = "up_conv"
     finally:
         launch.STANDIN = old_standin
         conv3x3._sms = old_sms
@@ -89,7 +96,7 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
 
 def compile_record(rec: dict, arch: int):
     """triton.compile of one recorded launch, specialised by Triton's own binder for cuda:arch."""
-    kernel = {"fwd": conv3x3.FWD, "dw": conv3x3.DW, "dx": conv3x3.DX}[rec["name"]].kernel
+    kernel = getattr(conv3x3, rec["name"].upper()).kernel  # launcher FWD, DW, DX or FIN of conv3x3.py
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

@@ -4,10 +4,13 @@ Everything that depends only on the shapes (argument checks, the tile config, gr
 flags, the dW split) is worked out once per exact shape and kept in a plan; the tile config comes
 from configs.py's heuristic, timed between its two candidates by tuning.Tuner on a GPU.
 
-Launches: a conv forward is 1, its backward 2 (dW + gz/db, then dX + the dW finalize); an IDB
-forward is 2 and its backward 4:
-    dW(conv2) + gz2 + db2 partials  ->  dX(conv2)[h1 channels] * act1' = gz1  ->  dW(conv1) + db1
+Launches: a conv forward is 1; its backward 2 without an activation (dW + db partials, then dX +
+the dW finalize) and 3 with one (dX with gz = g*act' made on the fly and written out, then dW + db
+partials from gz, then the finalize); an IDB forward is 2 and its backward 4:
+    gz1 = dX(conv2)[h1 channels] * act1', with gz2 = g * act2' made on the fly and written out
+    ->  dW(conv2) + db2 partials from gz2  ->  dW(conv1) + db1 partials from gz1
     ->  dx = dX(conv2)[x channels] + dX(conv1) in one GEMM, plus the finalize of dW1, db1, dW2, db2.
+No dW loop touches a mask (see conv3x3_bwd.py for why).
 Weights are read through their strides: a channels_last weight (ci fastest) is used in place; any
 other layout is copied to channels_last once per forward call and the copy is reused by the backward.
 (No cache across calls: DeepSpeed updates parameters through `.data.copy_`, which does not bump the
@@ -22,7 +25,7 @@ import triton
 
 from . import configs
 from .configs import cdiv
-from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel
+from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel, conv3x3_bwd_finalize_kernel
 from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
 from .launch import KernelLauncher, aligned
 from .tuning import Tuner, cuda_timer, default_cache_path
@@ -30,6 +33,7 @@ from .tuning import Tuner, cuda_timer, default_cache_path
 FWD = KernelLauncher(conv3x3_fwd_kernel, "fwd")
 DW = KernelLauncher(conv3x3_bwd_dw_kernel, "dw")
 DX = KernelLauncher(conv3x3_bwd_dx_kernel, "dx")
+FIN = KernelLauncher(conv3x3_bwd_finalize_kernel, "fin")
 
 # False: take each kernel's first heuristic candidate without timing (the GPU kernel tests set it for
 # every test but one, so that stage stays within its time budget). Never true under the interpreter.
@@ -53,7 +57,7 @@ def set_tuner(new: Optional[Tuner]) -> Optional[Tuner]:
     global _TUNER
     old, _TUNER = _TUNER, new
     _PLANS.clear()
-    for launcher in (FWD, DW, DX):
+    for launcher in (FWD, DW, DX, FIN):
         launcher.forget()
     return old
 
@@ -192,43 +196,36 @@ def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
 # ------------------------------------------------------------------------------------------------
 # Backward pieces
 # ------------------------------------------------------------------------------------------------
-def _dw_partials(x1, x2, g, mask, slope, write_gz: bool, has_bias: bool, split: Optional[int],
-                 config: Optional[triton.Config]):
-    """Launch the dW kernel: (gz or None, dW partials, db partials or None, split)."""
-    n, c_out, h, w = g.shape
+def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optional[triton.Config]):
+    """Launch the dW kernel on gz (activation derivative already applied): (dW partials, db partials or
+    None, split)."""
+    n, c_out, h, w = gz.shape
     m = n * h * w
     c1 = x1.shape[1]
     c2 = 0 if x2 is None else x2.shape[1]
-    has_act = slope is not None
-    key = ("dw", x1.shape, c2, g.shape, g.dtype, g.device, has_act, write_gz, has_bias, split, cfg_key(config))
+    key = ("dw", x1.shape, c2, gz.shape, gz.dtype, gz.device, has_bias, split, cfg_key(config))
     plan = _PLANS.get(key)
     if plan is None:
-        if has_act and mask.numel() != m * cdiv(c_out, 8):
-            raise RuntimeError("fused_conv3x3 backward: the forward saved no activation mask "
-                               "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
-        s = split or configs.dw_split(m, c1 + c2, c_out, _sms(g.device))
+        s = split or configs.dw_split(m, c1 + c2, c_out, _sms(gz.device))
         chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
         s = cdiv(m, chunk)
-        flags = dict(HAS_ACT=has_act, DO_BIAS=has_bias, WRITE_GZ=write_gz, IDX64=m * max(c1, c2, c_out) >= 2**31,
-                     **_dtype_flags(g.dtype))
+        flags = dict(DO_BIAS=has_bias, IDX64=m * max(c1, c2, c_out) >= 2**31, **_dtype_flags(gz.dtype))
         plan = [None, flags, s, chunk]
     cfg, flags, s, chunk = plan
-    gz = _empty_cl(n, c_out, h, w, g) if write_gz else None
-    dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=g.device)
-    dbp = torch.empty((s, c_out), dtype=torch.float32, device=g.device) if has_bias else None
-    ptrs = (x1, x2 if x2 is not None else x1, g, mask if has_act else g, gz if write_gz else g, dwp,
-            dbp if has_bias else dwp)
-    scalars = (m, h, w, c1, c2, c_out, chunk, float(slope) if has_act else 0.0)
+    dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=gz.device)
+    dbp = torch.empty((s, c_out), dtype=torch.float32, device=gz.device) if has_bias else None
+    ptrs = (x1, x2 if x2 is not None else x1, gz, dwp, dbp if has_bias else dwp)
+    scalars = (m, h, w, c1, c2, c_out, chunk)
     if cfg is None:
         def run(c):
             _launch_dw(key + (cfg_key(c),), c, flags, ptrs, scalars, s)
 
         cands = configs.dw_candidates(c1, c2, c_out, w, m)
-        plan[0] = _choose("dw", (c1, c2, c_out, w, configs.m_bucket(m), str(g.dtype), tuple(flags.items())),
+        plan[0] = _choose("dw", (c1, c2, c_out, w, configs.m_bucket(m), str(gz.dtype), tuple(flags.items())),
                           cands, run, config)
         _PLANS[key] = plan
     _launch_dw(key, plan[0], flags, ptrs, scalars, s)
-    return gz, dwp, dbp, s
+    return dwp, dbp, s
 
 
 def _launch_dw(key, cfg, flags, ptrs, scalars, split):
@@ -236,7 +233,9 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split):
     bc, bco = cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_CO"]
     co_tiles = cdiv(c_out, bco)
     tiles = (cdiv(c1, bc) + cdiv(c2, bc)) * co_tiles
-    DW.launch((key, aligned(*ptrs)), (max(tiles, co_tiles), 10, split), ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
+    taps = 10 if flags["DO_BIAS"] else 9  # row 9: the db partials
+    DW.launch((key, aligned(*ptrs)), (max(tiles, co_tiles), taps, split), ptrs + scalars, {**flags, **cfg.kwargs},
+              cfg)
 
 
 class Finalize:
@@ -248,31 +247,37 @@ class Finalize:
 
 
 def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize], fin_b: Optional[Finalize],
-        config: Optional[triton.Config]):
-    """Launch the dX kernel. src_*: (gz, kernel weight, first weight input channel of the result)."""
+        config: Optional[triton.Config], a_mask: Optional[torch.Tensor] = None, gz_out: Optional[torch.Tensor] = None):
+    """Launch the dX kernel. src_*: (gz, kernel weight, first weight input channel of the result);
+    a_mask: source A is the raw g of a conv with this activation mask (gz made on the fly), and gz_out
+    receives that gz."""
     ga, wa, base_a = src_a
     n, ca, h, w = ga.shape
     m = n * h * w
+    if a_mask is not None and a_mask.numel() != m * cdiv(ca, 8):
+        raise RuntimeError("fused_conv3x3 backward: the forward saved no activation mask "
+                           "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
     n1 = out1.shape[1]
     n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
     cb = src_b[0].shape[1] if src_b is not None else 0
     fa_n = cdiv(fin_a.dwp[0].numel(), configs.FIN_BLOCK) if fin_a is not None else 0
     fb_n = cdiv(fin_b.dwp[0].numel(), configs.FIN_BLOCK) if fin_b is not None else 0
     key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,
-           src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, ga.dtype, ga.device,
+           src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, a_mask is not None, gz_out is not None,
+           ga.dtype, ga.device,
            None if fin_a is None else (fin_a.dw.shape, fin_a.dw.stride(), fin_a.db is not None, fin_a.split),
            None if fin_b is None else (fin_b.dw.shape, fin_b.dw.stride(), fin_b.db is not None, fin_b.split), cfg_key(config))
     plan = _PLANS.get(key)
     gb, wb, base_b = src_b if src_b is not None else (ga, wa, 0)
     fa = fin_a or Finalize(ga, ga, ga, ga, 0, 1.0)
     fb = fin_b or Finalize(ga, ga, ga, ga, 0, 1.0)
-    ptrs = (ga, wa, gb, wb, out1, out2 if out2 is not None else out1, omask if omask is not None else ga,
+    ptrs = (ga, a_mask if a_mask is not None else ga, gz_out if gz_out is not None else ga, wa, gb, wb, out1, out2 if out2 is not None else out1, omask if omask is not None else ga,
             fa.dwp, fa.dbp if fa.dbp is not None else fa.dwp, fa.dw, fa.db if fa.db is not None else fa.dw,
             fb.dwp, fb.dbp if fb.dbp is not None else fb.dwp, fb.dw, fb.db if fb.db is not None else fb.dw)
     fa_shape = (fa.split, fa.dw.shape[1], fa.dw.shape[0], *_wstrides(fa.dw)) if fin_a else (0, 1, 1, 0, 0, 0)
     fb_shape = (fb.split, fb.dw.shape[1], fb.dw.shape[0], *_wstrides(fb.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
     if plan is None:
-        flags = dict(OUT_ACT=omask is not None, FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
+        flags = dict(A_ACT=a_mask is not None, WRITE_GZA=gz_out is not None, OUT_ACT=omask is not None, FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
                      FIN_B=fin_b is not None, FB_BIAS=fin_b is not None and fin_b.db is not None,
                      IDX64=m * max(ca, cb, n_tot) >= 2**31, **_dtype_flags(ga.dtype), FIN_BLOCK=configs.FIN_BLOCK)
         plan = [None, flags]
@@ -284,7 +289,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
             _launch_dx(key + (cfg_key(c),), c, flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
 
         cands = configs.dx_candidates(ca, cb, n_tot, w, m)
-        plan[0] = _choose("dx", (ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags["OUT_ACT"]),
+        plan[0] = _choose("dx", (ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags["OUT_ACT"],
+                                 flags["A_ACT"], flags["WRITE_GZA"]),
                           cands, run, config)
         _PLANS[key] = plan
     _launch_dx(key, plan[0], flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
@@ -304,8 +310,22 @@ def _grad_like(weight: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(src.shape, src.stride(), dtype=w_k.dtype, device=w_k.device)
 
 
+_FIN_CONFIG = triton.Config({}, num_warps=4, num_stages=1)  # a plain reduction: nothing to tune
+
+
+def _finalize(fin: Finalize) -> None:
+    """Launch the dW/db reduction on its own (a conv with an activation: its dX launch came first)."""
+    c_out, c_in = fin.dw.shape[0], fin.dw.shape[1]
+    ptrs = (fin.dwp, fin.dbp if fin.dbp is not None else fin.dwp, fin.dw, fin.db if fin.db is not None else fin.dw)
+    flags = dict(HAS_BIAS=fin.db is not None, INTERP_BF16=_dtype_flags(fin.dw.dtype)["INTERP_BF16"],
+                 BLOCK=configs.FIN_BLOCK)
+    key = ("fin", fin.dw.shape, fin.dw.stride(), fin.dw.dtype, fin.dw.device, fin.db is not None, fin.split)
+    FIN.launch((key, aligned(*ptrs)), (cdiv(9 * c_in * c_out, configs.FIN_BLOCK),),
+               ptrs + (fin.split, c_in, c_out, *_wstrides(fin.dw), float(fin.scale)), flags, _FIN_CONFIG)
+
+
 # ------------------------------------------------------------------------------------------------
-# Backward of one conv (two launches)
+# Backward of one conv (2 launches, 3 with an activation)
 # ------------------------------------------------------------------------------------------------
 def conv_backward(grad, inputs, weight, w_k, mask, slope, scale: float, has_bias: bool,
                   dx_config=None, dw_config=None, dw_split: Optional[int] = None):
@@ -319,10 +339,16 @@ def conv_backward(grad, inputs, weight, w_k, mask, slope, scale: float, has_bias
     if n * h * w == 0:  # an empty batch: zero parameter grads, empty input grads
         return dxs, dw.zero_(), db.zero_() if has_bias else None
     x2 = xs[1] if len(xs) == 2 else None
-    gz, dwp, dbp, split = _dw_partials(xs[0], x2, g, mask, slope, slope is not None, has_bias, dw_split, dw_config)
-    fin = Finalize(dwp, dbp, dw, db, split, scale)
-    _dx((gz if gz is not None else g, w_k, 0), None, dxs[0], dxs[1] if x2 is not None else None, None,
-        slope, scale, fin, None, dx_config)
+    dx2 = dxs[1] if x2 is not None else None
+    if slope is None:  # dW + db from g itself, then dX with the finalize in the same launch
+        dwp, dbp, split = _dw_partials(xs[0], x2, g, has_bias, dw_split, dw_config)
+        _dx((g, w_k, 0), None, dxs[0], dx2, None, None, scale, Finalize(dwp, dbp, dw, db, split, scale), None,
+            dx_config)
+        return dxs, dw, db
+    gz = _empty_cl(n, c_out, h, w, g)  # dX first: it makes gz on the fly and writes it for dW
+    _dx((g, w_k, 0), None, dxs[0], dx2, None, slope, scale, None, None, dx_config, a_mask=mask, gz_out=gz)
+    dwp, dbp, split = _dw_partials(xs[0], x2, gz, has_bias, dw_split, dw_config)
+    _finalize(Finalize(dwp, dbp, dw, db, split, scale))
     return dxs, dw, db
 
 
@@ -348,10 +374,11 @@ def idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
     dx = _empty_cl(n, nf, h, w, x)
     if n * h * w == 0:
         return dx, dw1.zero_(), db1.zero_(), dw2.zero_(), db2.zero_()
-    gz2, dwp2, dbp2, split2 = _dw_partials(x, h1, g, mask2, slope, True, True, None, None)
-    gz1 = _empty_cl(n, gc, h, w, x)
-    _dx((gz2, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, None)
-    _, dwp1, dbp1, split1 = _dw_partials(x, None, gz1, None, None, False, True, None, None)
+    gz1, gz2 = _empty_cl(n, gc, h, w, x), _empty_cl(n, nf, h, w, x)
+    # gz1 = dX2[h1 channels] * act1', with gz2 = g * act2' made on the fly and written out for dW2 and dx
+    _dx((g, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, None, a_mask=mask2, gz_out=gz2)
+    dwp2, dbp2, split2 = _dw_partials(x, h1, gz2, True, None, None)
+    dwp1, dbp1, split1 = _dw_partials(x, None, gz1, True, None, None)
     _dx((gz2, w2_k, 0), (gz1, w1_k, 0), dx, None, None, None, 1.0,
         Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None)
     return dx, dw1, db1, dw2, db2

@@ -9,15 +9,23 @@ the upstream gradient g = dL/dy gives
     dW[co,ci,kh,kw]   = scale * sum_{n,h,w} gz[n,h,w,co] * x[n, h+kh-1, w+kw-1, ci]
     dX[n,h,w,ci]      = scale * sum_{co,kh,kw} gz[n, h-kh+1, w-kw+1, co] * W[co,ci,kh,kw]
 
-Two kernels, two launches per conv (the IDB chains four, see conv3x3.py):
-  * `conv3x3_bwd_dw_kernel`: dW partials over pixel chunks (split-K, fp32 workspace); grid axis 1 is
-    the 9 taps plus one more row of programs that make gz once (written out for the dX kernel, so
-    no dX loop touches the mask) and the db partials. The dW programs do no db work.
+Three kernels. Only dX touches the forward's mask; the dW loop reads gz ready-made (a mask applied
+to a dW operand in registers makes ptxas serialise every wgmma: C7515, a 0-pending wait per wgmma).
   * `conv3x3_bwd_dx_kernel`: dX as a 3x3 conv of gz with the flipped, transposed weights (an implicit
     GEMM over one or two gradient sources, so an IDB's x gets conv2's and conv1's share in one pass),
     written to one or two outputs split on channels, optionally times the LeakyReLU derivative of an
-    earlier conv (the IDB's gz1). Its grid has extra programs that sum the dW/db partials of up to two
-    convs in a fixed order (deterministic, no atomics) into the weight's own layout and dtype.
+    earlier conv (OUT_ACT: the IDB's gz1). With A_ACT source A is the raw upstream gradient g and the
+    activation derivative is applied to the operand on the fly (A in registers keeps wgmma
+    asynchronous); with WRITE_GZA the programs of the first channel tile also write gz = g*act'(z) of
+    their pixels, for the dW kernel. Its grid has extra programs that sum the dW/db partials of up to
+    two convs in a fixed order (deterministic, no atomics) into the weight's own layout and dtype.
+  * `conv3x3_bwd_dw_kernel`: dW partials over pixel chunks (split-K, fp32 workspace) from gz and the
+    conv's inputs; grid axis 1 is the 9 taps plus, with a bias, one more row of programs that make the
+    db partials.
+  * `conv3x3_bwd_finalize_kernel`: the dW/db reduction alone (a single conv with an activation, whose
+    dX launch comes first).
+Launch order (host code: conv3x3.py): a conv without activation: dW -> dX + finalize (2); with one:
+dX + gz -> dW -> finalize (3); the IDB: gz1 (+ gz2) -> dW2 -> dW1 -> dx + finalize both (4).
 
 What the forward saved: the inputs and W and, when there is an activation, a bit-packed mask z > 0
 (1 bit per output element). It makes the LeakyReLU derivative exact; recovering sign(z) from y would
@@ -28,28 +36,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv3x3_fwd import SHAPE_ARGS, accumulate_taps, cast_rne, pixel_rows
-
-
-@triton.jit
-def act_grad(g, mask_ptr, rows, row_ok, co, co_ok, C_OUT, slope):
-    """g * LeakyReLU'(z) from the forward's bit mask; rows: pixel indices (BLOCK,), co: channels."""
-    c_bytes = tl.cdiv(C_OUT, 8)
-    byte = tl.load(mask_ptr + rows[:, None] * c_bytes + (co // 8)[None, :], mask=row_ok[:, None] & co_ok[None, :],
-                   other=0)
-    positive = ((byte.to(tl.int32) >> (co % 8)[None, :]) & 1) != 0
-    return tl.where(positive, g, g * slope)
+from .conv3x3_fwd import SHAPE_ARGS, accumulate_taps, act_grad, cast_rne, pixel_rows
 
 
 @triton.jit
 def _dw_tile(
-    x_ptr, C_I, c_base, g_ptr, mask_ptr, dw_ptr,
-    pid_tile, tap, split, M, H, W, C_IN_TOTAL, C_OUT, CHUNK, slope,
-    HAS_ACT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    x_ptr, C_I, c_base, g_ptr, dw_ptr,
+    pid_tile, tap, split, M, H, W, C_IN_TOTAL, C_OUT, CHUNK,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """dW tile of one tap over one pixel chunk. The wider of C_OUT/C_I tiles is the MMA's M side
-    (wgmma needs M >= 64): dW^T = gz^T @ x when BLOCK_CO >= 64, else dW = x^T @ gz."""
+    """dW tile of one tap over one pixel chunk (g_ptr holds gz: both operands come straight from
+    memory, so Triton pipelines them through shared memory). The wider of C_OUT/C_I tiles is the
+    MMA's M side (wgmma needs M >= 64): dW^T = gz^T @ x when BLOCK_CO >= 64, else dW = x^T @ gz."""
     n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
     pid_c = pid_tile // n_co_tiles
     pid_co = pid_tile - pid_c * n_co_tiles
@@ -69,11 +68,8 @@ def _dw_tile(
     for p0 in range(p_start, p_end, BLOCK_P):
         pix = p0 + tl.arange(0, BLOCK_P)
         p_ok = pix < p_end
-        g_off = pixel_rows(pix, C_OUT, IDX64)
-        gz = tl.load(g_ptr + g_off[:, None] + co[None, :], mask=p_ok[:, None] & co_ok[None, :], other=0.0)
-        if HAS_ACT:
-            gz = cast_rne(act_grad(gz.to(tl.float32), mask_ptr, pix, p_ok, co, co_ok, C_OUT, slope),
-                          g_ptr.dtype.element_ty, INTERP_BF16)  # dot in the I/O dtype, as on the GPU
+        gz = tl.load(g_ptr + pixel_rows(pix, C_OUT, IDX64)[:, None] + co[None, :], mask=p_ok[:, None] & co_ok[None, :],
+                     other=0.0)
         w_idx = pix % W
         h_idx = (pix // W) % H
         hh = h_idx + dh
@@ -97,12 +93,9 @@ def _dw_tile(
 
 
 @triton.jit
-def _gz_db_program(
-    g_ptr, mask_ptr, gz_ptr, db_ptr, pid_co, split, M, C_OUT, CHUNK, slope,
-    HAS_ACT: tl.constexpr, DO_BIAS: tl.constexpr, WRITE_GZ: tl.constexpr, INTERP_BF16: tl.constexpr,
-    IDX64: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """gz = g * act'(z) for one chunk of pixels and one C_OUT tile, written out; db partial sums."""
+def _db_program(g_ptr, db_ptr, pid_co, split, M, C_OUT, CHUNK, IDX64: tl.constexpr, BLOCK_CO: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """db partial: the sum of gz over one chunk of pixels, for one C_OUT tile."""
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < C_OUT
     db_acc = tl.zeros((BLOCK_CO,), dtype=tl.float32)
@@ -110,38 +103,25 @@ def _gz_db_program(
     p_end = tl.minimum(p_start + CHUNK, M)
     for p0 in range(p_start, p_end, BLOCK_P):
         pix = p0 + tl.arange(0, BLOCK_P)
-        p_ok = pix < p_end
-        off = pixel_rows(pix, C_OUT, IDX64)[:, None] + co[None, :]
-        ok = p_ok[:, None] & co_ok[None, :]
-        gz = tl.load(g_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        if HAS_ACT:
-            gz = act_grad(gz, mask_ptr, pix, p_ok, co, co_ok, C_OUT, slope)
-        if WRITE_GZ:
-            gz_io = cast_rne(gz, gz_ptr.dtype.element_ty, INTERP_BF16)
-            tl.store(gz_ptr + off, gz_io, mask=ok)
-        if DO_BIAS:
-            db_acc += tl.sum(gz, axis=0)
-    if DO_BIAS:
-        tl.store(db_ptr + split * C_OUT + co, db_acc, mask=co_ok)
+        ok = (pix < p_end)[:, None] & co_ok[None, :]
+        db_acc += tl.sum(tl.load(g_ptr + pixel_rows(pix, C_OUT, IDX64)[:, None] + co[None, :], mask=ok,
+                                 other=0.0).to(tl.float32), axis=0)
+    tl.store(db_ptr + split * C_OUT + co, db_acc, mask=co_ok)
 
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def conv3x3_bwd_dw_kernel(
     x1_ptr,     # first input, (N, C1, H, W) channels_last
     x2_ptr,     # second input, (N, C2, H, W) channels_last; any valid pointer when C2 == 0
-    g_ptr,      # upstream grad, (N, C_OUT, H, W) channels_last
-    mask_ptr,   # (N, H, W, ceil(C_OUT/8)) uint8 bit-packed forward mask; unused unless HAS_ACT
-    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, H, W) channels_last, g's dtype; if WRITE_GZ
+    g_ptr,      # gz = dL/dz / scale (activation derivative already applied), (N, C_OUT, H, W) channels_last
     dw_ptr,     # out: fp32 dW partials, (SPLIT, 9, C1 + C2, C_OUT) contiguous, unscaled
     db_ptr,     # out: fp32 db partials, (SPLIT, C_OUT) contiguous, unscaled; if DO_BIAS
     M, H, W, C1, C2, C_OUT, CHUNK,
-    slope,
-    HAS_ACT: tl.constexpr, DO_BIAS: tl.constexpr, WRITE_GZ: tl.constexpr, INTERP_BF16: tl.constexpr,
-    PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    DO_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # grid = (max(C tiles of x1 and x2 times C_OUT tiles, C_OUT tiles), 9 taps + 1, SPLIT pixel chunks).
-    # Programs with axis-1 index 9 make gz and db for C_OUT tile axis-0 (the rest of that row return).
+    # grid = (max(C tiles of x1 and x2 times C_OUT tiles, C_OUT tiles), 9 taps (+ 1 with DO_BIAS), SPLIT
+    # pixel chunks). Programs with axis-1 index 9 make the db partials of C_OUT tile axis-0.
     pid_tile = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
@@ -149,15 +129,15 @@ def conv3x3_bwd_dw_kernel(
     tiles1 = tl.cdiv(C1, BLOCK_C) * n_co_tiles
     tiles2 = tl.cdiv(C2, BLOCK_C) * n_co_tiles
     if tap == 9:
-        if pid_tile < n_co_tiles:
-            _gz_db_program(g_ptr, mask_ptr, gz_ptr, db_ptr, pid_tile, split, M, C_OUT, CHUNK, slope,
-                           HAS_ACT, DO_BIAS, WRITE_GZ, INTERP_BF16, IDX64, BLOCK_CO, BLOCK_P)
+        if DO_BIAS:
+            if pid_tile < n_co_tiles:
+                _db_program(g_ptr, db_ptr, pid_tile, split, M, C_OUT, CHUNK, IDX64, BLOCK_CO, BLOCK_P)
     elif pid_tile < tiles1:
-        _dw_tile(x1_ptr, C1, 0, g_ptr, mask_ptr, dw_ptr, pid_tile, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
-                 slope, HAS_ACT, INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
+        _dw_tile(x1_ptr, C1, 0, g_ptr, dw_ptr, pid_tile, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
+                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
     elif pid_tile < tiles1 + tiles2:
-        _dw_tile(x2_ptr, C2, C1, g_ptr, mask_ptr, dw_ptr, pid_tile - tiles1, tap, split, M, H, W, C1 + C2, C_OUT,
-                 CHUNK, slope, HAS_ACT, INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
+        _dw_tile(x2_ptr, C2, C1, g_ptr, dw_ptr, pid_tile - tiles1, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
+                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
 
 
 @triton.jit
@@ -189,9 +169,22 @@ def _finalize_dw(
         tl.store(db_ptr + offs, cast_rne(b_acc * scale, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
 
 
+@triton.jit
+def conv3x3_bwd_finalize_kernel(
+    dwp_ptr, dbp_ptr, dw_ptr, db_ptr,   # as for _finalize_dw
+    SPLIT, C_IN, C_OUT, d_co, d_ci, d_tap, scale,
+    HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # 1-D grid: ceil(9*C_IN*C_OUT / BLOCK) programs (the first also sums db).
+    _finalize_dw(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, tl.program_id(0), SPLIT, C_IN, C_OUT, d_co, d_ci, d_tap, scale,
+                 HAS_BIAS, INTERP_BF16, BLOCK)
+
+
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def conv3x3_bwd_dx_kernel(
-    ga_ptr,     # gradient source A: gz of a conv, (N, CA, H, W) channels_last (activation already applied)
+    ga_ptr,     # gradient source A: gz of a conv, (N, CA, H, W) channels_last; with A_ACT its raw g
+    amask_ptr,  # (N, H, W, ceil(CA/8)) uint8 mask of source A's conv; if A_ACT
+    gza_ptr,    # out: source A's gz = g * act'(z), (N, CA, H, W) channels_last; if WRITE_GZA
     wa_ptr,     # that conv's weight, element (co, ci, tap) at co*sa_co + ci*sa_ci + tap*sa_tap
     gb_ptr,     # optional source B (CB > 0): gz of a second conv whose input is the same tensor
     wb_ptr,     # its weight
@@ -208,7 +201,8 @@ def conv3x3_bwd_dx_kernel(
     FB_SPLIT, FB_CIN, FB_COUT, fb_co, fb_ci, fb_tap,
     N_DX_PROGS, N_FA_PROGS,
     slope, scale, fa_scale, fb_scale,
-    OUT_ACT: tl.constexpr, FIN_A: tl.constexpr, FA_BIAS: tl.constexpr, FIN_B: tl.constexpr, FB_BIAS: tl.constexpr,
+    A_ACT: tl.constexpr, WRITE_GZA: tl.constexpr, OUT_ACT: tl.constexpr,
+    FIN_A: tl.constexpr, FA_BIAS: tl.constexpr, FIN_B: tl.constexpr, FB_BIAS: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KA: tl.constexpr, KA_STEPS: tl.constexpr, EVEN_KA: tl.constexpr,
@@ -231,14 +225,26 @@ def conv3x3_bwd_dx_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # B[k = co, n = ci] = W[co, ci, tap]
         acc = accumulate_taps(acc, ga_ptr, wa_ptr, CA, sa_co, sa_ci, sa_tap, wa_base, H, W, offs_m, m_ok, h_idx,
-                              w_idx, offs_n, n_ok, -1, KA_STEPS, BLOCK_KA, EVEN_KA, INTERP_BF16, PRECISION, IDX64)
+                              w_idx, offs_n, n_ok, amask_ptr, slope, -1, A_ACT, KA_STEPS, BLOCK_KA, EVEN_KA,
+                              INTERP_BF16, PRECISION, IDX64)
         if KB_STEPS > 0:
             acc = accumulate_taps(acc, gb_ptr, wb_ptr, CB, sb_co, sb_ci, sb_tap, wb_base, H, W, offs_m, m_ok,
-                                  h_idx, w_idx, offs_n, n_ok, -1, KB_STEPS, BLOCK_KB, EVEN_KB, INTERP_BF16,
-                                  PRECISION, IDX64)
+                                  h_idx, w_idx, offs_n, n_ok, gb_ptr, slope, -1, False, KB_STEPS, BLOCK_KB, EVEN_KB,
+                                  INTERP_BF16, PRECISION, IDX64)
+        if WRITE_GZA:  # source A's gz at this tile's own pixels, once (by the first channel tile), for dW
+            if pid_n == 0:
+                a_rows = pixel_rows(offs_m, CA, IDX64)
+                for kk in tl.static_range(KA_STEPS):
+                    ck = kk * BLOCK_KA + tl.arange(0, BLOCK_KA)
+                    ok = m_ok[:, None] & (ck < CA)[None, :]
+                    gz = tl.load(ga_ptr + a_rows[:, None] + ck[None, :], mask=ok, other=0.0).to(tl.float32)
+                    if A_ACT:  # the same fp32 product and rounding as the GEMM operand above
+                        gz = act_grad(gz, amask_ptr, offs_m, m_ok, ck, ck < CA, CA, slope, IDX64)
+                    tl.store(gza_ptr + a_rows[:, None] + ck[None, :], cast_rne(gz, gza_ptr.dtype.element_ty,
+                                                                               INTERP_BF16), mask=ok)
         acc = acc * scale
         if OUT_ACT:
-            acc = act_grad(acc, omask_ptr, offs_m, m_ok, offs_n, n_ok, N_TOT, slope)
+            acc = act_grad(acc, omask_ptr, offs_m, m_ok, offs_n, n_ok, N_TOT, slope, IDX64)
         ok1 = m_ok[:, None] & (offs_n < N1)[None, :]
         tl.store(out1_ptr + pixel_rows(offs_m, N1, IDX64)[:, None] + offs_n[None, :],
                  cast_rne(acc, out1_ptr.dtype.element_ty, INTERP_BF16), mask=ok1)

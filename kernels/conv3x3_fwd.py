@@ -46,17 +46,34 @@ def pixel_rows(offs_m, C, IDX64: tl.constexpr):
 
 
 @triton.jit
+def act_grad(g, mask_ptr, rows, row_ok, co, co_ok, C_OUT, slope, IDX64: tl.constexpr):
+    """g * LeakyReLU'(z) from the forward's bit mask (fp32 in, fp32 out); rows: pixel indices (BLOCK,),
+    co: channels. Byte co//8 of pixel row m sits at m*ceil(C_OUT/8) + co//8; bit co%8 is z > 0."""
+    c_bytes = tl.cdiv(C_OUT, 8)
+    byte = tl.load(mask_ptr + pixel_rows(rows, c_bytes, IDX64)[:, None] + (co // 8)[None, :],
+                   mask=row_ok[:, None] & co_ok[None, :], other=0)
+    positive = ((byte.to(tl.int32) >> (co % 8)[None, :]) & 1) != 0
+    return tl.where(positive, g, g * slope)
+
+
+@triton.jit
 def accumulate_taps(
     acc,                    # (BLOCK_M, BLOCK_N) fp32 accumulator
     a_ptr,                  # activation or gradient, (N, C, H, W) channels_last: element at m*C + c
     w_ptr,                  # weight, read through strides (s_k: along the K channel, s_n: along N, s_tap)
     C, s_k, s_n, s_tap, n_base, H, W,
     offs_m, m_ok, h_idx, w_idx, offs_n, n_ok,
+    amask_ptr, slope,       # A_ACT: the bit mask of the conv whose output gradient `a` is, and its slope
     SIGN: tl.constexpr,     # +1: forward (reads pixel m + shift); -1: dX (reads m - shift, the flipped conv)
+    A_ACT: tl.constexpr,    # dX only: use gz = a * act'(z) in place of a, made here from a and the mask
     K_STEPS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """acc[m, n] += sum_{tap, k} a[m + SIGN*shift(tap), k] * W[k, n_base + n, tap]  (zero padding)."""
+    """acc[m, n] += sum_{tap, k} a[m + SIGN*shift(tap), k] * W[k, n_base + n, tap]  (zero padding).
+
+    With A_ACT the operand is masked in registers, not in shared memory: wgmma reads its A operand
+    from registers, so the pipeline stays asynchronous (compile_check verifies: no 0-pending wait).
+    The masked value is rounded to the I/O dtype exactly as the dX kernel's gz write rounds it."""
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + pixel_rows(offs_m, C, IDX64)      # hoisted: per tap only a scalar shift is added
     w_cols = w_ptr + (n_base + offs_n) * s_n
@@ -78,6 +95,9 @@ def accumulate_taps(
             a = tl.load(a_rows[:, None] + (shift + ck)[None, :], mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_cols[None, :] + (tap * s_tap + ck * s_k)[:, None], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
+        if A_ACT:
+            a = cast_rne(act_grad(a.to(tl.float32), amask_ptr, offs_m + (dh * W + dw), pix_ok, ck, ck < C, C, slope,
+                                  IDX64), a_ptr.dtype.element_ty, INTERP_BF16)
         if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -116,11 +136,12 @@ def conv3x3_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # B[k = ci, n = co] = W[co, ci, tap]
     acc = accumulate_taps(acc, x1_ptr, w_ptr, C1, s_ci, s_co, s_tap, 0, H, W, offs_m, m_ok, h_idx, w_idx,
-                          offs_n, n_ok, 1, K1_STEPS, BLOCK_K1, EVEN_K1, INTERP_BF16, PRECISION, IDX64)
+                          offs_n, n_ok, x1_ptr, slope, 1, False, K1_STEPS, BLOCK_K1, EVEN_K1, INTERP_BF16, PRECISION,
+                          IDX64)
     if K2_STEPS > 0:
         acc = accumulate_taps(acc, x2_ptr, w_ptr + C1 * s_ci, C2, s_ci, s_co, s_tap, 0, H, W, offs_m, m_ok,
-                              h_idx, w_idx, offs_n, n_ok, 1, K2_STEPS, BLOCK_K2, EVEN_K2, INTERP_BF16,
-                              PRECISION, IDX64)
+                              h_idx, w_idx, offs_n, n_ok, x2_ptr, slope, 1, False, K2_STEPS, BLOCK_K2, EVEN_K2,
+                              INTERP_BF16, PRECISION, IDX64)
 
     # Epilogue, all in fp32, in the reference's order: bias -> act -> r1 + s1*y -> r2 + s2*y -> cast.
     out_off = pixel_rows(offs_m, C_OUT, IDX64)[:, None] + offs_n[None, :]

@@ -26,10 +26,10 @@ def idb_launches(batch: int, nf: int = 64, gc: int = 32, side: int = 32, sms: in
         dict(launch="fwd conv1", flops=2 * m * w1, bytes=act(nf) + act(gc) + bits(gc) + w1 * BF16),
         dict(launch="fwd conv2", flops=2 * m * w2,
              bytes=act(nf) + act(gc) + act(nf) + act(nf) + bits(nf) + w2 * BF16),  # x, h1, x0 in; y out
-        dict(launch="bwd dW2 + gz2 + db2", flops=2 * m * w2,  # x, h1, g, mask2 in; gz2, partials out
-             bytes=act(nf) + act(gc) + act(nf) + bits(nf) + act(nf) + s2 * w2 * FP32),
-        dict(launch="bwd gz1 = dX2[h1] * act1'", flops=2 * m * 9 * nf * gc,
-             bytes=act(nf) + bits(gc) + act(gc)),  # gz2, mask1 in; gz1 out
+        dict(launch="bwd gz1 (+ gz2 written)", flops=2 * m * 9 * nf * gc,  # g, mask2, mask1 in; gz1, gz2 out
+             bytes=act(nf) + bits(nf) + bits(gc) + act(gc) + act(nf)),
+        dict(launch="bwd dW2 + db2", flops=2 * m * w2,  # x, h1, gz2 in; partials out
+             bytes=act(nf) + act(gc) + act(nf) + s2 * w2 * FP32),
         dict(launch="bwd dW1 + db1", flops=2 * m * w1, bytes=act(nf) + act(gc) + s1 * w1 * FP32),
         dict(launch="bwd dx + finalize", flops=2 * m * 9 * nf * (nf + gc),
              bytes=act(nf) + act(gc) + act(nf) + (s1 * w1 + s2 * w2) * FP32),

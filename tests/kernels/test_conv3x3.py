@@ -17,7 +17,7 @@ import torch
 
 from gafh_fast.config import load_config
 from gafh_fast.kernels import fused_conv3x3_triton
-from gafh_fast.kernels import configs
+from gafh_fast.kernels import configs, conv3x3, launch
 from gafh_fast.kernels.conv3x3 import conv_backward, conv_forward, kernel_weight
 from gafh_fast.models.generator import Generator
 from gafh_fast.ops import fused_conv3x3, fused_conv3x3_reference
@@ -140,6 +140,8 @@ def check_case(channels, c_out, n, h, w, *, slope=0.2, bias=True, r1=False, r2=F
         ([16, 8], 16, 2, 1, 1, "channels_last"),  # H = W = 1: only the centre tap sees data
         ([8], 32, 1, 1, 1, "nchw"),
         ([64, 32], 64, 1, 6, 5, "channels_last"), # the trunk's IDB conv2 channels
+        ([8], 72, 1, 2, 3, "channels_last"),      # C_out 72: gz made and written in two K blocks (64 + 8)
+        ([48, 40], 17, 1, 3, 2, "channels_last"), # dX has two channel tiles: only the first writes gz
     ],
 )
 def test_shapes_and_layouts(channels, c_out, n, h, w, layout):
@@ -150,6 +152,24 @@ def test_shapes_and_layouts(channels, c_out, n, h, w, layout):
 def test_activation_and_residuals(slope, r1, r2):
     channels = [8, 8] if r1 else [16]
     check_case(channels, 16, 2, 5, 3, slope=slope, r1=r1, r2=r2, seed=int(r1) + 2 * int(r2))
+
+
+@pytest.mark.parametrize("slope, launches", [(None, {"fwd": 1, "dw": 1, "dx": 1}),
+                                             (0.2, {"fwd": 1, "dx": 1, "dw": 1, "fin": 1})])
+def test_launch_count_per_conv(slope, launches):
+    """No activation: dW, then dX + finalize. With one: dX (makes gz), dW from gz, finalize."""
+    x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
+    wt = torch.randn(8, 8, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(8, device=DEVICE, requires_grad=True)
+    launch.LAUNCHES.clear()
+    fused_conv3x3_triton([x], wt, b, slope, None, 1.0, None, 1.0).sum().backward()
+    assert dict(launch.LAUNCHES) == launches
+
+
+def test_launcher_refuses_unknown_constexprs():
+    """The interpreter ignores a constexpr the kernel does not declare; the compiler refuses it."""
+    with pytest.raises(TypeError, match="PRECISION"):
+        conv3x3.FIN.launch(("unknown-constexpr",), (1,), (), {"PRECISION": "ieee"}, conv3x3._FIN_CONFIG)
 
 
 def test_without_bias():

@@ -77,6 +77,7 @@ def run_idb(nf, gc, n, h, w, dtype, weight_layout="nchw", same_x=False, seed=0):
     (64, 32, 1, 3, 4, torch.float32, "channels_last"),  # the trunk's channels; weights read in place
     (12, 20, 2, 3, 5, torch.bfloat16, "channels_last"), # awkward channels (gc > nf), bf16
     (64, 32, 1, 4, 3, torch.bfloat16, "nchw"),
+    (72, 8, 1, 2, 3, torch.float32, "channels_last"),  # nf 72: gz2 made on the fly in two K blocks (64 + 8)
 ])
 def test_idb_matches_float64_reference(nf, gc, n, h, w, dtype, weight_layout):
     assert run_idb(nf, gc, n, h, w, dtype, weight_layout) == 6
