@@ -2,12 +2,17 @@
 
 Layout of one checkpoint, run_dir/checkpoints/step_00001000/:
     generator/, discriminator/   DeepSpeed's save_checkpoint (module, optimizer, LR schedule) per engine
-    trainer_state.pt             step, epoch, batch position in the epoch, NaN-skip count, EMA weights
+    trainer_state.pt             step, epoch, batch position in the epoch, NaN-skip count, EMA weights,
+                                 the world size that wrote it
     rng_rank00000.pt, ...        python / numpy / torch (+ CUDA) RNG states of each rank
     config.yaml                  the run's config
     generator.safetensors        the exported generator (EMA weights when EMA is on), no optimizer state
     COMPLETE                     written last; a directory without it is never picked by resume
 run_dir/checkpoints/latest holds the newest complete tag (a convenience; resume scans for COMPLETE).
+
+A checkpoint resumes only on the world size that wrote it (`check_world_size`, before any model is
+built): ZeRO-1/2 optimizer partitions, the RNG files and the data position (`batch_in_epoch` counts
+per-rank batches of a rank-sharded epoch) are all per rank, and re-sharding them is not implemented.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch.distributed as dist
 
 from gafh_fast.config import Config, save_config
 from gafh_fast.export import save_generator
+from gafh_fast.train.preflight import UsageError
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -87,6 +93,29 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     return path
 
 
+class WorldSizeMismatch(UsageError):
+    """A checkpoint written by another number of ranks than this run has."""
+
+
+def saved_world_size(path: Path) -> int:
+    """The world size that wrote a checkpoint: recorded in trainer_state.pt, or (checkpoints written
+    before it was recorded) the number of per-rank RNG files."""
+    state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return state.get("world_size") or len(list(Path(path).glob("rng_rank*.pt")))
+
+
+def check_world_size(path: Optional[Path], world_size: int) -> None:
+    """Refuse, in one line, to resume a checkpoint on another world size than the one that wrote it."""
+    if path is None:
+        return
+    saved = saved_world_size(path)
+    if saved != world_size:
+        raise WorldSizeMismatch(
+            f"cannot resume {path}: it was written by {saved} rank(s) and this run has {world_size}; resuming on "
+            "another world size is not supported (ZeRO optimizer partitions, RNG states and the data position are "
+            f"per rank): run on {saved} rank(s), or start fresh with --resume none")
+
+
 def save_checkpoint(run_dir: Path, cfg: Config, step: int, g_engine, d_engine, trainer_state: dict,
                     export_model: torch.nn.Module, keep: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory."""
@@ -99,7 +128,8 @@ def save_checkpoint(run_dir: Path, cfg: Config, step: int, g_engine, d_engine, t
     d_engine.save_checkpoint(str(path), tag="discriminator", save_latest=False)
     torch.save(rng_state(), path / f"rng_rank{rank:05d}.pt")
     if rank == 0:
-        torch.save(trainer_state, path / "trainer_state.pt")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        torch.save({**trainer_state, "world_size": world}, path / "trainer_state.pt")
         save_config(cfg, path / "config.yaml")
         save_generator(export_model, cfg, path / "generator.safetensors")
     _barrier()  # every rank's files are on disk before the marker says so

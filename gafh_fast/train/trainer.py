@@ -21,7 +21,8 @@ import torch.distributed as dist
 from gafh_fast.config import Config, save_config
 from gafh_fast.flops import peak_bf16_tflops, step_flops_per_image
 from gafh_fast.models import build_discriminator, build_generator, build_vgg
-from gafh_fast.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from gafh_fast.train.checkpoint import check_world_size, load_checkpoint, resolve_resume, save_checkpoint
+from gafh_fast.train.determinism import make_deterministic
 from gafh_fast.train.ema import EMA
 from gafh_fast.train.engine import build_engines, init_distributed
 from gafh_fast.train.layout import to_activation_layout, use_channels_last
@@ -78,8 +79,10 @@ class Trainer:
         preflight(cfg, data=train_loader is None or val_loader is None)  # before anything is built
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+        # before anything is built or computed: seeds alone do not fix the bits (see train/determinism.py)
+        self.determinism = make_deterministic(self.dist.device) if cfg.train.deterministic else None
+        # a checkpoint written by another world size is refused before anything is built
+        check_world_size(resolve_resume(resume, self.run_dir), self.world)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         generator, discriminator, vgg = build_models(cfg)
@@ -121,6 +124,8 @@ class Trainer:
                          + f"; activations {'channels_last' if self.channels_last else 'NCHW'}, parameters "
                          f"contiguous (train.channels_last={cfg.train.channels_last})"
                          + ("" if self.logger.peak else "; MFU n/a (no bf16 peak known for this device)"))
+        if self.determinism:
+            self.logger.info(self.determinism)
 
     # --- data -------------------------------------------------------------------------------------
     def _build_loader(self, split: str):
