@@ -48,10 +48,10 @@ def _launch_main():
     return module.main
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], decode_workers: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(LAUNCH), *args, "--no-progress", "--decode-threads", "2", "--write-threads", "2"]
+           str(LAUNCH), *args, "--no-progress", "--decode-workers", str(decode_workers), "--write-workers", "2"]
     # own process group, so a hung run is killed with its workers instead of leaving them behind
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             start_new_session=True)
@@ -172,8 +172,9 @@ def resumed(ws, dist2):
 @pytest.fixture(scope="module")
 def evaluated(ws):
     out = ws["root"] / "out_eval"
+    # one decode worker per rank: evaluation's workers import torch (the data package's reference loader)
     proc = _torchrun(["--weights", str(ws["weights"]), "--input-hr", str(ws["hr"]), "--layout", "folder",
-                      "--output", str(out), "--batch-size", "1"])
+                      "--output", str(out), "--batch-size", "1"], decode_workers=1)
     return proc, out
 
 
