@@ -9,7 +9,8 @@
 #   3. the kernel correctness tests on the GPU (tests/kernels, real Triton, no interpreter), then the
 #      real-size bf16 checks (tests/test_bench.py -k gpu_real_size: batch 64, 32x32, nf 64, gc 32);
 #   4. every bench suite, each in its own process and under its own timeout, so one hang costs one
-#      suite; their rows and main-job's are merged into $OUT/bench.json;
+#      suite; their rows and main-job's are merged into $OUT/bench.json; after the train suite, a profile
+#      of the trainer's GAN step (bench/profile_step.py: $OUT/profile/profile_top.md, profile.json, trace);
 #   5. a summary: one line per stage (ok / FAILED / TIMEOUT / NOT RUN, seconds, what it found), then the table.
 # The log is $OUT/gpu_suite.log. Stages are cut to what is left of GPU_SUITE_BUDGET_S (default 540 s,
 # under the device call's 600 s), so the summary and the JSON always get written.
@@ -17,7 +18,7 @@
 # Knobs (environment):
 #   GPU_SUITE_STAGES="model data"  only these stages (a second call for what the first did not finish; the
 #                                  environment and install always run). Keys: main-job kernel-tests
-#                                  real-size kernels-b64 train-b64 infer-b256 kernels-b8-256 model data
+#                                  real-size kernels-b64 train-b64 profile infer-b256 kernels-b8-256 model data
 #   GPU_SUITE_CAPS="main-job=200"  replace stages' timeouts (seconds), by key
 #   GPU_SUITE_DEVICE=cuda|cpu      the device of the bench suites and the main job (default cuda)
 #   GPU_SUITE_SMOKE=1              plumbing only: no install, no main job, no GPU tests, smoke sizes
@@ -126,7 +127,16 @@ main_job() {  # bench/main_job.py, its metrics.jsonl kept in $OUT whatever the o
     cp "$SCRATCH/main_job/run/metrics.jsonl" "$OUT/main_job_metrics.jsonl" 2>/dev/null
     return $rc
 }
-export -f install_all run_suite main_job
+profile_step() {  # bench/profile_step.py: top-40 kernels, device busy/idle, trace, into $OUT/profile/
+    local batch=64
+    [[ -n "$SMOKE_FLAG" ]] && batch=2
+    # shellcheck disable=SC2086  # SMOKE_FLAG is empty or one word
+    "$PY" bench/profile_step.py --device "$DEVICE" --batch "$batch" --steps 3 $SMOKE_FLAG --out "$OUT/profile" || return 1
+    "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1]))["split"]
+print("wall %.1f ms/step, device busy %.1f%%, host %.1f ms" % (s["wall_ms_per_step"], s["busy_pct"], s["host_ms_per_step"]))' \
+        "$OUT/profile/profile.json" > "$NOTES/profile.txt"
+}
+export -f install_all run_suite main_job profile_step
 export PY DEVICE PARTS NOTES SCRATCH OUT SMOKE_FLAG
 
 selected() {  # selected KEY: true when GPU_SUITE_STAGES is unset/empty or names KEY
@@ -153,10 +163,16 @@ else
 fi
 # the goals' batches first (kernels and train at 64, infer at 256), so a short budget still measures them
 # (caps in seconds; guessed without a GPU: compiling the whole G and Triton's autotuning dominate)
-for spec in "kernels-b64 150 kernels --batch 64" "train-b64 100 train --batch 64" "infer-b256 80 infer --batch 256" \
-            "kernels-b8-256 120 kernels --batch 8,256" "model 150 model" "data 50 data"; do
+# (infer-b256 compiles G three times and runs the writer rounds: 200 s)
+for spec in "kernels-b64 150 kernels --batch 64" "train-b64 100 train --batch 64" "profile 90 -" \
+            "infer-b256 200 infer --batch 256" "kernels-b8-256 120 kernels --batch 8,256" "model 150 model" "data 50 data"; do
     read -r key cap args <<< "$spec"
-    selected "$key" && stage "bench $key" "$key" "$cap" "run_suite $key $args"
+    selected "$key" || continue
+    if [[ "$key" == profile ]]; then
+        stage "profile GAN step" profile "$cap" 'profile_step'
+    else
+        stage "bench $key" "$key" "$cap" "run_suite $key $args"
+    fi
 done
 # merge whatever the stages wrote (a stage killed by its timeout left no part: say so in a row)
 "$PY" - "$PARTS" "$OUT/bench.json" "$SMOKE_FLAG" <<'EOF'
