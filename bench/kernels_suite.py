@@ -8,15 +8,37 @@ three ways: `triton` (kernels=triton), `eager` (kernels=torch, cudnn.benchmark o
 (torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
 warm-up call that also runs the autotuner), conv TFLOP/s (analytic: 2*Cin*Cout*k*k*H*W per image for
 the forward, x3 for forward + backward), speedup vs eager, and peak memory above the inputs and
-parameters (torch.cuda.max_memory_allocated). Without CUDA it returns [] and says so: the Triton
-interpreter is never timed.
+parameters (torch.cuda.max_memory_allocated).
+
+So that one GPU call tells whether a slow row is host time or device time, each batch also gets:
+    idb_fwd / idb_fwd_bwd  `triton (CUDA graph)` and `eager (CUDA graph)`: one graph replay, pure
+                 device time (the wall rows minus these is the host's share)
+    idb_fwd_bwd kernel i   torch.profiler device time of each kernel of one IDB forward + backward
+                 (triton), and `device sum` rows for triton and eager next to their wall time
+    triton configs         the tile config of every launch plan (JSON keys configs, decisions)
+and, at batch 64 (not in --smoke), `autotune gen_fwd_bwd`: the first forward + backward of the whole
+paper generator in a fresh process with empty autotune and Triton caches (cold), then in a second
+process that finds them filled (warm); the rows carry the tuner's timing seconds and its decisions.
+Without CUDA nothing is timed (the Triton interpreter never is): the suite runs its plumbing only (the
+profiler parsing on the eager IDB, the autotune probe process on a tiny IDB under the interpreter) and
+returns skipped rows that say what ran.
 
     python bench/kernels_suite.py [--batches 8 64 256] [--smoke]
+    python bench/kernels_suite.py --probe generator|idb --batch 64 --device cuda --probe-json out.json
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -25,6 +47,8 @@ from gafh_fast.models.generator import IDB, Generator
 
 NF, GC, LR_SIZE = 64, 32, 32
 PATHS = ("triton", "eager", "compile")
+AUTOTUNE_BATCH = 64  # the issue's autotune goal is for one batch size: the trunk benchmark's
+REPO = Path(__file__).resolve().parents[1]
 
 
 def conv_flops(c_in: int, c_out: int, k: int, h: int, w: int) -> int:
@@ -113,25 +137,235 @@ def _time_one(module, make_fn, path: str, grads_to_clear, rep_ms: int):
     return ms, peak_mb
 
 
+# ------------------------------------------------------------------------------------------------
+# Host time or device time? CUDA graphs, torch.profiler, the autotuner's cost (issue 11, item 6)
+# ------------------------------------------------------------------------------------------------
+def graph_ms(module, make_fn, kernels: str, grads_to_clear, rep_ms: int) -> float:
+    """Median ms of one replay of a CUDA graph of make_fn(module): device time with no Python in it.
+    Warm-up runs on a side stream first (plans, compiled kernels, autotuning and cudnn.benchmark are
+    all done before capture); grads are None at capture, so every replay writes them afresh."""
+    import triton.testing
+
+    _set_kernels(module, kernels)
+    fn = make_fn(module)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for t in grads_to_clear:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(graph.replay, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
+    del graph
+    return ms
+
+
+def kernel_sequence(events: list[tuple[float, float, str]], iters: int) -> tuple[list[dict], bool]:
+    """(start_us, duration_us, name) of `iters` identical calls -> per kernel of one call: index, name,
+    median us over the calls; True when the calls matched launch by launch. Otherwise (a call launched
+    something the others did not) one entry per kernel name with its mean us per call, and False."""
+    events = sorted(events)
+    n = len(events) // iters if iters else 0
+    calls = [events[i * n:(i + 1) * n] for i in range(iters)] if n else []
+    if n and len(events) == n * iters and all([e[2] for e in c] == [e[2] for e in calls[0]] for c in calls):
+        return [{"index": i, "name": calls[0][i][2], "us": statistics.median(c[i][1] for c in calls)}
+                for i in range(n)], True
+    by_name: dict[str, float] = {}
+    for _, us, name in events:
+        by_name[name] = by_name.get(name, 0.0) + us / max(iters, 1)
+    return [{"index": i, "name": k, "us": v} for i, (k, v) in enumerate(by_name.items())], False
+
+
+def profile_kernels(fn, device: torch.device, iters: int = 3) -> tuple[list[dict], bool]:
+    """kernel_sequence of `iters` calls of fn under torch.profiler: on CUDA the device kernels (and
+    memcpy/memset); on CPU (the plumbing check) the top-level operators."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()  # nothing first-call-only (compile, autotune, allocator growth) inside the profile
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        picked = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:
+        picked = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    return kernel_sequence([(e.time_range.start, e.time_range.elapsed_us(), e.name) for e in picked], iters)
+
+
+def profiler_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, device: torch.device) -> list[dict]:
+    """Per-kernel device times of one IDB forward + backward (triton), and the device sum per call of
+    each path next to its wall time (from the timed rows): wall >> device sum means host-bound.
+    Grads are cleared before each call, as do_bench does for the timed rows (no accumulation kernels)."""
+    rows = []
+    for path, kernels in (("triton", "triton"), ("eager", "torch")):
+        _set_kernels(module, kernels)
+        fn = make_fn(module)
+
+        def fresh_call():
+            for t in grads:
+                t.grad = None
+            fn()
+
+        seq, matched = profile_kernels(fresh_call, device)
+        total_ms = sum(k["us"] for k in seq) / 1000
+        base = {"suite": "kernels", "batch": batch, "card": card}
+        if path == "triton":
+            for k in seq:
+                rows.append(dict(base, name=f"idb_fwd_bwd kernel {k['index']}: {k['name']}", path="triton (device)",
+                                 ms=k["us"] / 1000, kernel=k["name"],
+                                 note="torch.profiler device time per call" + ("" if matched else
+                                      "; calls differed launch by launch: mean per kernel name")))
+        wall = wall_ms.get(path)
+        share = f"; wall {wall:.3f} ms: {max(0.0, 1 - total_ms / wall):.0%} of it not device time" if wall else ""
+        rows.append(dict(base, name="idb_fwd_bwd device sum", path=f"{path} (device)", ms=total_ms,
+                         kernels_per_call=len(seq), note=f"{len(seq)} device kernels per call{share}"))
+        print(f"idb_fwd_bwd {path:8s} batch {batch:4d}: device sum {total_ms:.3f} ms over {len(seq)} kernels"
+              + (f" (wall {wall:.3f} ms)" if wall else ""))
+    return rows
+
+
+PROBE_TIMEOUT_S = {"cold": 120, "warm": 60}
+
+
+def probe(workload: str, batch: int, device: str) -> dict:
+    """In a fresh process: the first forward + backward of `workload` with kernels=triton (every
+    compile and autotune happens here), timed; then what the tuner did and which configs it chose.
+    workload: `generator` (the paper's G, bf16) or `idb` (a tiny IDB, fp32: the CPU plumbing check)."""
+    from gafh_fast.kernels import conv3x3, launch
+
+    dev = torch.device(device)
+    if workload == "generator":
+        cfg = load_config(None, [f"data.hr_size={LR_SIZE * 8}"])
+        module = Generator(cfg.model.generator, kernels="triton").to(device=dev, dtype=torch.bfloat16)
+        inputs = (torch.rand(batch, 3, LR_SIZE, LR_SIZE, device=dev, dtype=torch.bfloat16) * 2 - 1,)
+    else:
+        module = IDB(8, 4).to(dev)
+        x = torch.randn(batch, 8, 4, 4, device=dev)
+        inputs = (x, x)
+    module = module.to(memory_format=torch.channels_last)
+    _set_kernels(module, "triton")
+    t0 = time.perf_counter()
+    module(*[t.contiguous(memory_format=torch.channels_last) for t in inputs]).float().mean().backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    tuner = conv3x3.tuner()
+    return {"workload": workload, "batch": batch, "device": device, "first_call_s": first,
+            "tuner_timed_s": tuner.timed_seconds, "decisions": tuner.log, "configs": conv3x3.plan_configs(),
+            "launches": dict(launch.LAUNCHES)}
+
+
+def run_probe(workload: str, batch: int, device: str, cache_root: str, timeout_s: float) -> dict:
+    """probe() in a child process whose autotune cache and Triton kernel cache live under cache_root
+    (empty: a cold process; filled by an earlier probe: a warm one). Adds process_s."""
+    out = os.path.join(cache_root, "probe.json")
+    env = dict(os.environ, XDG_CACHE_HOME=os.path.join(cache_root, "xdg"),
+               TRITON_CACHE_DIR=os.path.join(cache_root, "triton"),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"  # no GPU: the interpreter (and so no timing in the tuner)
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", workload, "--batch", str(batch),
+           "--device", device, "--probe-json", out]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    result = json.loads(Path(out).read_text())
+    result["process_s"] = time.perf_counter() - t0
+    return result
+
+
+def _probe_note(r: dict) -> str:
+    kinds = Counter(c["kernel"] for c in r["configs"])
+    return (f"first fwd+bwd {r['first_call_s']:.2f} s (compiles + autotuning), tuner timing "
+            f"{r['tuner_timed_s']:.2f} s over {len(r['decisions'])} decisions, whole process {r['process_s']:.1f} s; "
+            f"{len(r['configs'])} launch plans ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+
+
+def autotune_rows(batch: int, device: torch.device, card: str) -> list[dict]:
+    """The autotuner's cost for the whole paper generator at one batch: a cold process (empty
+    autotune and Triton caches), then a warm one (the same machine, a second process). Goal: cold
+    <= 10 s, warm <= 1 s. On CPU: one tiny-IDB probe under the interpreter (plumbing; nothing timed)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gafh_autotune_probe.") as root:
+        if device.type != "cuda":
+            try:
+                r = run_probe("idb", 1, "cpu", root, PROBE_TIMEOUT_S["warm"])
+                note = f"CPU plumbing only (interpreter: nothing timed): {_probe_note(r)}"
+                rows.append({"suite": "kernels", "name": "autotune probe", "path": "cold process", "batch": 1,
+                             "card": card, "skipped": note, "configs": r["configs"]})
+            except Exception as e:  # noqa: BLE001  the row says what broke
+                rows.append({"suite": "kernels", "name": "autotune probe", "path": "cold process", "batch": 1,
+                             "card": card, "error": f"{type(e).__name__}: {e}"})
+            return rows
+        for phase in ("cold", "warm"):
+            row = {"suite": "kernels", "name": "autotune gen_fwd_bwd", "path": f"{phase} process", "batch": batch,
+                   "card": card}
+            try:
+                r = run_probe("generator", batch, "cuda", root, PROBE_TIMEOUT_S[phase])
+            except Exception as e:  # noqa: BLE001  a timeout or crash is a row, and the warm probe still runs
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            else:
+                goal = 10.0 if phase == "cold" else 1.0
+                row.update(ms=r["first_call_s"] * 1000, first_call_s=r["first_call_s"], tuner_timed_s=r["tuner_timed_s"],
+                           process_s=r["process_s"], decisions=r["decisions"], configs=r["configs"],
+                           note=f"{_probe_note(r)}; goal <= {goal:g} s")
+            rows.append(row)
+            print(f"autotune {phase}: {row.get('note') or row.get('error')}")
+    return rows
+
+
+def config_row(batch: int, card: str) -> dict:
+    """The tile config of every launch plan this process made, and this process's own autotuning."""
+    from gafh_fast.kernels import conv3x3
+
+    configs = conv3x3.plan_configs()
+    tuner = conv3x3.tuner()
+    for c in configs:
+        print(f"config {c['kernel']:3s} {c['plan']}: {c['config']['kwargs']} warps {c['config']['num_warps']} "
+              f"stages {c['config']['num_stages']}")
+    return {"suite": "kernels", "name": "triton configs", "path": "triton", "batch": batch, "card": card,
+            "configs": configs, "decisions": list(tuner.log),
+            "note": f"{len(configs)} launch plans; in-process autotuning so far {tuner.timed_seconds:.2f} s over "
+                    f"{len(tuner.log)} decisions (JSON keys configs, decisions)"}
+
+
 partial_rows: list[dict] = []  # the rows finished so far (bench/throughput.py reads them after a SIGTERM)
 
 
 def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
     """Time the fused kernels against eager and torch.compile; one dict per (workload, path, batch)."""
     dev = torch.device(device)
+    partial_rows.clear()
     if dev.type != "cuda" or not torch.cuda.is_available():
-        print("kernels suite: needs a CUDA GPU (the Triton interpreter is never timed); no numbers")
-        return []
+        print("kernels suite: numbers need a CUDA GPU (the Triton interpreter is never timed); plumbing only")
+        partial_rows.extend(cpu_plumbing_rows())
+        return list(partial_rows)
     torch.backends.cudnn.benchmark = True
     cfg = load_config(None, [f"data.hr_size={LR_SIZE * 8}"])
     if smoke:
         batches = (min(batches),)
     rep_ms = 20 if smoke else 200
     card = torch.cuda.get_device_name(dev)
-    partial_rows.clear()
     rows = partial_rows  # a stage timeout in gpu_suite.sh keeps what was measured
     for batch in batches:
         workloads = _workloads(cfg, batch, dev)
+        wall_ms: dict = {}
         for name, (module, make_fn, flops, grads) in workloads.items():
             eager_ms = None
             for path in ("eager", "triton", "compile"):
@@ -148,15 +382,72 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
                     continue
                 if path == "eager":
                     eager_ms = ms
+                wall_ms[(name, path)] = ms
                 row.update(ms=ms, tflops=flops / ms / 1e9, peak_mem_mb=peak_mb,
                            speedup_vs_eager=(eager_ms / ms) if eager_ms else None)
                 rows.append(row)
                 print(f"{name:12s} {path:8s} batch {batch:4d}: {ms:9.3f} ms  {row['tflops']:7.1f} TFLOP/s  "
                       f"x{row['speedup_vs_eager'] or float('nan'):.2f} vs eager  peak {peak_mb:9.1f} MiB")
+        rows.extend(device_time_rows(workloads, batch, card, wall_ms, rep_ms, dev))
+        rows.append(config_row(batch, card))
         del workloads
         gc.collect()
         torch.cuda.empty_cache()
+    if AUTOTUNE_BATCH in batches and not smoke:  # last: two fresh processes, the longest item here
+        rows.extend(autotune_rows(AUTOTUNE_BATCH, dev, card))
     return list(rows)
+
+
+def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: int, dev) -> list[dict]:
+    """CUDA-graph rows of the IDB (forward, forward + backward) and the profiler rows of its fwd+bwd."""
+    rows = []
+    for name in ("idb_fwd", "idb_fwd_bwd"):
+        module, make_fn, flops, grads = workloads[name]
+        graphed = {}
+        for path, kernels in (("eager", "torch"), ("triton", "triton")):
+            row = {"suite": "kernels", "name": name, "path": f"{path} (CUDA graph)", "batch": batch, "card": card}
+            try:
+                ms = graphed[path] = graph_ms(module, make_fn, kernels, grads, rep_ms)
+            except Exception as e:  # noqa: BLE001  a capture that fails is a row, the suite goes on
+                torch.cuda.synchronize()
+                row["error"] = f"CUDA graph: {type(e).__name__}: {e}"[:500]
+                rows.append(row)
+                continue
+            wall = wall_ms.get((name, path))
+            row.update(ms=ms, tflops=flops / ms / 1e9, note="one CUDA-graph replay: device time, no Python" + (
+                f"; not graphed {wall:.3f} ms, so ~{max(0.0, wall - ms):.3f} ms per call is host time" if wall else ""))
+            if path == "triton" and graphed.get("eager"):
+                row.update(baseline="eager (CUDA graph)", speedup=graphed["eager"] / ms)
+            rows.append(row)
+            print(f"{name:12s} {path + ' graph':14s} batch {batch:4d}: {ms:9.3f} ms")
+    module, make_fn, _, grads = workloads["idb_fwd_bwd"]
+    try:
+        rows.extend(profiler_rows(module, make_fn, grads, batch, card,
+                                  {p: wall_ms.get(("idb_fwd_bwd", p)) for p in ("triton", "eager")}, dev))
+    except Exception as e:  # noqa: BLE001
+        rows.append({"suite": "kernels", "name": "idb_fwd_bwd device sum", "path": "profiler", "batch": batch,
+                     "card": card, "error": f"torch.profiler: {type(e).__name__}: {e}"[:500]})
+    return rows
+
+
+def cpu_plumbing_rows() -> list[dict]:
+    """Without CUDA: run what can run (nothing timed) and say so in skipped rows."""
+    base = {"suite": "kernels", "card": "cpu"}
+    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, gen_fwd_bwd", path="triton, eager, compile, CUDA graphs",
+                 batch=None, skipped="numbers need CUDA (the Triton interpreter is never timed)")]
+    idb = IDB(8, 4).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def fwd_bwd(module):
+        return lambda: module(x, x).sum().backward()
+
+    _set_kernels(idb, "torch")
+    seq, matched = profile_kernels(fwd_bwd(idb), torch.device("cpu"))
+    rows.append(dict(base, name="idb_fwd_bwd device sum", path="eager (device)", batch=1, kernels_per_call=len(seq),
+                     skipped=f"CPU plumbing only: torch.profiler parsed {len(seq)} top-level operators per call of a "
+                             f"tiny eager IDB (launch by launch: {matched}); device times need CUDA"))
+    rows.extend(autotune_rows(1, torch.device("cpu"), "cpu"))
+    return rows
 
 
 def main() -> None:
@@ -164,7 +455,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--smoke", action="store_true", help="smallest batch, short timing, no generator compile")
+    parser.add_argument("--probe", choices=("generator", "idb"), help="the autotune probe (run_probe starts it)")
+    parser.add_argument("--batch", type=int, default=AUTOTUNE_BATCH, help="the probe's batch")
+    parser.add_argument("--probe-json", help="where the probe writes its result")
     args = parser.parse_args()
+    if args.probe:
+        result = probe(args.probe, args.batch, args.device)
+        Path(args.probe_json).write_text(json.dumps(result, default=str))
+        return
     run(args.device, tuple(args.batches), smoke=args.smoke)
 
 

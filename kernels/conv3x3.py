@@ -28,7 +28,7 @@ from .configs import cdiv
 from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel, conv3x3_bwd_finalize_kernel
 from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
 from .launch import KernelLauncher, aligned
-from .tuning import Tuner, cuda_timer, default_cache_path
+from .tuning import Tuner, config_to_dict, cuda_timer, default_cache_path
 
 FWD = KernelLauncher(conv3x3_fwd_kernel, "fwd")
 DW = KernelLauncher(conv3x3_bwd_dw_kernel, "dw")
@@ -60,6 +60,16 @@ def set_tuner(new: Optional[Tuner]) -> Optional[Tuner]:
     for launcher in (FWD, DW, DX, FIN):
         launcher.forget()
     return old
+
+
+def plan_configs() -> list[dict]:
+    """The tile config every plan of this process uses: [{kernel, plan (its shape key), config}]
+    (bench/kernels_suite.py reports them next to the timings)."""
+    def plain(k):
+        return tuple(k) if isinstance(k, torch.Size) else str(k).replace("torch.", "") if isinstance(k, torch.dtype) else k
+
+    return [{"kernel": key[0], "plan": repr(tuple(plain(k) for k in key[1:] if not isinstance(k, torch.device))),
+             "config": config_to_dict(plan[0])} for key, plan in _PLANS.items() if plan[0] is not None]
 
 
 def _sms(device: torch.device) -> int:
