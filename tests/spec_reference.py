@@ -26,10 +26,13 @@ def lrelu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, LRELU_SLOPE)
 
 
-def conv(p: dict, name: str, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """Conv(a -> b, k) with bias, "same" padding (k odd); p holds `name.weight`, `name.bias`."""
-    w = p[f"{name}.weight"]
-    return F.conv2d(x, w, p[f"{name}.bias"], stride=stride, padding=w.shape[-1] // 2)
+def conv(p: dict, name: str, x: torch.Tensor, c_in: int, c_out: int, k: int = 3, stride: int = 1) -> torch.Tensor:
+    """Conv(c_in -> c_out, k) with bias, "same" padding (k odd); p holds `name.weight`, `name.bias`,
+    which must have the spec's shapes."""
+    w, b = p[f"{name}.weight"], p[f"{name}.bias"]
+    assert tuple(w.shape) == (c_out, c_in, k, k) and tuple(b.shape) == (c_out,), (
+        f"{name}: weight {tuple(w.shape)}, bias {tuple(b.shape)}; the spec says Conv({c_in} -> {c_out}, k={k})")
+    return F.conv2d(x, w, b, stride=stride, padding=k // 2)
 
 
 def batch_norm(p: dict, name: str, x: torch.Tensor, training: bool) -> torch.Tensor:
@@ -38,11 +41,11 @@ def batch_norm(p: dict, name: str, x: torch.Tensor, training: bool) -> torch.Ten
                         p[f"{name}.bias"], training=training, momentum=BN_MOMENTUM, eps=BN_EPS)
 
 
-def generator(p: dict, lr: torch.Tensor, *, num_dnb: int, ridb_per_dnb: int, idb_per_ridb: int,
-              trunk_norm: str, upsample: str, res_scale: float = SPEC_RES_SCALE,
-              training: bool = False) -> torch.Tensor:
+def generator(p: dict, lr: torch.Tensor, *, nf: int, gc: int, sfm_kernel: int, out_kernel: int, num_dnb: int,
+              ridb_per_dnb: int, idb_per_ridb: int, trunk_norm: str, upsample: str,
+              res_scale: float = SPEC_RES_SCALE, training: bool = False) -> torch.Tensor:
     """G: LR (N, 3, h, w) in [-1, 1] -> HF (N, 3, 8h, 8w), table "Generator G" row by row."""
-    f_sfm = conv(p, "sfm", lr)                                   # SFM: Conv(3 -> nf, k=9)
+    f_sfm = conv(p, "sfm", lr, 3, nf, sfm_kernel)               # SFM: Conv(3 -> nf, k=9)
     z = f_sfm
     for d in range(num_dnb):                                     # MDBM: DNB_4(... DNB_1(F_SFM))
         x = z
@@ -52,35 +55,39 @@ def generator(p: dict, lr: torch.Tensor, *, num_dnb: int, ridb_per_dnb: int, idb
             h = x0
             for q in range(idb_per_ridb):                        # RIDB: x = IDB_q(x) + x0
                 idb = f"{ridb}.idbs.{q}"
-                h1 = lrelu(conv(p, f"{idb}.conv1", h))           # IDB: h1 = LReLU(Conv(nf -> gc)(x))
-                h2 = lrelu(conv(p, f"{idb}.conv2", torch.cat([h, h1], dim=1)))  # h2 = LReLU(Conv([x, h1]))
+                h1 = lrelu(conv(p, f"{idb}.conv1", h, nf, gc))   # IDB: h1 = LReLU(Conv(nf -> gc)(x))
+                h2 = lrelu(conv(p, f"{idb}.conv2", torch.cat([h, h1], dim=1), nf + gc, nf))  # LReLU(Conv([x, h1]))
                 h = h2 + x0
-            x = x0 + res_scale * conv(p, f"{ridb}.conv", h)     # RIDB(x0) = x0 + a * Conv(x)
+            x = x0 + res_scale * conv(p, f"{ridb}.conv", h, nf, nf)  # RIDB(x0) = x0 + a * Conv(x)
         z = z + res_scale * x
-    fused = conv(p, "fusion", z)                                 # fusion: BN(Conv(F_MDBM)) + F_SFM
+    fused = conv(p, "fusion", z, nf, nf)                         # fusion: BN(Conv(F_MDBM)) + F_SFM
     if trunk_norm == "batchnorm":
         fused = batch_norm(p, "fusion_norm", fused, training)
     x = fused + f_sfm
     for i in range(3):                                           # UM: 3 x [x2 -> Conv -> LReLU]
         if upsample == "nearest_conv":
-            x = lrelu(conv(p, f"upconvs.{i}", F.interpolate(x, scale_factor=2, mode="nearest")))
+            x = lrelu(conv(p, f"upconvs.{i}", F.interpolate(x, scale_factor=2, mode="nearest"), nf, nf))
         else:                                                    # pixel_shuffle: Conv(nf -> 4nf) -> shuffle
-            x = lrelu(F.pixel_shuffle(conv(p, f"upconvs.{i}", x), 2))
-    return torch.tanh(conv(p, "out", x))                         # output: tanh(Conv(nf -> 3, k=9))
+            x = lrelu(F.pixel_shuffle(conv(p, f"upconvs.{i}", x, nf, 4 * nf), 2))
+    return torch.tanh(conv(p, "out", x, nf, 3, out_kernel))      # output: tanh(Conv(nf -> 3, k=9))
 
 
-def discriminator(convs: list[dict], norms: list[dict | None], dense: list[dict], x: torch.Tensor, *,
-                  training: bool = False) -> torch.Tensor:
+def discriminator(convs: list[dict], norms: list[dict | None], dense: list[dict], x: torch.Tensor, *, nf: int,
+                  dense_width: int, training: bool = False) -> torch.Tensor:
     """RaD: C(x), a logit per image (N,). convs[i] / norms[i]: {"weight", "bias", ...} of conv i+1 and
     the BN after it (None: conv 1, or norm none); dense: the two Linear layers."""
     assert len(convs) == len(norms) == len(RAD_LAYOUT)
-    for (_, stride), c, n in zip(RAD_LAYOUT, convs, norms):
-        x = F.conv2d(x, c["weight"], c["bias"], stride=stride, padding=1)
+    c_in = 3
+    for (mult, stride), c, n in zip(RAD_LAYOUT, convs, norms):
+        x = conv({"c.weight": c["weight"], "c.bias": c["bias"]}, "c", x, c_in, nf * mult, 3, stride)
+        c_in = nf * mult
         if n is not None:
             x = F.batch_norm(x, n["running_mean"], n["running_var"], n["weight"], n["bias"], training=training,
                              momentum=BN_MOMENTUM, eps=BN_EPS)
         x = lrelu(x)
-    x = lrelu(F.linear(x.flatten(1), dense[0]["weight"], dense[0]["bias"]))  # flatten (C, H, W) -> Linear -> LReLU
+    x = x.flatten(1)                                                       # flatten (C, H, W)
+    assert tuple(dense[0]["weight"].shape) == (dense_width, x.shape[1]) and tuple(dense[1]["weight"].shape) == (1, dense_width)
+    x = lrelu(F.linear(x, dense[0]["weight"], dense[0]["bias"]))          # Linear -> LReLU
     return F.linear(x, dense[1]["weight"], dense[1]["bias"])[:, 0]        # -> Linear(-> 1)
 
 
@@ -90,7 +97,7 @@ def vgg19_features(p: dict, x: torch.Tensor, layer: str) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = ((x + 1) / 2 - mean) / std
-    index, block, j = 0, 1, 1
+    index, block, j, c_in = 0, 1, 1, 3
     for width in VGG19_E:
         if width == "M":
             x = F.max_pool2d(x, kernel_size=2, stride=2)
@@ -98,7 +105,8 @@ def vgg19_features(p: dict, x: torch.Tensor, layer: str) -> torch.Tensor:
                 return x
             index, block, j = index + 1, block + 1, 1
             continue
-        x = F.conv2d(x, p[f"features.{index}.weight"], p[f"features.{index}.bias"], padding=1)
+        x = conv(p, f"features.{index}", x, c_in, width)
+        c_in = width
         if layer == f"conv{block}_{j}":
             return x
         x = F.relu(x)

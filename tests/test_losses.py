@@ -45,6 +45,8 @@ def test_global_mean_without_process_group_is_the_local_mean():
 
 def test_perceptual_and_pixel_losses():
     assert perceptual_loss(torch.tensor(2.0), torch.tensor(3.0), alpha=1.0, beta=1e-3).item() == pytest.approx(2.003)
+    assert perceptual_loss(torch.tensor(2.0), torch.tensor(3.0)).item() == pytest.approx(2.003)  # spec: alpha 1, beta 1e-3
+    assert perceptual_loss(torch.tensor(2.0), torch.tensor(3.0), alpha=0.5, beta=0.1).item() == pytest.approx(1.3)
     a = torch.tensor([[0.0, 1.0], [-1.0, 0.5]])
     b = torch.tensor([[0.5, 1.0], [1.0, 0.0]])
     assert pixel_loss(a, b).item() == pytest.approx((0.5 + 0 + 2 + 0.5) / 4)
@@ -97,6 +99,8 @@ def test_global_mean_gathers_over_ranks_loss_and_gradient(tmp_path):
         whole.backward()
         mean_loss = (ranks[0][name][0] + ranks[1][name][0]) / 2
         assert mean_loss.item() == pytest.approx(whole.item(), rel=1e-12), f"L_{name}"
+        one_process = (ragan_d_loss if name == "d" else ragan_g_loss)(c_real, c_fake, global_mean=True)
+        assert one_process.item() == pytest.approx(whole.item(), rel=1e-12)  # this process: a world of one
         local = [_hand_ragan_tensor(c_real[s], c_fake[s], target_real) for s in (slice(0, 3), slice(3, 6))]
         assert abs((local[0] + local[1]).item() / 2 - whole.item()) > 0.1  # local means would be far off
         for i, (what, grad) in enumerate((("real", r.grad), ("fake", f.grad)), start=1):

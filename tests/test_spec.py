@@ -21,8 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import spec_reference as spec  # noqa: E402
-from gafh_fast.config import Config, load_config  # noqa: E402
-from gafh_fast.models import build_discriminator, build_generator, build_vgg  # noqa: E402
+from gafh_fast.config import Config, DiscriminatorConfig, load_config  # noqa: E402
+from gafh_fast.models import Discriminator, build_discriminator, build_generator, build_vgg  # noqa: E402
 
 TINY_G = ("model.generator.nf=8", "model.generator.gc=4", "kernels=torch")
 
@@ -67,8 +67,9 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -
 
 def spec_g_kwargs(cfg: Config) -> dict:
     g = cfg.model.generator
-    return dict(num_dnb=g.num_dnb, ridb_per_dnb=g.ridb_per_dnb, idb_per_ridb=g.idb_per_ridb,
-                trunk_norm=g.trunk_norm, upsample=g.upsample)
+    return dict(nf=g.nf, gc=g.gc, sfm_kernel=g.sfm_kernel, out_kernel=g.out_kernel, num_dnb=g.num_dnb,
+                ridb_per_dnb=g.ridb_per_dnb, idb_per_ridb=g.idb_per_ridb, trunk_norm=g.trunk_norm,
+                upsample=g.upsample)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,6 +111,35 @@ def test_generator_equals_spec(variant, training):
     for key, value in p.items():  # training-mode BN updates its running statistics like the spec's BN
         if value.is_floating_point():
             torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-12, atol=0)
+
+
+def test_every_fused_call_gets_the_configured_backend(monkeypatch):
+    """`kernels` reaches each fused op of the trunk. On CPU "auto" and "torch" compute the same
+    thing, so only the argument shows a call that lost it: record it, then run the torch path."""
+    import gafh_fast.models.generator as generator_module
+    import gafh_fast.ops as ops
+
+    calls = []
+
+    def recording(name, real):
+        def call(*args, backend="auto", **kwargs):
+            calls.append((name, backend))
+            return real(*args, backend="torch", **kwargs)
+        return call
+
+    monkeypatch.setattr(generator_module, "fused_conv3x3", recording("conv", ops.fused_conv3x3))
+    monkeypatch.setattr(generator_module, "fused_idb", recording("idb", ops.fused_idb))
+    cfg = load_config(None, TINY_G + G_VARIANTS["defaults"] + ("kernels=triton",))
+    model = build_generator(cfg)
+    for kernels in ("triton", "torch"):
+        if kernels == "torch":
+            model.set_kernels("torch")
+        calls.clear()
+        with torch.no_grad():
+            model(lr_input(dtype=torch.float32))
+        # 2 DNBs x 3 RIDBs x 2 IDBs; 6 RIDB convs + fusion + 3 up-convs
+        assert sorted(set(calls)) == [("conv", kernels), ("idb", kernels)]
+        assert [name for name, _ in calls].count("idb") == 12 and len(calls) == 22
 
 
 def test_generator_defaults_are_the_spec_constants():
@@ -193,7 +223,7 @@ def test_discriminator_equals_spec(norm, hr_size, training):
     x = lr_input(n=3, h=hr_size, w=hr_size, seed=4)
     with torch.no_grad():
         got = model(x)
-        want = spec.discriminator(convs, norms, dense, x, training=training)
+        want = spec.discriminator(convs, norms, dense, x, nf=4, dense_width=8, training=training)
     assert got.shape == (3,)
     assert_same(got, want, 1e-12, f"D norm={norm} hr={hr_size}")
     if training and norm == "batchnorm":
@@ -203,6 +233,9 @@ def test_discriminator_equals_spec(norm, hr_size, training):
 def test_discriminator_defaults_are_the_spec():
     d = Config().model.discriminator
     assert (d.nf, d.dense, d.norm) == (64, 1024, "batchnorm")
+    # a 256x256 input by default: 8x8 after five stride-2 convs (512 * 8 * 8 = 32 768 with nf 64)
+    small = DiscriminatorConfig(nf=2, dense=4)
+    assert Discriminator(small).classifier[1].in_features == 16 * 8 * 8
 
 
 # ------------------------------------------------------------------------------------------------

@@ -71,8 +71,31 @@ def test_wrong_state_dict_fails_clearly(tmp_path):
     del state["features.5.bias"]
     path = tmp_path / "bad.pth"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"features\.2\.weight has shape \(64, 32, 3, 3\), expected \(64, 64, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"features\.2\.weight has shape \(64, 32, 3, 3\), expected \(64, 64, 3, 3\)") as err:
         VGG19Features("relu2_1", weights=str(path))
+    assert "missing features.5.bias" in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_cut_layers_own_conv_is_checked(tmp_path):
+    state = torchvision_style_state()
+    state["features.5.weight"] = torch.zeros(128, 32, 3, 3)  # conv2_1, the cut itself
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"features\.5\.weight has shape \(128, 32, 3, 3\), expected \(128, 64, 3, 3\)"):
+        VGG19Features("conv2_1", weights=str(path))
+
+
+def test_default_location_without_torch_home(tmp_path, monkeypatch):
+    """$TORCH_HOME unset: $XDG_CACHE_HOME/torch, else ~/.cache/torch (torch.hub's own rule)."""
+    from gafh_fast.models.vgg import vgg19_candidate_paths
+
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert vgg19_candidate_paths(None) == [tmp_path / "xdg" / "torch" / "hub" / "checkpoints" / VGG19_FILENAME]
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert vgg19_candidate_paths("~/w.pth") == [tmp_path / "home" / "w.pth",
+                                               tmp_path / "home" / ".cache" / "torch" / "hub" / "checkpoints" / VGG19_FILENAME]
 
 
 def test_missing_file_names_every_path_tried(tmp_path, monkeypatch):
