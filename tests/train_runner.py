@@ -1,13 +1,15 @@
 """Test helper: run the library's Trainer on deterministic in-memory data, in-process or as a script.
 
 As a script (under `deepspeed`, `torchrun` or plain python):
-    python tests/train_runner.py RUN_DIR [--kill-at K] [--sigterm-at K] [--nan-at K] [override ...]
-It records, per step, the losses and a flat copy of G's and D's parameters into
-RUN_DIR/trace_rank{R}.pt, so tests can compare runs step by step.
+    python tests/train_runner.py RUN_DIR [--kill-at K] [--sigterm-at K] [--nan-at K] [--input-dependent-d] [override ...]
+It records, per step, the losses, a flat copy of G's and D's parameters and of their optimizer states, the
+gradient each optimizer stepped with and D's logits into RUN_DIR/trace_rank{R}.pt, so tests can compare
+runs step by step.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import sys
@@ -93,24 +95,89 @@ def flat_optimizer_state(engine) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch Adam inside a DeepSpeed engine (ZeRO and bf16 wrap it; stage 0 fp32 uses it as is)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def optimizer_tensors(engine) -> list[dict]:
+    """Per parameter the optimizer steps (DeepSpeed's flat fp32 partition under ZeRO / bf16): a copy of
+    it and of its Adam state, in param-group order; what an Adam step can be replayed from."""
+    base = base_optimizer(engine)
+    return [{"param": p.detach().clone(), **{k: torch.as_tensor(v).detach().clone() for k, v in base.state.get(p, {}).items()}}
+            for group in base.param_groups for p in group["params"]]
+
+
+def flat_grads(engine) -> torch.Tensor:
+    """The gradients the optimizer is about to step with, flattened in param-group order."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().flatten()
+                      for group in base_optimizer(engine).param_groups for p in group["params"]])
+
+
+def adam_hparams(engine) -> dict:
+    """The constructor arguments of the engine's torch Adam as its first param group holds them now."""
+    group = base_optimizer(engine).param_groups[0]
+    return {k: group[k] for k in inspect.signature(torch.optim.Adam).parameters if k in group and k != "params"}
+
+
+def input_dependent_d(discriminator: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Re-initialise D so its logits depend on the input (test-only). With PyTorch's default init the
+    tiny D's signal shrinks layer by layer and every image gets nearly the same logit (-0.035078 +-
+    1e-5), so a local and a gathered relativistic mean would agree to ~3e-8 and a missing gather could
+    not be seen. Kaiming-normal for LeakyReLU(0.2), fan_in, zero bias keeps the signal's scale."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in discriminator.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                std = (2.0 / (1 + 0.2**2) / m.weight[0].numel()) ** 0.5
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
+                m.bias.zero_()
+    return discriminator
+
+
+def build_test_models(cfg: Config, d_init: str = "default"):
+    """The trainer's build_models, with D re-initialised by `input_dependent_d` when d_init='input_dependent'."""
+    from gafh_fast.train import build_models  # the package's name: run() swaps the trainer module's own
+
+    G, D, vgg = build_models(cfg)
+    return G, (input_dependent_d(D) if d_init == "input_dependent" else D), vgg
+
+
 def _flat_ema(trainer) -> torch.Tensor:
     return flat_params(trainer.ema.module) if trainer.ema is not None else torch.empty(0)
 
 
-def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_at=-1, nan_from=-1, rank=0, world=1):
+def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_at=-1, nan_from=-1, rank=0, world=1,
+        d_init="default"):
     """Run the Trainer with a tracing step; returns (trainer, metrics, trace)."""
+    import gafh_fast.train.step as step_module
     import gafh_fast.train.trainer as trainer_module
 
-    real_step = trainer_module.train_step
+    real_step, real_build, real_d_loss = trainer_module.train_step, trainer_module.build_models, step_module.ragan_d_loss
     trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": [], "opt_g": [], "opt_d": [], "start": None,
-             "batch": []}
+             "batch": [], "grad_g": [], "grad_d": [], "logits": [], "opt_state_g": [], "opt_state_d": []}
     holder = {}
+
+    def traced_d_loss(c_real, c_fake, **kwargs):  # this rank's logits of the D step
+        trace["logits"].append((c_real.detach().clone(), c_fake.detach().clone()))
+        return real_d_loss(c_real, c_fake, **kwargs)
+
+    def record_step(key, engine):  # before each optimizer step: its gradient and hyperparameters
+        trace["grad_" + key].append(flat_grads(engine))
+        trace.setdefault("hparams_" + key, []).append(adam_hparams(engine))
+
+    def hook_optimizers(trainer):
+        for key, engine in (("g", trainer.g_engine), ("d", trainer.d_engine)):
+            base_optimizer(engine).register_step_pre_hook(
+                lambda opt, args, kwargs, key=key, engine=engine: record_step(key, engine))
 
     def traced_step(cfg_, g_engine, d_engine, *args, **kwargs):
         if trace["start"] is None:  # the state this run starts from (fresh or restored from a checkpoint)
             trace["start"] = {"g": flat_params(g_engine.module), "d": flat_params(d_engine.module),
                               "opt_g": flat_optimizer_state(g_engine), "opt_d": flat_optimizer_state(d_engine),
-                              "rng": torch.get_rng_state(), "ema": _flat_ema(holder["trainer"])}
+                              "rng": torch.get_rng_state(), "ema": _flat_ema(holder["trainer"]),
+                              "opt_state_g": optimizer_tensors(g_engine), "opt_state_d": optimizer_tensors(d_engine)}
+            hook_optimizers(holder["trainer"])
         hr = args[1]  # train_step(cfg, g_engine, d_engine, vgg, hr, lr, ...)
         trace["batch"].append(hr.double().sum().item())  # which data this step saw (resume position)
         out = real_step(cfg_, g_engine, d_engine, *args, **kwargs)
@@ -122,6 +189,8 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
         trace["d"].append(flat_params(d_engine.module))
         trace["opt_g"].append(flat_optimizer_state(g_engine))
         trace["opt_d"].append(flat_optimizer_state(d_engine))
+        trace["opt_state_g"].append(optimizer_tensors(g_engine))
+        trace["opt_state_d"].append(optimizer_tensors(d_engine))
         trace.setdefault("rng", []).append(torch.get_rng_state())
         trace.setdefault("ema", []).append(_flat_ema(holder["trainer"]))
         if holder.get("trace_path") is not None:  # written every step, so a kill -9 leaves what ran
@@ -132,7 +201,8 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    trainer_module.train_step = traced_step
+    trainer_module.train_step, step_module.ragan_d_loss = traced_step, traced_d_loss
+    trainer_module.build_models = lambda cfg_: build_test_models(cfg_, d_init)
     holder["trace_path"] = Path(run_dir) / f"partial_trace_rank{int(os.environ.get('RANK', rank))}.pt" if kill_at > 0 else None
     try:
         rank = int(os.environ.get("RANK", rank))
@@ -143,7 +213,7 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
         holder["trainer"] = trainer
         metrics = trainer.fit()
     finally:
-        trainer_module.train_step = real_step
+        trainer_module.train_step, trainer_module.build_models, step_module.ragan_d_loss = real_step, real_build, real_d_loss
     return trainer, metrics, trace
 
 
@@ -155,11 +225,13 @@ def main() -> int:
     parser.add_argument("--sigterm-at", type=int, default=-1)
     parser.add_argument("--nan-at", type=int, default=-1)
     parser.add_argument("--local_rank", type=int, default=None)
+    parser.add_argument("--input-dependent-d", action="store_true", help="D re-initialised by input_dependent_d")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     cfg = tiny_config(*args.overrides)
     trainer, metrics, trace = run(cfg, args.run_dir, resume=args.resume, kill_at=args.kill_at,
-                                  sigterm_at=args.sigterm_at, nan_at=args.nan_at)
+                                  sigterm_at=args.sigterm_at, nan_at=args.nan_at,
+                                  d_init="input_dependent" if args.input_dependent_d else "default")
     torch.save({**trace, "final_step": trainer.step}, Path(args.run_dir) / f"trace_rank{trainer.rank}.pt")
     return 0
 
