@@ -165,11 +165,11 @@ def test_paper_generator_equals_spec():
 
 def test_generator_triton_backend_equals_spec():
     """kernels=triton (the interpreter on CPU): float32 kernels against the float64 spec, output and
-    gradients. One tiny shape; every fused-call kind (IDB groups, RIDB 1..n-1, the last RIDB with
-    the DNB residual, fusion with and without BN, up-convs) is in it."""
+    gradients. One tiny shape; every fused-call kind (IDBs, the second with x != x0, RIDB 1..n-1,
+    the last RIDB with the DNB residual, fusion with BN, up-convs) is in it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = load_config(None, TINY_G + ("kernels=triton", "model.generator.num_dnb=1",
-                                      "model.generator.ridb_per_dnb=2", "model.generator.idb_per_ridb=1",
+                                      "model.generator.ridb_per_dnb=2", "model.generator.idb_per_ridb=2",
                                       "model.generator.sfm_kernel=3", "model.generator.out_kernel=3"))
     model = build_generator(cfg).eval()
     randomize_(model, seed=5)

@@ -193,6 +193,21 @@ def test_ema_update_formula_and_buffers():
     assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
 
 
+def test_ema_of_a_bf16_model_is_kept_in_fp32():
+    """A bf16 shadow could not move by (1 - 0.999) x a weight (bf16 has 8 bits of mantissa)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    ema = EMA(net, decay=0.999)
+    assert all(p.dtype == torch.float32 for p in ema.module.parameters())
+    start = [p.detach().double().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(net)
+    for shadow, p0, p in zip(ema.module.parameters(), start, net.parameters()):
+        torch.testing.assert_close(shadow.double(), 0.999 * p0 + 0.001 * p.double(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
     """3 steps with ema_decay 0.9 and a large LR (so the average differs clearly from G), validated
@@ -260,11 +275,13 @@ SCHEDULES = {
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_lr_schedule_per_step_and_restored_on_resume(name, recorder, tmp_path):
     overrides, factors = SCHEDULES[name]
-    cfg = tiny_config("train.max_steps=6", "train.lr_g=1.0e-3", "train.lr_d=2.0e-3", *overrides)
-    run(cfg, tmp_path, resume="none", sigterm_at=3)  # stops after step 3 with a checkpoint
+    cfg = tiny_config("train.max_steps=6", "train.lr_g=1.0e-3", "train.lr_d=2.0e-3", "train.ema_decay=0.5",
+                      "train.betas=[0.8,0.99]", *overrides)
+    stopped, _, _ = run(cfg, tmp_path, resume="none", sigterm_at=3)  # stops after step 3 with a checkpoint
     assert len(recorder.steps) == 3
     _, _, trace = run(cfg, tmp_path, resume="auto")
     assert trace["step"] == [4, 5, 6]
+    assert torch.equal(trace["start"]["ema"], flat_params(stopped.ema.module)), "EMA not restored on resume"
     assert len(recorder.steps) == 6
     for k, (rec, f) in enumerate(zip(recorder.steps, factors), start=1):
         for engine, base in (("g", cfg.train.lr_g), ("d", cfg.train.lr_d)):
@@ -336,7 +353,7 @@ def test_gan_step_after_pretraining_has_the_spec_losses(pretrain_run):
 # grad_clip, weight_decay: what Adam received on the first step
 # ------------------------------------------------------------------------------------------------
 def first_step(tmp_path, monkeypatch, *overrides):
-    cfg = tiny_config("train.max_steps=1", "deepspeed.zero_stage=0", *overrides)
+    cfg = tiny_config("train.max_steps=1", "deepspeed.zero_stage=0", "train.betas=[0.8,0.99]", *overrides)
     rec = StepRecorder()
     rec.install(monkeypatch)
     trainer, _, _ = run(cfg, tmp_path, resume="none")
@@ -425,3 +442,37 @@ def test_training_on_the_dali_cpu_pipeline(tmp_path, recorder):
     assert len(recorder.steps) == 3
     start = recorder.steps[0]["g_before"]
     assert any(not torch.equal(p, start[n]) for n, p in trainer.g_engine.module.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# a non-finite loss on any rank makes every rank skip
+# ------------------------------------------------------------------------------------------------
+def _finite_on_rank(rank: int, port: int, values: list, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from gafh_fast.train.step import all_ranks_finite
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    answers = [all_ranks_finite(torch.tensor(1.0), torch.tensor(v[rank])) for v in values]
+    torch.save(answers, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_non_finite_loss_on_one_rank_skips_on_all(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from gafh_fast.train.step import all_ranks_finite
+
+    nan, inf = float("nan"), float("inf")
+    assert all_ranks_finite(torch.tensor(2.0), torch.tensor(-1.0))  # this process: a world of one
+    assert not all_ranks_finite(torch.tensor(2.0), torch.tensor(nan))
+    assert not all_ranks_finite(torch.tensor(-inf, dtype=torch.bfloat16))
+    values = [(1.0, 2.0), (1.0, nan), (inf, 0.5)]  # per case: rank 0's loss, rank 1's loss
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_finite_on_rank, args=(port, values, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == [True, False, False], f"rank {rank}"
