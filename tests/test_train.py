@@ -2,6 +2,34 @@
 
 CPU only: DS_ACCELERATOR=cpu, gloo, the tiny model of tests/train_runner.py. Subprocess runs are shared
 by several assertions through module-scoped fixtures to keep the file within its time budget.
+
+Why two processes of the same fp32 CPU run could differ (issue 14), and what makes them equal
+--------------------------------------------------------------------------------------------------
+Cause: the intra-op thread count. oneDNN and ATen split a reduction (a conv's weight gradient over
+batch and pixels, BatchNorm's batch statistics) across threads, so the count decides the order of the
+additions. Experiment: the same 2-step tiny run in two fresh processes with OMP_NUM_THREADS=1 and 2,
+every forward output, gradient (tensor hooks), weight and Adam state recorded in order: the forwards
+agree bit for bit; the first tensor that differs is D's conv weight gradient features.10.weight in the
+first backward (1793 of 2304 elements, up to 1.5e-11); with D's BatchNorm on, already the forward
+output of its last BatchNorm. Adam moves a weight whose gradient is ~0 by up to lr * sign(noise), so
+last-bit differences become visible within a few steps. A process's thread count is not a property of
+the run: torchrun (nproc_per_node > 1) sets OMP_NUM_THREADS=1, the deepspeed launcher leaves every core
+to each rank (2 here), plain python takes the CPU affinity it inherits (taskset -c 0: 1 thread).
+Ruled out, each by experiment on this 2-core AMD EPYC: PYTHONHASHSEED (random in every run; 22 fresh
+4-step runs and 11 full/killed/resumed triples of the old resume test at equal thread counts, all
+bitwise equal); uninitialised memory (every freed block of 4 B..32 MB filled with NaN, or 1e30, before
+each step, backward and optimizer step: bitwise equal); memory alignment (weights and inputs at
+offsets of 0..16 floats from a 64-byte boundary: equal); DataLoader timing (none here, and the data
+order is seeded per epoch); gloo order (two 2-rank runs are bitwise equal). The issue's one-in-four
+drift did not reproduce at equal thread counts here; the thread count is the one input found that
+changes the bits.
+Fix: `train.deterministic: true` (gafh_fast/train/determinism.py) pins the CPU intra-op threads to 1
+before anything is built and logs it, next to torch.use_deterministic_algorithms and, on CUDA, the
+cuDNN/cuBLAS settings. The twin runs below are started with OMP_NUM_THREADS 2, 1 and 2, so they are
+bitwise equal because of the pin (without it test (a) fails at step 1).
+Batch composition is a separate effect: ATen runs a conv with batch 1 through its own im2col+GEMM
+path and a batch >= 2 through oneDNN, so an image's output can differ in the last bit with the batch
+it is in (relevant to inference sharding; training batches have a fixed size).
 """
 from __future__ import annotations
 
@@ -45,8 +73,8 @@ def clean_env() -> dict:
     return env
 
 
-def sh(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def sh(cmd: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env={**clean_env(), **env}, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def trace(run_dir: Path, rank: int = 0) -> dict:
@@ -154,6 +182,7 @@ def test_a_bf16_trainer_update_is_adam_of_its_gradient_and_its_losses_match_fp32
     cfg32 = tiny_config(f"train.max_steps={STEPS}", *NO_NORM)
     G, D, vgg = build_test_models(cfg32, "input_dependent")
     n = {"g": tr["g"][0].numel(), "d": tr["d"][0].numel()}
+    assert len(tr["grad_g"]) == len(tr["grad_d"]) == STEPS, "each optimizer steps once per iteration"
     for i in range(STEPS):
         batch = make_batch(cfg, 0, i, cfg.data.batch_size)
         ref = gan_step_gradients(cfg32, G, D, vgg, batch["hr"], batch["lr"], g_state=state_before(tr, "g", i),
@@ -253,7 +282,7 @@ def test_e_consecutive_nans_abort(tmp_path):
 TWIN = ["train.gan.global_mean=true", *NO_NORM, "train.max_steps=6", "train.checkpoint_every=2",
         "train.deterministic=true", "train.ema_decay=0.9", "train.lr_schedule=cosine", "train.warmup_steps=2",
         "--input-dependent-d"]
-TRACED = ("g", "d", "opt_g", "opt_d", "ema", "rng", "grad_g", "grad_d")
+TRACED = ("g", "d", "opt_g", "opt_d", "ema", "rng", "rng_draws", "grad_g", "grad_d")
 
 
 def free_port() -> int:
@@ -265,22 +294,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed2(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+def deepspeed2(run_dir: Path, *args: str, threads: int) -> subprocess.CompletedProcess:
+    """A 2-rank run of TWIN, each rank started with OMP_NUM_THREADS=threads (train.deterministic pins it)."""
     return sh(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), RUNNER, str(run_dir), *args, *TWIN],
-              timeout=400)
+              timeout=400, OMP_NUM_THREADS=str(threads))
 
 
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory):
     """A: 6 steps on 2 ranks. B: the same run killed with kill -9 on both ranks at step 5 (after the
-    step-4 checkpoint), then resumed. Every step of both records weights, optimizer state, gradients."""
+    step-4 checkpoint), then resumed. Every step of both records weights, optimizer state, gradients.
+    Each launch gets another OMP_NUM_THREADS (module docstring: the pin makes them equal)."""
     root = tmp_path_factory.mktemp("twins")
-    runs = {"A": deepspeed2(root / "A"), "B killed": deepspeed2(root / "B", "--kill-at", "5")}
+    runs = {"A": deepspeed2(root / "A", threads=2), "B killed": deepspeed2(root / "B", "--kill-at", "5", threads=1)}
     # a checkpoint caught mid-write: files but no completion marker; resume must not pick it
     partial = root / "B" / "checkpoints" / "step_00000006"
     (partial / "generator").mkdir(parents=True)
     (partial / "trainer_state.pt").write_bytes(b"truncated")
-    runs["B resumed"] = deepspeed2(root / "B", "--resume", "auto")
+    runs["B resumed"] = deepspeed2(root / "B", "--resume", "auto", threads=2)
     return root, runs
 
 
@@ -290,6 +321,8 @@ def test_a_two_identical_2rank_runs_are_bitwise_equal(twins):
     root, runs = twins
     assert runs["A"].returncode == 0, runs["A"].stdout[-3000:] + runs["A"].stderr[-3000:]
     assert runs["B killed"].returncode != 0  # SIGKILL: no trace, no final checkpoint
+    logged = [r.get("message", "") for r in jsonl(root / "A")]
+    assert "deterministic: torch.use_deterministic_algorithms(True), CPU intra-op threads 2 -> 1" in " ".join(logged)
     for rank in (0, 1):
         a = trace(root / "A", rank)
         b = torch.load(root / "B" / f"partial_trace_rank{rank}.pt", weights_only=False)

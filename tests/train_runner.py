@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import random
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gafh_fast.config import Config, load_config
@@ -155,7 +157,7 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
 
     real_step, real_build, real_d_loss = trainer_module.train_step, trainer_module.build_models, step_module.ragan_d_loss
     trace = {"step": [], "losses": [], "g": [], "d": [], "skipped": [], "opt_g": [], "opt_d": [], "start": None,
-             "batch": [], "grad_g": [], "grad_d": [], "logits": [], "opt_state_g": [], "opt_state_d": []}
+             "batch": [], "grad_g": [], "grad_d": [], "logits": [], "opt_state_g": [], "opt_state_d": [], "rng_draws": []}
     holder = {}
 
     def traced_d_loss(c_real, c_fake, **kwargs):  # this rank's logits of the D step
@@ -178,6 +180,8 @@ def run(cfg: Config, run_dir, *, resume="auto", kill_at=-1, sigterm_at=-1, nan_a
                               "rng": torch.get_rng_state(), "ema": _flat_ema(holder["trainer"]),
                               "opt_state_g": optimizer_tensors(g_engine), "opt_state_d": optimizer_tensors(d_engine)}
             hook_optimizers(holder["trainer"])
+        # a draw from each global RNG, as dropout or an augmentation would take: makes their restore visible
+        trace["rng_draws"].append(torch.tensor([torch.rand(1).item(), random.random(), np.random.rand()], dtype=torch.float64))
         hr = args[1]  # train_step(cfg, g_engine, d_engine, vgg, hr, lr, ...)
         trace["batch"].append(hr.double().sum().item())  # which data this step saw (resume position)
         out = real_step(cfg_, g_engine, d_engine, *args, **kwargs)
