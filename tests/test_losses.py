@@ -55,10 +55,11 @@ def test_perceptual_and_pixel_losses():
 # ------------------------------------------------------------------------------------------------
 # global_mean across two ranks (gloo, two spawned processes)
 # ------------------------------------------------------------------------------------------------
-def _ragan_on_rank(rank: int, port: int, c_real: torch.Tensor, c_fake: torch.Tensor, out_dir: str) -> None:
+def _ragan_on_rank(rank: int, c_real: torch.Tensor, c_fake: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    # a file store: no port to race for, and no TCP store thread to tear down at exit
     n = c_real.shape[0] // 2
     mine = slice(rank * n, (rank + 1) * n)
     result = {}
@@ -68,6 +69,7 @@ def _ragan_on_rank(rank: int, port: int, c_real: torch.Tensor, c_fake: torch.Ten
         loss.backward()
         result[name] = (loss.detach(), r.grad, f.grad)
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # both ranks are past their last collective before either tears down
     dist.destroy_process_group()
 
 
@@ -82,16 +84,11 @@ def test_global_mean_gathers_over_ranks_loss_and_gradient(tmp_path):
     """Two ranks with global_mean: the mean of their losses is the spec's loss on the whole batch, and
     their gradients (averaged as data parallelism does) are its gradient. The ranks' logits have
     different means, so the local-mean loss is far off (checked, so a missing gather cannot pass)."""
-    import socket
-
     import torch.multiprocessing as mp
 
     c_real = torch.tensor([1.0, -0.5, 2.0, 3.0, 2.5, 4.0], dtype=torch.float64)   # rank 1's are larger
     c_fake = torch.tensor([0.3, 0.1, -1.0, -2.0, -3.0, -2.5], dtype=torch.float64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ragan_on_rank, args=(port, c_real, c_fake, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ragan_on_rank, args=(c_real, c_fake, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for name, target_real in (("d", 1), ("g", 0)):
         r, f = c_real.clone().requires_grad_(True), c_fake.clone().requires_grad_(True)

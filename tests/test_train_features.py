@@ -447,20 +447,20 @@ def test_training_on_the_dali_cpu_pipeline(tmp_path, recorder):
 # ------------------------------------------------------------------------------------------------
 # a non-finite loss on any rank makes every rank skip
 # ------------------------------------------------------------------------------------------------
-def _finite_on_rank(rank: int, port: int, values: list, out_dir: str) -> None:
+def _finite_on_rank(rank: int, values: list, out_dir: str) -> None:
     import torch.distributed as dist
 
     from gafh_fast.train.step import all_ranks_finite
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    # a file store: no port to race for, and no TCP store thread to tear down at exit
     answers = [all_ranks_finite(torch.tensor(1.0), torch.tensor(v[rank])) for v in values]
     torch.save(answers, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # both ranks are past their last collective before either tears down
     dist.destroy_process_group()
 
 
 def test_non_finite_loss_on_one_rank_skips_on_all(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from gafh_fast.train.step import all_ranks_finite
@@ -470,9 +470,6 @@ def test_non_finite_loss_on_one_rank_skips_on_all(tmp_path):
     assert not all_ranks_finite(torch.tensor(2.0), torch.tensor(nan))
     assert not all_ranks_finite(torch.tensor(-inf, dtype=torch.bfloat16))
     values = [(1.0, 2.0), (1.0, nan), (inf, 0.5)]  # per case: rank 0's loss, rank 1's loss
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_finite_on_rank, args=(port, values, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_finite_on_rank, args=(values, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert torch.load(tmp_path / f"rank{rank}.pt") == [True, False, False], f"rank {rank}"
