@@ -161,6 +161,7 @@ def assert_adam_step(name: str, before: list[dict], grad: torch.Tensor, hparams:
     """The optimizer state after a step (DeepSpeed's fp32 master weights, Adam's moments and step count) is
     torch Adam's step from the state before with the gradient it was handed, bit for bit."""
     for j, (want, got) in enumerate(zip(replay_adam(before, grad, hparams), after)):
+        assert want.keys() == got.keys(), f"{name}: parameter {j} holds {sorted(got)}, Adam's step makes {sorted(want)}"
         for key in want:
             assert torch.equal(want[key], got[key]), f"{name}: {key} of parameter {j} is not Adam's step on its gradient"
 
