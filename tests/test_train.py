@@ -57,6 +57,7 @@ from gafh_fast.losses import content_loss, ragan_d_loss, ragan_g_loss  # noqa: E
 from gafh_fast.metrics import bicubic_upsample, psnr, ssim  # noqa: E402
 from gafh_fast.train import Trainer, TrainingAborted, build_models  # noqa: E402
 from gafh_fast.train.checkpoint import WorldSizeMismatch, check_world_size, resolve_resume  # noqa: E402
+from gafh_fast.train.determinism import make_deterministic  # noqa: E402
 from gafh_fast.train.preflight import UsageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -440,6 +441,29 @@ def test_resume_on_another_world_size_is_refused_up_front(twins, tmp_path):
     check_world_size(resolve_resume("auto", tmp_path), 1)
     with pytest.raises(WorldSizeMismatch, match=r"written by 1 rank\(s\) and this run has 2"):
         check_world_size(resolve_resume("auto", tmp_path), 2)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_deterministic_mode_sets_what_each_device_needs(device, monkeypatch):
+    """make_deterministic on each device type (its CUDA branch only sets flags, so it runs here too);
+    the pytest process's settings are restored afterwards."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.set_num_threads(2)
+    try:
+        line = make_deterministic(torch.device(device))
+        assert torch.are_deterministic_algorithms_enabled() and line.startswith("deterministic: ")
+        if device == "cuda":
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and torch.get_num_threads() == 2
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        else:
+            assert torch.get_num_threads() == 1 and "CPU intra-op threads 2 -> 1" in line
+            assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
 def test_d_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
