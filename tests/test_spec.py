@@ -129,17 +129,18 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
 
     monkeypatch.setattr(generator_module, "fused_conv3x3", recording("conv", ops.fused_conv3x3))
     monkeypatch.setattr(generator_module, "fused_idb", recording("idb", ops.fused_idb))
-    cfg = load_config(None, TINY_G + G_VARIANTS["defaults"] + ("kernels=triton",))
-    model = build_generator(cfg)
-    for kernels in ("triton", "torch"):
-        if kernels == "torch":
-            model.set_kernels("torch")
-        calls.clear()
-        with torch.no_grad():
-            model(lr_input(dtype=torch.float32))
-        # 2 DNBs x 3 RIDBs x 2 IDBs; 6 RIDB convs + fusion + 3 up-convs
-        assert sorted(set(calls)) == [("conv", kernels), ("idb", kernels)]
-        assert [name for name, _ in calls].count("idb") == 12 and len(calls) == 22
+    # (variant, IDB calls, other fused calls): defaults = BN fusion + nearest up-convs, 2 x 3 RIDBs x 2
+    # IDBs; the other = fusion without BN (its residual fused) + pixel-shuffle up-convs, 1 RIDB x 3 IDBs
+    for variant, idbs, convs in (("defaults", 12, 6 + 1 + 3), ("pixel_shuffle-no_norm-k3k5", 3, 1 + 1 + 3)):
+        model = build_generator(load_config(None, TINY_G + G_VARIANTS[variant] + ("kernels=triton",)))
+        for kernels in ("triton", "torch"):
+            if kernels == "torch":
+                model.set_kernels("torch")
+            calls.clear()
+            with torch.no_grad():
+                model(lr_input(dtype=torch.float32))
+            assert sorted(set(calls)) == [("conv", kernels), ("idb", kernels)], variant
+            assert [name for name, _ in calls].count("idb") == idbs and len(calls) == idbs + convs, variant
 
 
 def test_generator_defaults_are_the_spec_constants():
