@@ -46,9 +46,9 @@ from planted import PLANTED  # noqa: E402
 TARGETS = ["gafh_fast/models/*.py", "gafh_fast/ops.py", "gafh_fast/losses.py", "gafh_fast/train/step.py", "gafh_fast/train/ema.py",
            "gafh_fast/train/engine.py", "gafh_fast/resize.py", "kernels/*.py"]
 # Not mutated: kernels/compile_check.py (a static sm_90 compile report run by hand, no runtime role),
-# kernels/tuning.py (which of two correct tile candidates is faster), gafh_fast/models/__main__.py
-# (a parameter-count printer).
-EXCLUDE = ["kernels/compile_check.py", "kernels/tuning.py", "gafh_fast/models/__main__.py"]
+# kernels/cost_model.py (a FLOP/byte floor printer), kernels/tuning.py (which of two correct tile
+# candidates is faster), gafh_fast/models/__main__.py (a parameter-count printer).
+EXCLUDE = ["kernels/compile_check.py", "kernels/cost_model.py", "kernels/tuning.py", "gafh_fast/models/__main__.py"]
 # In-process tests only (subprocess runs are not traced and take minutes each); see report.md.
 TESTS = ["tests/test_spec.py", "tests/test_models.py", "tests/test_losses.py", "tests/test_vgg.py",
          "tests/test_ops.py", "tests/test_metrics.py", "tests/test_export.py", "tests/test_flops.py",
