@@ -15,10 +15,11 @@ output of its last BatchNorm. Adam moves a weight whose gradient is ~0 by up to 
 last-bit differences become visible within a few steps. A process's thread count is not a property of
 the run: torchrun (nproc_per_node > 1) sets OMP_NUM_THREADS=1, the deepspeed launcher leaves every core
 to each rank (2 here), plain python takes the CPU affinity it inherits (taskset -c 0: 1 thread).
-Ruled out, each by experiment on this 2-core AMD EPYC: PYTHONHASHSEED (random in every run; 22 fresh
-4-step runs and 11 full/killed/resumed triples of the old resume test at equal thread counts, all
-bitwise equal); uninitialised memory (every freed block of 4 B..32 MB filled with NaN, or 1e30, before
-each step, backward and optimizer step: bitwise equal); memory alignment (weights and inputs at
+Ruled out, each by experiment on this 2-core AMD EPYC: PYTHONHASHSEED (random in every run; 16 fresh
+4-step runs with every tensor recorded and 12 full/killed/resumed triples of the old resume test, 6 of
+them under pytest, at equal thread counts: all bitwise equal); uninitialised memory (freed blocks
+of 16 B..32 MB filled with NaN, or 1e30, before each step, backward and optimizer step: bitwise
+equal); memory alignment (weights and inputs at
 offsets of 0..16 floats from a 64-byte boundary: equal); DataLoader timing (none here, and the data
 order is seeded per epoch); gloo order (two 2-rank runs are bitwise equal). The issue's one-in-four
 drift did not reproduce at equal thread counts here; the thread count is the one input found that
