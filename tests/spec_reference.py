@@ -119,3 +119,13 @@ def vgg19_features(p: dict, x: torch.Tensor, layer: str) -> torch.Tensor:
 def content_loss(p: dict, hf: torch.Tensor, hr: torch.Tensor, layer: str) -> torch.Tensor:
     """L_content = mean over elements of (phi(I_HR) - phi(I_HF))^2."""
     return ((vgg19_features(p, hr, layer) - vgg19_features(p, hf, layer)) ** 2).mean()
+
+
+def ragan_loss(c_real: torch.Tensor, c_fake: torch.Tensor, real_target: int) -> torch.Tensor:
+    """L_D (real_target 1) or L_G (real_target 0) on one batch of logits:
+    BCE(C(x_r) - mean C(x_f), t) + BCE(C(x_f) - mean C(x_r), 1 - t), BCE with logits written out as
+    softplus: BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x), each a mean over the batch."""
+    def bce(x, target):
+        return F.softplus(-x).mean() if target == 1 else F.softplus(x).mean()
+
+    return bce(c_real - c_fake.mean(), real_target) + bce(c_fake - c_real.mean(), 1 - real_target)

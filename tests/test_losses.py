@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import spec_reference as spec
 from gafh_fast.losses import perceptual_loss, pixel_loss, ragan_d_loss, ragan_g_loss
 
 C_REAL = [1.0, -0.5, 2.0]
@@ -73,13 +74,6 @@ def _ragan_on_rank(rank: int, c_real: torch.Tensor, c_fake: torch.Tensor, out_di
     dist.destroy_process_group()
 
 
-def _hand_ragan_tensor(c_real, c_fake, target_real):
-    """The spec's loss on one whole batch, with autograd (softplus form of BCE)."""
-    f = torch.nn.functional.softplus
-    bce = (lambda x, t: f(-x).mean() if t == 1 else f(x).mean())
-    return bce(c_real - c_fake.mean(), target_real) + bce(c_fake - c_real.mean(), 1 - target_real)
-
-
 def test_global_mean_gathers_over_ranks_loss_and_gradient(tmp_path):
     """Two ranks with global_mean: the mean of their losses is the spec's loss on the whole batch, and
     their gradients (averaged as data parallelism does) are its gradient. The ranks' logits have
@@ -92,13 +86,13 @@ def test_global_mean_gathers_over_ranks_loss_and_gradient(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for name, target_real in (("d", 1), ("g", 0)):
         r, f = c_real.clone().requires_grad_(True), c_fake.clone().requires_grad_(True)
-        whole = _hand_ragan_tensor(r, f, target_real)
+        whole = spec.ragan_loss(r, f, target_real)
         whole.backward()
         mean_loss = (ranks[0][name][0] + ranks[1][name][0]) / 2
         assert mean_loss.item() == pytest.approx(whole.item(), rel=1e-12), f"L_{name}"
         one_process = (ragan_d_loss if name == "d" else ragan_g_loss)(c_real, c_fake, global_mean=True)
         assert one_process.item() == pytest.approx(whole.item(), rel=1e-12)  # this process: a world of one
-        local = [_hand_ragan_tensor(c_real[s], c_fake[s], target_real) for s in (slice(0, 3), slice(3, 6))]
+        local = [spec.ragan_loss(c_real[s], c_fake[s], target_real) for s in (slice(0, 3), slice(3, 6))]
         assert abs((local[0] + local[1]).item() / 2 - whole.item()) > 0.1  # local means would be far off
         for i, (what, grad) in enumerate((("real", r.grad), ("fake", f.grad)), start=1):
             got = torch.cat([ranks[0][name][i], ranks[1][name][i]]) / 2  # data-parallel averaging

@@ -117,16 +117,6 @@ def vgg_params(vgg) -> dict:
     return {f"features.{k}": v for k, v in vgg.features.state_dict().items()}
 
 
-def hand_bce(x: torch.Tensor, target: int) -> torch.Tensor:
-    """BCE with logits, by hand: -log sigma(x) for target 1, -log(1 - sigma(x)) for 0."""
-    return F.softplus(-x).mean() if target == 1 else F.softplus(x).mean()
-
-
-def hand_ragan(c_real, c_fake, real_target: int) -> torch.Tensor:
-    """L_D (real_target 1) / L_G (real_target 0) of the spec."""
-    return (hand_bce(c_real - c_fake.mean(), real_target) + hand_bce(c_fake - c_real.mean(), 1 - real_target))
-
-
 def reference_grads(cfg, rec: dict, vgg) -> tuple[dict, dict]:
     """The gradients of the spec's L_D (at the step's starting D and G) and L_G (at the starting G,
     with D after its own step, frozen), by parameter name, written from the spec."""
@@ -134,14 +124,14 @@ def reference_grads(cfg, rec: dict, vgg) -> tuple[dict, dict]:
     g, d = models_from(cfg, rec["g_before"], rec["d_before"])
     hr, lr = rec["hr"], rec["lr"]
     hf = g(lr)
-    loss_d = hand_ragan(d(hr), d(hf.detach()), real_target=1)
+    loss_d = spec.ragan_loss(d(hr), d(hf.detach()), real_target=1)
     d_grads = dict(zip([n for n, _ in d.named_parameters()], torch.autograd.grad(loss_d, list(d.parameters()))))
     d.load_state_dict(rec["d_after"])
     d.requires_grad_(False)
     with torch.no_grad():
         c_real = d(hr)
     loss_g = (t.content.weight * spec.content_loss(vgg_params(vgg), hf, hr, t.content.layer)
-              + t.gan.weight * hand_ragan(c_real, d(hf), real_target=0))
+              + t.gan.weight * spec.ragan_loss(c_real, d(hf), real_target=0))
     if t.pixel_weight:
         loss_g = loss_g + t.pixel_weight * (hf - hr).abs().mean()
     g_grads = dict(zip([n for n, _ in g.named_parameters()], torch.autograd.grad(loss_g, list(g.parameters()))))
@@ -337,9 +327,9 @@ def test_gan_step_after_pretraining_has_the_spec_losses(pretrain_run):
     g, d = models_from(cfg, rec["g_before"], rec["d_before"])
     with torch.no_grad():
         hf = g(rec["lr"])
-        assert losses["d"] == pytest.approx(hand_ragan(d(rec["hr"]), d(hf), 1).item(), rel=1e-5)
+        assert losses["d"] == pytest.approx(spec.ragan_loss(d(rec["hr"]), d(hf), 1).item(), rel=1e-5)
         d.load_state_dict(rec["d_after"])  # L_G sees the D that just stepped
-        adv = hand_ragan(d(rec["hr"]), d(hf), 0).item()
+        adv = spec.ragan_loss(d(rec["hr"]), d(hf), 0).item()
         content = spec.content_loss(vgg_params(trainer.vgg), hf, rec["hr"], t.content.layer).item()
         pixel = (hf - rec["hr"]).abs().mean().item()
     assert losses["adv"] == pytest.approx(adv, rel=1e-5)
