@@ -435,6 +435,26 @@ def test_training_on_the_dali_cpu_pipeline(tmp_path, recorder):
 
 
 # ------------------------------------------------------------------------------------------------
+# engines: BatchNorm statistics in the parameters' dtype
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bf16", [False, True])
+def test_batchnorm_statistics_follow_the_parameter_dtype(bf16):
+    """cuDNN's BatchNorm wants running statistics in the parameters' dtype (CPU accepts any mix, so
+    only the dtypes show it): DeepSpeed casts parameters, engine.py asks it to cast buffers too."""
+    from gafh_fast.train import build_models
+    from gafh_fast.train.engine import build_engines, init_distributed
+
+    init_distributed()
+    cfg = tiny_config(f"deepspeed.bf16={str(bf16).lower()}")
+    generator, discriminator, _ = build_models(cfg)
+    want = torch.bfloat16 if bf16 else torch.float32
+    for engine in build_engines(cfg, generator, discriminator):
+        stats = [b for name, b in engine.module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+        assert stats and {b.dtype for b in stats} == {want}
+        assert {p.dtype for p in engine.module.parameters()} == {want}
+
+
+# ------------------------------------------------------------------------------------------------
 # a non-finite loss on any rank makes every rank skip
 # ------------------------------------------------------------------------------------------------
 def _finite_on_rank(rank: int, values: list, out_dir: str) -> None:
