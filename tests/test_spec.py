@@ -164,14 +164,25 @@ def test_paper_generator_equals_spec():
     assert_same(got, want, 1e-12, "paper G")
 
 
-def test_generator_triton_backend_equals_spec():
+TRITON_VARIANTS = {
+    # every fused-call kind: IDBs (the second with x != x0), RIDB 1..n-1, the last RIDB with the DNB
+    # residual, fusion with BN, nearest up-convs
+    "trunk": ("model.generator.num_dnb=1", "model.generator.ridb_per_dnb=2", "model.generator.idb_per_ridb=2"),
+    # pixel-shuffle up-convs of 4 nf = 160 output channels: more than one output-channel tile (the
+    # paper's nf 64 gives 256), and the fusion without BN (its residual fused)
+    "pixel_shuffle-nf40": ("model.generator.nf=40", "model.generator.gc=8", "model.generator.num_dnb=1",
+                           "model.generator.ridb_per_dnb=1", "model.generator.idb_per_ridb=1",
+                           "model.generator.upsample=pixel_shuffle", "model.generator.trunk_norm=none"),
+}
+
+
+@pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
+def test_generator_triton_backend_equals_spec(variant):
     """kernels=triton (the interpreter on CPU): float32 kernels against the float64 spec, output and
-    gradients. One tiny shape; every fused-call kind (IDBs, the second with x != x0, RIDB 1..n-1,
-    the last RIDB with the DNB residual, fusion with BN, up-convs) is in it."""
+    gradients, at one tiny shape per variant."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = load_config(None, TINY_G + ("kernels=triton", "model.generator.num_dnb=1",
-                                      "model.generator.ridb_per_dnb=2", "model.generator.idb_per_ridb=2",
-                                      "model.generator.sfm_kernel=3", "model.generator.out_kernel=3"))
+    cfg = load_config(None, TINY_G + ("kernels=triton", "model.generator.sfm_kernel=3", "model.generator.out_kernel=3")
+                      + TRITON_VARIANTS[variant])
     model = build_generator(cfg).eval()
     randomize_(model, seed=5)
     params = dict(model.named_parameters())

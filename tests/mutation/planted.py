@@ -15,8 +15,11 @@ PLANTED = [
          old="x = (x + 1.0) * 0.5", new="x = x"),
     dict(name="RaGAN global_mean ignored", file="gafh_fast/losses.py",
          old="if global_mean and dist.is_available()", new="if False and global_mean and dist.is_available()"),
-    dict(name="both optimizer steps removed", file="gafh_fast/train/step.py",
+    dict(name="D's optimizer step removed", file="gafh_fast/train/step.py",
          old="    d_engine.step()\n    sync()\n    t1", new="    sync()\n    t1"),
+    dict(name="G's optimizer step removed (GAN phase)", file="gafh_fast/train/step.py",
+         old="            g_engine.backward(loss_g)\n            g_engine.step()\n",
+         new="            g_engine.backward(loss_g)\n"),
     dict(name="ragan_g_loss arguments swapped", file="gafh_fast/train/step.py",
          old="ragan_g_loss(c_real, c_fake,", new="ragan_g_loss(c_fake, c_real,"),
     # --- spec constants -----------------------------------------------------------------------------
