@@ -82,6 +82,16 @@ class GanConfig:
 
 
 @dataclass
+class CompileConfig:
+    """torch.compile of the training step's modules (gafh_fast/train/compile.py says what and why)."""
+    enabled: Literal["auto", True, False] = "auto"   # auto: on for CUDA, off elsewhere (on/off/true/false)
+    # g: G's repeated blocks (the DNBs, regional); d: D inside its engine; vgg: the content-loss features
+    parts: list[Literal["g", "d", "vgg"]] = field(default_factory=lambda: ["g", "d", "vgg"])
+    # parts compiled with mode="reduce-overhead" (CUDA graphs on CUDA); none by default, see compile.py
+    cuda_graphs: list[Literal["g", "d", "vgg"]] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100_000
     lr_g: float = 1e-4
@@ -105,6 +115,7 @@ class TrainConfig:
     # activations (never parameters) in channels_last: auto = on CUDA, where cuDNN and the fused
     # kernels are fastest in it; true runs the CUDA layout on CPU (tests)
     channels_last: Literal["auto", True, False] = "auto"
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 @dataclass
@@ -285,6 +296,10 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: 'data.{key}' must be >= 1")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"{source}: 'train.ema_decay' must be in [0, 1)")
+    graphed = [p for p in cfg.train.compile.cuda_graphs if p not in cfg.train.compile.parts]
+    if graphed:
+        raise ConfigError(f"{source}: 'train.compile.cuda_graphs' names {graphed}, which 'train.compile.parts' "
+                          "does not compile")
 
 
 def _to_plain(obj):
