@@ -21,6 +21,7 @@
 #                                  real-size kernels-b64 train-b64 profile infer-b256 kernels-b8-256 model data
 #   GPU_SUITE_CAPS="main-job=200"  replace stages' timeouts (seconds), by key
 #   GPU_SUITE_DEVICE=cuda|cpu      the device of the bench suites and the main job (default cuda)
+#   GPU_TEST_WORKERS=8             pytest-xdist workers of the GPU kernel-test stage (capped at nproc)
 #   GPU_SUITE_SMOKE=1              plumbing only: no install, no main job, no GPU tests, smoke sizes
 #                                  (GPU_SUITE_DEVICE=cpu GPU_SUITE_SMOKE=1 OUT=/tmp/gs bench/gpu_suite.sh)
 #   MAIN_JOB_ARGS="--steps 4 ..."  more arguments to bench/main_job.py (tests/test_gpu_suite.py runs a
@@ -136,7 +137,23 @@ profile_step() {  # bench/profile_step.py: top-40 kernels, device busy/idle, tra
 print("wall %.1f ms/step, device busy %.1f%%, host %.1f ms" % (s["wall_ms_per_step"], s["busy_pct"], s["host_ms_per_step"]))' \
         "$OUT/profile/profile.json" > "$NOTES/profile.txt"
 }
-export -f install_all run_suite main_job profile_step
+kernel_tests() {  # tests/kernels on the GPU (real Triton): in parallel when pytest-xdist was carried
+    # Compiling each kernel variant costs seconds of CPU and the 62 tests need dozens of variants: serially
+    # they took 80 s for the first 23 on an H100 (call C). Compiles are CPU work, so N pytest workers on the
+    # host's cores divide the stage; all share the one GPU (tiny shapes) and Triton's on-disk cache.
+    local workers="${GPU_TEST_WORKERS:-8}" cores
+    cores=$(nproc)
+    (( workers > cores )) && workers=$cores
+    if "$PY" -c 'import xdist' 2>/dev/null && (( workers > 1 )); then
+        echo "kernel tests: $workers pytest-xdist workers on $cores cores" | tee "$NOTES/kernel-tests.txt"
+        env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels -q -x -rs -p no:cacheprovider -n "$workers"
+    else  # said in the log and the summary: the 60 s goal assumes the workers
+        echo "kernel tests: SERIAL (pytest-xdist not installed: carry its wheel, bench/README.md)" \
+            | tee "$NOTES/kernel-tests.txt"
+        env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels -q -x -rs -p no:cacheprovider
+    fi
+}
+export -f install_all run_suite main_job profile_step kernel_tests
 export PY DEVICE PARTS NOTES SCRATCH OUT SMOKE_FLAG
 
 selected() {  # selected KEY: true when GPU_SUITE_STAGES is unset/empty or names KEY
@@ -155,9 +172,8 @@ else
     # the product first: if it does not train, resume and infer, nothing after it matters as much
     selected main-job && stage "main-job" main-job 300 'main_job'
     # real Triton on the GPU: tests/kernels/conftest.py turns the interpreter on only when there is no GPU;
-    # per-shape tests pin a config and one test autotunes, which fits 60 s
-    selected kernel-tests && stage "kernel tests (GPU)" kernel-tests 60 \
-        'env -u TRITON_INTERPRET "$PY" -m pytest tests/kernels -q -x -rs -p no:cacheprovider'
+    # per-shape tests pin a config and one test autotunes; the compiles run in GPU_TEST_WORKERS processes
+    selected kernel-tests && stage "kernel tests (GPU)" kernel-tests 60 'kernel_tests'
     selected real-size && stage "real-size bf16 checks" real-size 60 \
         'env -u TRITON_INTERPRET "$PY" -m pytest tests/test_bench.py -q -rs -k gpu_real_size -p no:cacheprovider'
 fi

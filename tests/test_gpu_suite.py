@@ -198,3 +198,40 @@ def test_bench_json_has_main_job_row_with_the_trainers_numbers(suite):
     assert f"train {last['img_s']:.1f} img/s" in summary_line(suite, "main-job")
     assert rows[("main-job", "infer: torchrun launch/infer.py")]["status"] == "ok"
     assert rows[("data", "(suite)")]["status"] == "error"  # the stage cut by its timeout wrote no part
+
+
+# ----------------------------------------------------------------------------------------------------------
+def run_kernel_tests_stage(tmp_path: Path, *, has_xdist: bool, workers: str) -> tuple[list[str], str, str]:
+    """Run gpu_suite.sh's `kernel_tests` function (the GPU kernel-test stage) with a stand-in interpreter
+    that records how it is called; (the pytest command's argv, TRITON_INTERPRET as pytest saw it, the note)."""
+    calls = tmp_path / "calls.txt"
+    standin = tmp_path / "python"
+    standin.write_text(f"""#!/usr/bin/env bash
+if [[ "$1" == -c ]]; then exit {0 if has_xdist else 1}; fi   # the `import xdist` probe
+printf '%s\\n' "${{TRITON_INTERPRET-unset}}" "$@" > {calls}
+""")
+    standin.chmod(0o755)
+    function = subprocess.run(["sed", "-n", "/^kernel_tests() {/,/^}/p", str(REPO / "bench" / "gpu_suite.sh")],
+                              capture_output=True, text=True, check=True).stdout
+    assert function.startswith("kernel_tests() {"), "gpu_suite.sh has no kernel_tests function"
+    env = dict(os.environ, PY=str(standin), NOTES=str(tmp_path), GPU_TEST_WORKERS=workers, TRITON_INTERPRET="1")
+    proc = subprocess.run(["bash", "-c", function + "\nkernel_tests"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    interpret, *argv = calls.read_text().splitlines()
+    return argv, interpret, (tmp_path / "kernel-tests.txt").read_text()
+
+
+def test_gpu_kernel_test_stage_runs_pytest_xdist_workers_capped_at_the_cores(tmp_path):
+    # call C ran the 62 GPU kernel tests serially: 23 in 80 s, compiling; the stage now splits the compiles
+    argv, interpret, note = run_kernel_tests_stage(tmp_path, has_xdist=True, workers="100000")
+    cores = os.cpu_count()
+    assert argv[:3] == ["-m", "pytest", "tests/kernels"] and argv[-2:] == ["-n", str(cores)], argv
+    assert "-x" in argv and interpret == "unset"  # real Triton: conftest turns the interpreter on only without CUDA
+    assert note.strip() == f"kernel tests: {cores} pytest-xdist workers on {cores} cores"
+
+
+def test_gpu_kernel_test_stage_says_when_it_runs_serially(tmp_path):
+    argv, interpret, note = run_kernel_tests_stage(tmp_path, has_xdist=False, workers="8")
+    assert argv[:3] == ["-m", "pytest", "tests/kernels"] and "-n" not in argv, argv
+    assert interpret == "unset" and note.startswith("kernel tests: SERIAL (pytest-xdist not installed")
