@@ -102,6 +102,9 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)   # multistep: steps where lr halves
     warmup_steps: int = 0
     grad_clip: float = 0.0            # 0 disables
+    # torch Adam's implementation inside the DeepSpeed engines (gafh_fast/train/optim.py): fused is
+    # one kernel and drops a bad step's update without touching Adam's step counter
+    adam_impl: Literal["fused", "foreach", "for_loop"] = "fused"
     pixel_weight: float = 0.0         # lambda of the optional L1 pixel loss
     pretrain_steps: int = 0           # PSNR-oriented L1-only steps before the GAN phase
     ema_decay: float = 0.0            # 0 disables the EMA copy of G
