@@ -46,17 +46,24 @@ class TrainLogger:
                 f.write(json.dumps(record) + "\n")
 
     def step(self, step: int, seconds: dict[str, float], losses: dict[str, float], flops_per_image: int,
-             lr: float) -> None:
-        """Accumulate one step's timings; every log_every steps, refresh the bar and write a train line."""
-        for key, value in seconds.items():
-            self.window[key] = self.window.get(key, 0.0) + value
-        self.window["flops"] = self.window.get("flops", 0.0) + flops_per_image * self.batch
-        self.window_steps += 1
+             lr: float, timed: bool = True) -> None:
+        """Accumulate one step's timings; every log_every steps, refresh the bar and write a train line.
+        timed=False (a step that compiled): its losses are logged, its time stays out of img/s and MFU."""
+        if timed:
+            for key, value in seconds.items():
+                self.window[key] = self.window.get(key, 0.0) + value
+            self.window["flops"] = self.window.get("flops", 0.0) + flops_per_image * self.batch
+            self.window_steps += 1
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_every != 0 or self.rank != 0:
             if self.rank != 0:
                 self.window, self.window_steps = {}, 0
+            return
+        if self.window_steps == 0:  # every step of this window compiled: no rate to report
+            self.write({"kind": "train", "step": step, "lr_g": lr, **{f"loss_{k}": v for k, v in losses.items()},
+                        "img_s": None, "img_s_per_gpu": None, "mfu": None, "compiling": True})
+            self.bar.set_postfix_str("compiling " + " ".join(f"{k} {v:.3g}" for k, v in losses.items()), refresh=False)
             return
         total = self.window.get("total", 0.0) or 1e-9
         per_gpu = self.window_steps * self.batch / total

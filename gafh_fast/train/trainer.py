@@ -22,6 +22,7 @@ from gafh_fast.config import Config, save_config
 from gafh_fast.flops import peak_bf16_tflops, step_flops_per_image
 from gafh_fast.models import build_discriminator, build_generator, build_vgg
 from gafh_fast.train.checkpoint import check_world_size, load_checkpoint, resolve_resume, save_checkpoint
+from gafh_fast.train.compile import TrainCompiler, eager
 from gafh_fast.train.determinism import make_deterministic
 from gafh_fast.train.ema import EMA
 from gafh_fast.train.engine import build_engines, init_distributed
@@ -95,6 +96,7 @@ class Trainer:
         self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         self.vgg = vgg.to(self.device, self.dtype)  # frozen, eval, in the training dtype
         self.ema = EMA(self.g_engine.module, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.compiler = TrainCompiler(cfg.train.compile, self.device)  # compiles before the 2nd iteration
         self.train_loader = train_loader if train_loader is not None else self._build_loader("train")
         self._val_loader = val_loader
         self.step = self.epoch = self.batch_in_epoch = self.nan_in_a_row = 0
@@ -123,7 +125,8 @@ class Trainer:
                          + (f"resumed from {resume_from} at step {self.step}" if resume_from else "fresh start")
                          + f"; activations {'channels_last' if self.channels_last else 'NCHW'}, parameters "
                          f"contiguous (train.channels_last={cfg.train.channels_last})"
-                         + ("" if self.logger.peak else "; MFU n/a (no bf16 peak known for this device)"))
+                         + ("" if self.logger.peak else "; MFU n/a (no bf16 peak known for this device)")
+                         + "; " + self.compiler.describe())
         if self.determinism:
             self.logger.info(self.determinism)
 
@@ -198,10 +201,11 @@ class Trainer:
     def validate(self) -> dict:
         _average_buffers(self.eval_generator)
         v = self.cfg.val
-        metrics = validate(self.eval_generator, self.val_loader, device=self.device, crop_border=v.crop_border,
-                           max_images=v.max_images, grid_images=v.grid_images,
-                           grid_path=self.run_dir / "val" / f"grid_step_{self.step:08d}.png",
-                           channels_last=self.channels_last)
+        with eager():  # validation shapes are not training's: no compile for them
+            metrics = validate(self.eval_generator, self.val_loader, device=self.device, crop_border=v.crop_border,
+                               max_images=v.max_images, grid_images=v.grid_images,
+                               grid_path=self.run_dir / "val" / f"grid_step_{self.step:08d}.png",
+                               channels_last=self.channels_last)
         self.logger.val(self.step, metrics)
         return metrics
 
@@ -226,6 +230,8 @@ class Trainer:
         metrics: dict = {}
         try:
             while self.step < t.max_steps:
+                for line in self.compiler.before_step(self.g_engine, self.d_engine, self.vgg):
+                    self.logger.info(line)
                 t0 = time.perf_counter()
                 batch = next(batches)
                 hr, lr = (to_activation_layout(batch[k].to(self.device, non_blocking=True).to(self.dtype),
@@ -235,6 +241,10 @@ class Trainer:
                 gan = self.step >= t.pretrain_steps
                 out = train_step(cfg, self.g_engine, self.d_engine, self.vgg, hr, lr, gan=gan, sync=self._sync)
                 self.step += 1
+                compile_s = self.compiler.take_seconds()
+                if compile_s:  # this step's time is mostly compiling: logged, and left out of img/s
+                    self.logger.info(f"step {self.step}: " + self.compiler.summary(compile_s))
+                    self.logger.write({"kind": "compile", "step": self.step, "seconds": compile_s})
                 if out.skipped:
                     self._handle_skip(out.skipped)
                 else:
@@ -242,7 +252,8 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update(self.g_engine.module)
                     seconds = {"data": data_s, **out.seconds, "total": time.perf_counter() - t0}
-                    self.logger.step(self.step, seconds, out.losses, flops[gan], self.g_engine.get_lr()[0])
+                    self.logger.step(self.step, seconds, out.losses, flops[gan], self.g_engine.get_lr()[0],
+                                     timed=not compile_s)
                 if cfg.val.every and self.step % cfg.val.every == 0:
                     metrics, validated_at = self.validate(), self.step
                 stop = self._all_agree_to_stop()
