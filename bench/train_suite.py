@@ -6,6 +6,11 @@ Every path runs the project's own step, gafh_fast.train.step.train_step, on the 
     gafh_fast.train.engine (ZeRO stage and bf16 of the config, world size 1), activations in the
     layout of `train.channels_last: auto` (gafh_fast.train.layout), kernels=auto (Triton on CUDA).
     On CPU it runs with DS_ACCELERATOR=cpu (gloo), so CI's smoke run times this row too.
+  - `bf16 fused step (deepspeed, compiled)`: the same with train.compile's parts compiled as the
+    trainer compiles them (gafh_fast/train/compile.py): one eager step first (kernels=auto decides
+    per shape), then compile_parts; the compile seconds go in the note, never in the timing. CUDA
+    only: inductor's CPU compile of this step alone takes ~30-130 s on a 2-core CPU, past the smoke
+    bench's budget (tests/test_train_compile.py checks the compiled step on CPU instead).
   - `bf16 fused step (torch Adam)`: the same step and model with the engines replaced by
     TorchEngine below (bf16 parameters, fp32 master weights, torch.optim.Adam): a diagnostic of what
     DeepSpeed's bookkeeping costs.
@@ -121,6 +126,7 @@ def run(device: str, batch: int = 64, smoke: bool = False) -> list[dict]:
     layout = use_channels_last("auto", dev)  # the trainer's train.channels_last=auto
     paths = [  # (path, dtype, kernels, channels_last, engine)
         (f"bf16 {fused}step (deepspeed)", torch.bfloat16, "auto", layout, "deepspeed"),
+        (f"bf16 {fused}step (deepspeed, compiled)", torch.bfloat16, "auto", layout, "deepspeed+compile"),
         (f"bf16 {fused}step (torch Adam)", torch.bfloat16, "auto", layout, "torch"),
         (BASELINE, torch.float32, "torch", False, "torch"),
     ]
@@ -129,10 +135,15 @@ def run(device: str, batch: int = 64, smoke: bool = False) -> list[dict]:
     for path, dtype, kernels, channels_last, engine in paths:
         fields = dict(path=path, baseline=None if path == BASELINE else BASELINE, batch=batch,
                       dtype=str(dtype).replace("torch.", ""), kernels=kernels)
-        if engine == "deepspeed" and not have_deepspeed:
+        if engine.startswith("deepspeed") and not have_deepspeed:
             rows.append(skipped_row(SUITE, NAME, "deepspeed is not installed (see bench/README.md)", **fields))
             continue
-        if engine == "deepspeed" and not cuda:
+        if engine == "deepspeed+compile" and not cuda:
+            rows.append(skipped_row(SUITE, NAME, "torch.compile of the step is timed on CUDA only: inductor's CPU "
+                                    "compile takes 30-130 s on 2 cores (tests/test_train_compile.py checks it)",
+                                    **fields))
+            continue
+        if engine.startswith("deepspeed") and not cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed's first import probes for CUDA
         try:
             rows.append(_time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, peak,
@@ -149,7 +160,7 @@ def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, pea
     cfg = load_config(None, overrides + (f"kernels={kernels}", f"deepspeed.bf16={dtype == torch.bfloat16}".lower()))
     g, d, vgg = _build(cfg, dev, dtype, engine)
     g.train(), d.train()
-    if engine == "deepspeed":
+    if engine.startswith("deepspeed"):
         g_engine, d_engine = _deepspeed_engines(cfg, g, d)
     else:
         betas = cfg.train.betas
@@ -165,6 +176,7 @@ def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, pea
         losses.update(out.losses)
 
     flops = step_flops_per_image(cfg)["total"]
+    compile_note = _compile(cfg, g_engine, d_engine, vgg, step, inputs) if engine == "deepspeed+compile" else None
     timing = time_calls(step, inputs, dev, warmup=warmup, repeats=repeats)
     row = make_row(SUITE, NAME, spread_pct=timing["spread_pct"], repeats=timing["repeats"],
                    peak_mem_mb=timing["peak_mem_mb"], flops_per_image=flops,
@@ -174,4 +186,24 @@ def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, pea
         row["note"] = "MFU against the bf16 peak; cuDNN may use TF32 for fp32 convs (PyTorch's default)"
     elif dev.type != "cuda" and kernels == "auto":
         row["note"] = "CPU: kernels=auto resolves to the torch reference (no Triton off CUDA)"
+    if compile_note is not None:
+        from gafh_fast.train.compile import CLOCK
+
+        late = CLOCK.take()  # a recompile inside the timed calls would make the number a compile time
+        row["note"] = compile_note + (f"; RECOMPILED while timed: {late}" if late else "")
     return row
+
+
+def _compile(cfg, g_engine, d_engine, vgg, step, inputs) -> str:
+    """The trainer's order: one eager step (kernels=auto decides), compile, two steps (compile, settle)."""
+    from gafh_fast.train.compile import CLOCK, compile_parts
+
+    step(inputs[0])
+    CLOCK.register()
+    CLOCK.take()
+    how = compile_parts(cfg.train.compile, g_engine, d_engine, vgg)
+    for pair in inputs[:2]:
+        step(pair)
+    seconds = CLOCK.take()
+    return (f"compile {sum(seconds.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seconds.items()))
+            + f"), not timed; graphs {dict(CLOCK.graphs)}; " + "; ".join(how))
