@@ -32,7 +32,7 @@ from gafh_fast.config import load_config
 from gafh_fast.flops import step_flops_per_image
 from gafh_fast.models import build_discriminator, build_generator, build_vgg
 from gafh_fast.train.layout import to_activation_layout, use_channels_last
-from gafh_fast.train.step import train_step
+from gafh_fast.train.step import SKIP_REASONS, train_step
 
 try:
     from common import (add_speedups, error_row, free_device_memory, make_row, peak_tflops_for,
@@ -54,15 +54,22 @@ partial_rows: list[dict] = []  # the rows finished so far (bench/throughput.py r
 
 
 class TorchEngine:
-    """The part of a DeepSpeed engine that train_step uses (call, backward, step, .module) over
-    torch.optim.Adam. With master_fp32 the module holds bf16 parameters and Adam updates fp32
-    copies, as DeepSpeed's bf16 mode does; without it the module's own parameters are stepped."""
+    """The part of a DeepSpeed engine that train_step uses (call, backward, step, .module,
+    is_gradient_accumulation_boundary) over torch Adam (the trainer's GatedAdam, which train_step
+    hands its NaN veto, in implementation `impl`). With master_fp32 the module holds bf16 parameters
+    and Adam updates fp32 copies, as DeepSpeed's bf16 mode does; without it the module's own
+    parameters are stepped."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, betas, master_fp32: bool):
+    def __init__(self, module: torch.nn.Module, lr: float, betas, master_fp32: bool, impl: str):
+        from gafh_fast.train.optim import GatedAdam
+
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.masters = [p.detach().float().clone() for p in self.params] if master_fp32 else None
-        self.optimizer = torch.optim.Adam(self.masters or self.params, lr=lr, betas=tuple(betas))
+        self.optimizer = GatedAdam(self.masters or self.params, impl=impl, lr=lr, betas=tuple(betas))
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return True  # no accumulation: every step() steps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
@@ -164,20 +171,23 @@ def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, pea
         g_engine, d_engine = _deepspeed_engines(cfg, g, d)
     else:
         betas = cfg.train.betas
-        g_engine = TorchEngine(g, cfg.train.lr_g, betas, master_fp32=dtype != torch.float32)
-        d_engine = TorchEngine(d, cfg.train.lr_d, betas, master_fp32=dtype != torch.float32)
+        master = dtype != torch.float32
+        impl = cfg.train.adam_impl if master else "foreach"  # fp32 = BasicSR's way: torch Adam's CUDA default
+        g_engine = TorchEngine(g, cfg.train.lr_g, betas, master_fp32=master, impl=impl)
+        d_engine = TorchEngine(d, cfg.train.lr_d, betas, master_fp32=master, impl=impl)
     inputs = _batches(cfg, batch, dev, dtype, channels_last)
-    losses = {}
+    outputs = []
 
-    def step(pair):
-        out = train_step(cfg, g_engine, d_engine, vgg, pair[0], pair[1], gan=True)
-        if out.skipped:
-            raise RuntimeError(f"the step skipped a non-finite loss ({out.skipped}): the timing would be wrong")
-        losses.update(out.losses)
+    def step(pair):  # nothing read back here: the trainer's step reads nothing either (train/step.py)
+        outputs.append(train_step(cfg, g_engine, d_engine, vgg, pair[0], pair[1], gan=True))
 
     flops = step_flops_per_image(cfg)["total"]
     compile_note = _compile(cfg, g_engine, d_engine, vgg, step, inputs) if engine == "deepspeed+compile" else None
     timing = time_calls(step, inputs, dev, warmup=warmup, repeats=repeats)
+    skipped = [SKIP_REASONS[c] for c in torch.stack([o.skip_code for o in outputs]).tolist() if c]
+    if skipped:
+        raise RuntimeError(f"a step skipped a non-finite loss ({skipped[0]}): the timing would be wrong")
+    losses = outputs[-1].read()[0]
     row = make_row(SUITE, NAME, spread_pct=timing["spread_pct"], repeats=timing["repeats"],
                    peak_mem_mb=timing["peak_mem_mb"], flops_per_image=flops,
                    last_losses={k: round(v, 5) for k, v in losses.items()}, **fields)

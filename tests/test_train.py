@@ -59,6 +59,7 @@ from gafh_fast.metrics import bicubic_upsample, psnr, ssim  # noqa: E402
 from gafh_fast.train import Trainer, TrainingAborted, build_models  # noqa: E402
 from gafh_fast.train.checkpoint import WorldSizeMismatch, check_world_size, resolve_resume  # noqa: E402
 from gafh_fast.train.determinism import make_deterministic  # noqa: E402
+from gafh_fast.train.optim import adam_impl_flags  # noqa: E402
 from gafh_fast.train.preflight import UsageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +106,9 @@ def reference_loop(cfg, steps: int):
     with D frozen. Same seed, same build order, same batches as the trainer."""
     G, D, vgg = build_models(cfg)
     t = cfg.train
-    opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=t.betas)
+    impl = adam_impl_flags(t.adam_impl)  # fused and for-loop Adam differ in the last bit, which Adam amplifies
+    opt_g = torch.optim.Adam(G.parameters(), lr=t.lr_g, betas=t.betas, **impl)
+    opt_d = torch.optim.Adam(D.parameters(), lr=t.lr_d, betas=t.betas, **impl)
     losses, batches = [], iter(SyntheticLoader(cfg))
     for _ in range(steps):
         batch = next(batches)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -17,11 +18,19 @@ class EMA:
         self.module = copy.deepcopy(module).float().eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, applied: Optional[torch.Tensor] = None) -> None:
+        """applied: a bool 0-dim device tensor, False when G's update was dropped (train/step.py);
+        the shadow then stays bit for bit as it was, decided on the device, without a host read."""
         for shadow, current in zip(self.module.parameters(), module.parameters()):
-            shadow.lerp_(current.detach().float(), 1.0 - self.decay)
+            if applied is None:
+                shadow.lerp_(current.detach().float(), 1.0 - self.decay)
+            else:  # where, not a 0/1 weight: x + 0 * (y - x) turns -0.0 into +0.0
+                torch.where(applied, shadow.lerp(current.detach().float(), 1.0 - self.decay), shadow, out=shadow)
         for shadow, current in zip(self.module.buffers(), module.buffers()):
-            shadow.copy_(current)
+            if applied is None:
+                shadow.copy_(current)
+            else:
+                torch.where(applied, current.to(shadow.dtype), shadow, out=shadow)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

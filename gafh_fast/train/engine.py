@@ -1,10 +1,17 @@
 """The two DeepSpeed engines, G and D, each built from its own config dict generated from our YAML.
 
 DeepSpeed asserts when a config dict and a `deepspeed_config` argument are both given, so the dict is
-the only config path. The optimizer is torch.optim.Adam passed as DeepSpeed's client optimizer: with
-ZeRO 0/1/2 DeepSpeed wraps it (flat fp32 master partitions under ZeRO, bf16 master copies under bf16)
-but the update is element-wise torch Adam, which is what makes the trainer equal the plain-PyTorch
-reference loop in tests/test_train.py.
+the only config path. The optimizer is torch Adam (GatedAdam, gafh_fast/train/optim.py: fused by
+default, `train.adam_impl`) passed as DeepSpeed's client optimizer: with ZeRO 0/1/2 DeepSpeed wraps it
+(flat fp32 master partitions under ZeRO, bf16 master copies under bf16) but the update is element-wise
+torch Adam, which is what makes the trainer equal the plain-PyTorch reference loop in tests/test_train.py.
+
+No host sync inside engine.step() (see gafh_fast/train/step.py): DeepSpeed's gradient-norm and
+overflow checks read values back to the host, so they are off (`compute_grad_norm`,
+`bf16.check_grad_overflow`) and GatedAdam does the clipping and the NaN veto on the device; its
+throughput timer synchronizes the device at every forward and step, so it is off too. bf16 with
+zero_stage 0 is the exception: DeepSpeed's FP16_UnfusedOptimizer then reads the norm and an overflow
+flag in every step, and 0.19.8 has no switch for it.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from gafh_fast.config import Config
+from gafh_fast.train.optim import GatedAdam
 
 
 @dataclass
@@ -56,15 +64,17 @@ def deepspeed_config(cfg: Config) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": 0.0,  # GatedAdam clips on the device (DeepSpeed's reads the norm)
         "steps_per_print": ds.steps_per_print or 10**12,
-        "bf16": {"enabled": ds.bf16},
+        "bf16": {"enabled": ds.bf16, **({"check_grad_overflow": False} if ds.bf16 else {})},
         # DeepSpeed casts parameters but not buffers; BatchNorm wants its running stats in the
         # parameters' dtype, so they follow into bf16.
         **({"data_types": {"buffer_dtype": "bf16"}} if ds.bf16 else {}),
-        "zero_optimization": {"stage": ds.zero_stage},
+        # compute_grad_norm exists for stages 1 and 2 only (DeepSpeed refuses it on stage 0)
+        "zero_optimization": {"stage": ds.zero_stage, **({"compute_grad_norm": False} if ds.zero_stage else {})},
         "zero_allow_untested_optimizer": True,  # torch Adam as the client optimizer under ZeRO
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},  # it synchronizes the device every forward/step
     }
 
 
@@ -86,15 +96,32 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def build_optimizer(cfg: Config, params, lr: float) -> GatedAdam:
+    """torch Adam(lr, betas, weight_decay) in the configured implementation, clipping at train.grad_clip.
+    One param group: ZeRO steps the client optimizer once per group, so a clip norm over several
+    groups would see one group at a time."""
+    return GatedAdam(params, impl=cfg.train.adam_impl, max_grad_norm=cfg.train.grad_clip, lr=lr,
+                     betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+
+
+def gated_optimizer(engine) -> GatedAdam:
+    """The GatedAdam inside an engine (DeepSpeed keeps the client optimizer as basic_optimizer)."""
+    optimizer = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    if not isinstance(optimizer, GatedAdam):
+        raise TypeError(f"train_step needs engines whose optimizer is GatedAdam (engine.build_optimizer), "
+                        f"got {type(optimizer).__name__}")
+    return optimizer
+
+
 def build_engine(cfg: Config, module: torch.nn.Module, lr: float):
-    """One DeepSpeed engine around `module` with torch Adam(lr, betas, weight_decay) and the LR schedule."""
+    """One DeepSpeed engine around `module` with GatedAdam and the LR schedule."""
     import deepspeed
 
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(cfg.train.betas),
-                                 weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg, module.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
+    optimizer.partitioned = cfg.deepspeed.zero_stage in (1, 2)
     return engine
 
 

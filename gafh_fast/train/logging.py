@@ -83,7 +83,8 @@ class TrainLogger:
         mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
         self.bar.set_postfix_str(
             f"{record['img_s']:.1f} img/s ({per_gpu:.1f}/GPU) data {record.get('ms_data', 0):.0f}ms "
-            f"D {record.get('ms_d_step', 0):.0f}ms G {record.get('ms_g_step', 0):.0f}ms MFU {mfu} "
+            # host time queueing D's and G's step: the step does not wait for the device (train/step.py)
+            f"host D {record.get('ms_host_d', 0):.0f}ms G {record.get('ms_host_g', 0):.0f}ms MFU {mfu} "
             + " ".join(f"{k} {v:.3g}" for k, v in losses.items()), refresh=False)
         self.window, self.window_steps = {}, 0
 

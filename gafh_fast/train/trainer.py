@@ -29,7 +29,7 @@ from gafh_fast.train.engine import build_engines, init_distributed
 from gafh_fast.train.layout import to_activation_layout, use_channels_last
 from gafh_fast.train.preflight import preflight
 from gafh_fast.train.logging import TrainLogger
-from gafh_fast.train.step import train_step
+from gafh_fast.train.step import StepWindow, train_step
 from gafh_fast.train.validate import validate
 
 log = logging.getLogger("gafh_fast")
@@ -101,6 +101,7 @@ class Trainer:
         self._val_loader = val_loader
         self.step = self.epoch = self.batch_in_epoch = self.nan_in_a_row = 0
         self._stop_requested = False
+        self.window = StepWindow(self.device)  # step outputs not yet read by the host
 
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,18 +169,8 @@ class Trainer:
             raise KeyboardInterrupt(f"signal {signum} received twice")
         self._stop_requested = True
         if self.rank == 0:
-            log.warning("signal %d: finishing this step, saving a checkpoint, then exiting", signum)
-
-    def _all_agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if self.world > 1:
-            flag = flag.to(self.device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            log.warning("signal %d: stopping at the next read-back (within train.log_every steps), saving a "
+                        "checkpoint, then exiting", signum)
 
     # --- pieces -----------------------------------------------------------------------------------
     @property
@@ -209,10 +200,11 @@ class Trainer:
         self.logger.val(self.step, metrics)
         return metrics
 
-    def _handle_skip(self, what: str) -> None:
+    def _handle_skip(self, step: int, what: str) -> None:
+        """Step `step` dropped an update (read back up to log_every - 1 steps later, see train/step.py)."""
         self.nan_in_a_row += 1
-        self.logger.write({"kind": "nan_skip", "step": self.step, "loss": what, "in_a_row": self.nan_in_a_row})
-        self.logger.info(f"step {self.step}: non-finite {what} loss, step skipped "
+        self.logger.write({"kind": "nan_skip", "step": step, "loss": what, "in_a_row": self.nan_in_a_row})
+        self.logger.info(f"step {step}: non-finite {what} loss, step skipped "
                          f"({self.nan_in_a_row} in a row, limit {self.cfg.train.max_nan_skips})")
         if self.nan_in_a_row >= self.cfg.train.max_nan_skips:
             raise TrainingAborted(
@@ -236,27 +228,32 @@ class Trainer:
                 batch = next(batches)
                 hr, lr = (to_activation_layout(batch[k].to(self.device, non_blocking=True).to(self.dtype),
                                                self.channels_last) for k in ("hr", "lr"))  # (N, 3, H, W), (N, 3, H/8, W/8)
-                self._sync()
-                data_s = time.perf_counter() - t0
+                data_s = time.perf_counter() - t0  # host time: the copies are queued, not waited for
                 gan = self.step >= t.pretrain_steps
-                out = train_step(cfg, self.g_engine, self.d_engine, self.vgg, hr, lr, gan=gan, sync=self._sync)
+                out = train_step(cfg, self.g_engine, self.d_engine, self.vgg, hr, lr, gan=gan)
+                if self.ema is not None:  # gated on the device: a dropped G update leaves the EMA as it was
+                    self.ema.update(self.g_engine.module, applied=out.applied["g"])
                 self.step += 1
                 compile_s = self.compiler.take_seconds()
                 if compile_s:  # this step's time is mostly compiling: logged, and left out of img/s
                     self.logger.info(f"step {self.step}: " + self.compiler.summary(compile_s))
                     self.logger.write({"kind": "compile", "step": self.step, "seconds": compile_s})
-                if out.skipped:
-                    self._handle_skip(out.skipped)
-                else:
-                    self.nan_in_a_row = 0
-                    if self.ema is not None:
-                        self.ema.update(self.g_engine.module)
-                    seconds = {"data": data_s, **out.seconds, "total": time.perf_counter() - t0}
-                    self.logger.step(self.step, seconds, out.losses, flops[gan], self.g_engine.get_lr()[0],
-                                     timed=not compile_s)
+                self.window.add(self.step, out)
+                losses, stop = {}, False
+                if (self.step % self.logger.log_every == 0 or self.step == t.max_steps
+                        or (t.checkpoint_every and self.step % t.checkpoint_every == 0)):
+                    # the loop's one device-to-host read (train/step.py); a collective on every rank
+                    losses, steps, stop = self.window.read(out, self._stop_requested)
+                    for step, what in steps:
+                        if what:
+                            self._handle_skip(step, what)
+                        else:
+                            self.nan_in_a_row = 0
+                seconds = {"data": data_s, **out.seconds, "total": time.perf_counter() - t0}
+                self.logger.step(self.step, seconds, losses, flops[gan], self.g_engine.get_lr()[0],
+                                 timed=not compile_s)
                 if cfg.val.every and self.step % cfg.val.every == 0:
                     metrics, validated_at = self.validate(), self.step
-                stop = self._all_agree_to_stop()
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or stop:
                     self.save()
                     saved_at = self.step
