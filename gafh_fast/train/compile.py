@@ -5,8 +5,10 @@ The module object stays (its parameters, buffers, hooks), so state-dict keys nev
 `_orig_mod.` prefix and checkpoints and exports are those of the eager modules; its hooks stay
 eager, outside the graph. Not `module.compile()`, which compiles `_call_impl` with the hooks, and
 not DeepSpeed's `engine.compile()` (in 0.19.8 that is `module.compile()` of the engine's module):
-the engine's forward pre-hook (`_forward_prologue`: throughput timers calling time.time()) is a
-graph break, so fullgraph fails, and without fullgraph every call splits there.
+it traces DeepSpeed's forward pre-hook (`_forward_prologue`) into the graph. With DeepSpeed's
+throughput timer on, that hook calls time.time(), a graph break (fullgraph fails); with the timer
+off (train/engine.py) it traces, but the graph then depends on whatever DeepSpeed's hooks read.
+Compiling D's forward keeps the hooks eager, whatever DeepSpeed puts in them.
   - `d`: the discriminator. ZeRO 1/2 hook gradients, which stay eager. One graph per grad
     signature: D step (parameters trainable), C(x_r) under no_grad and C(G(z)) with D frozen in
     the G step.
