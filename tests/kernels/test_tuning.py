@@ -44,6 +44,30 @@ def test_at_most_two_candidates_with_legal_tiles(c1, c2, c_out):
                 assert all(b >= 16 and b & (b - 1) == 0 for b in blocks) and c.num_warps == 4
 
 
+# Shared memory per block on an H100 (227 KiB). A pipelined loop keeps num_stages copies of its A and B
+# tiles: compile_check's sm_90 report matches this count exactly (IDB conv1 fwd, M128 N32 K64, 3 stages,
+# bf16: 3 * (128*64 + 64*32) * 2 = 61440 B; dW C64 CO64 P128: 3 * (128*64 + 128*64) * 2 = 98304 B).
+H100_SMEM_PER_BLOCK = 227 * 1024
+
+
+def _ring_bytes(cfg, rows: str, ks: tuple[str, str], cols: str, elem: int) -> int:
+    """num_stages copies of an A tile (rows x K) and a B tile (K x cols), K the wider of the two loops'."""
+    k = max(cfg.kwargs[name] for name in ks)
+    return cfg.num_stages * (cfg.kwargs[rows] * k + k * cfg.kwargs[cols]) * elem
+
+
+@pytest.mark.parametrize("c1, c2, c_out", [(3, 0, 17), (64, 32, 64), (96, 0, 128), (40, 200, 160), (256, 0, 256)])
+def test_candidates_fit_h100_shared_memory_at_fp32(c1, c2, c_out):
+    """fp32 (the exactness path: fp32 training and the GPU kernel tests) is the widest operand type."""
+    for m in (1, 1000, 2**16, 2**20):
+        for c in configs.fwd_candidates(c1, c2, c_out, 7, m):
+            assert _ring_bytes(c, "BLOCK_M", ("BLOCK_K1", "BLOCK_K2"), "BLOCK_N", 4) <= H100_SMEM_PER_BLOCK, ("fwd", m, c)
+        for c in configs.dx_candidates(c_out, c2, c1, 7, m):
+            assert _ring_bytes(c, "BLOCK_M", ("BLOCK_KA", "BLOCK_KB"), "BLOCK_N", 4) <= H100_SMEM_PER_BLOCK, ("dx", m, c)
+        for c in configs.dw_candidates(c1, c2, c_out, 7, m):  # dW: (P x C) and (P x CO) tiles, P the K side
+            assert _ring_bytes(c, "BLOCK_C", ("BLOCK_P", "BLOCK_P"), "BLOCK_CO", 4) <= H100_SMEM_PER_BLOCK, ("dw", m, c)
+
+
 def test_m_is_bucketed():
     assert configs.m_bucket(10) == 1024 and configs.m_bucket(65536) == 65536 and configs.m_bucket(65537) == 131072
 

@@ -161,9 +161,115 @@ EQUIVALENT = [
 ]
 
 
+
+# kernels/: the tile heuristic and plan arithmetic (which correct config or chunking runs), dummy
+# arguments of absent operands, and masked lanes nothing stores.
+_TILE_ORDER = ("which of the two legal candidates (BLOCK_M 128 with 3 stages, 64 with 4) comes first: on a GPU "
+               "the tuner times both; the CPU tests run both (test_each_candidate_config, PickTuner). Every "
+               "block stays a power of two >= 16 within H100 shared memory: only GPU timing sees the order")
+_DW_CHUNKS = ("how many pixel chunks dW is split into on a GPU (programs per SM): a speed choice; any split "
+              "sums to the same dW (splits 1-3 run in test_dw_partials_never_use_more_chunks_than_asked and "
+              "test_each_candidate_config) and chunks stay >= 1024 pixels")
+_ABSENT = "an argument of an operand that is absent (its constexpr flag is false or its loop has 0 steps): never read"
+_UNSTORED = ("the fill value of lanes no store writes (masked out of the store as well); the interpreter fills "
+             "0 without `other` too")
+_COMMUTES = "pixel_rows(a, b) is a * b (in int64 when IDX64): the product commutes"
+_KEY_FLAG = "a plan-key flag negated: the key still tells the same cases apart"
+
+EQUIVALENT += [
+    ("kernels/configs.py", "waves_128 = cdiv(m_bucket(m), 128) * n_tiles / H100_SMS", "128", "129", _TILE_ORDER),
+    ("kernels/configs.py", "waves_128 = cdiv(m_bucket(m), 128) * n_tiles / H100_SMS", " * ", " / ", _TILE_ORDER),
+    ("kernels/configs.py", "if waves_128 >= 2 else", "2", "3", _TILE_ORDER),
+    ("kernels/configs.py", "if sms <= 0:", " <= ", " < ",
+     "sms = 0 gives one chunk through the formula as well: cdiv(0, tiles) = 0, then max(1, .)"),
+    ("kernels/configs.py", "tiles = 9 * cdiv(c_in, 64) * cdiv(c_out, 64)", "c_in, 64", "64, c_in", _DW_CHUNKS),
+    ("kernels/conv3x3.py", "return 0", "0", "1",
+     "_sms of a non-CUDA device: dw_split with 1 SM gives one chunk, as with 0 (4 programs over >= 9 tap "
+     "tiles round to 1)"),
+    ("kernels/conv3x3.py", "if s_ci == 1 and s_kh == 3 * s_kw:", " * ", " / ",
+     "a channels_last weight then takes the copy branch, whose .contiguous(channels_last) returns the same "
+     "storage (it is channels_last already): the kernels read the same memory"),
+    ("kernels/conv3x3.py", "return weight.detach().contiguous(memory_format=torch.channels_last)", "weight.detach()",
+     "weight", "kernel_weight runs only where autograd records nothing (inside autograd.Function forward/backward "
+     "and custom-op bodies, or without grad): the copy has no history either way"),
+    ("kernels/conv3x3.py", "IDX64=", "**", "*",
+     "64-bit index arithmetic for (nearly) every shape: the same addresses, only slower on a GPU; shapes of "
+     ">= 2**31 elements keep IDX64 either way"),
+    ("kernels/conv3x3.py", "n1, n_tot, omask is not None, a_mask is not None, gz_out is not None,", " is not ", " is ",
+     _KEY_FLAG),
+    ("kernels/conv3x3.py", "dbp = torch.empty((s, c_out), dtype=torch.float32", ", dtype=torch.float32", "",
+     "torch.empty's default dtype is float32, the dtype named (nothing in the project changes the default)"),
+    ("kernels/conv3x3.py", "dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32", ", dtype=torch.float32",
+     "", "torch.empty's default dtype is float32, the dtype named (nothing in the project changes the default)"),
+    ("kernels/conv3x3.py", "fb = fin_b or Finalize(ga, ga, ga, ga, 0, 1.0)", "1.0", "2.0", _ABSENT),
+    ("kernels/conv3x3.py", "fa = fin_a or Finalize(ga, ga, ga, ga, 0, 1.0)", "1.0", "2.0", _ABSENT),
+    ("kernels/conv3x3.py", "h1, mask1 = conv_forward([x], w1, b1, slope, None, 1.0, None, 1.0,", "1.0", "2.0",
+     "the scale of a residual that is None (HAS_R1 / HAS_R2 false: never read)"),
+    ("kernels/conv3x3.py", "y, mask2 = conv_forward([x, h1], w2, b2, slope, x0, 1.0, None, 1.0, save_mask, w_k=w2_k)",
+     ", w_k=w2_k", "", "conv_forward then makes kernel_weight(w2) itself: the same values as the caller's w2_k"),
+    ("kernels/conv3x3.py", "_dx((gz2, w2_k, 0), (gz1, w1_k, 0), dx,", "(gz2, w2_k, 0), (gz1, w1_k, 0)",
+     "(gz1, w1_k, 0), (gz2, w2_k, 0)",
+     "the dX GEMM sums its two sources into one accumulator: swapping them changes only the fp32 summation order"),
+    ("kernels/conv3x3_bwd.py", "acc += tl.load(dwp_ptr + s * per_split + offs, mask=ok, other=0.0)", ", other=0.0", "",
+     _UNSTORED),
+    ("kernels/conv3x3_bwd.py", "b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)", ", other=0.0", "",
+     _UNSTORED),
+    ("kernels/conv3x3_bwd.py", "tl.store(out1_ptr + pixel_rows(offs_m, N1, IDX64)", "offs_m, N1", "N1, offs_m", _COMMUTES),
+    ("kernels/conv3x3_bwd.py", "tl.store(out2_ptr + pixel_rows(offs_m, N_TOT - N1, IDX64)", "offs_m, N_TOT - N1",
+     "N_TOT - N1, offs_m", _COMMUTES),
+    ("kernels/conv3x3_fwd.py", "if K2_STEPS > 0:", " > ", " >= ", "K2_STEPS = 0: the second loop would run 9 * 0 steps"),
+    ("kernels/conv3x3_fwd.py", "acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)", ", other=0.0", "",
+     _UNSTORED + " (the mask bits of channels >= C_OUT in the last byte are never read: act_grad masks co < C)"),
+    ("kernels/conv3x3_fwd.py", "acc = tl.load(r2_ptr + out_off, mask=out_ok, other=0.0)", ", other=0.0", "", _UNSTORED),
+    ("kernels/conv3x3_fwd.py", "tl.store(mask_ptr + pixel_rows(offs_m, c_bytes, IDX64)", "offs_m, c_bytes",
+     "c_bytes, offs_m", _COMMUTES),
+    ("kernels/launch.py", "DIRECT_LAUNCH = _triton_version() >= _MIN_DIRECT", " >= ", " > ",
+     "differs only on Triton 3.3.x; this machine runs 3.9, the GPU machine 3.6"),
+    ("kernels/op.py", "check_idb_args(x, x0, w1, b1, w2, b2)", "x, x0", "x0, x",
+     "x and x0 must both be (N, nf, H, W) in the weights' dtype: the swapped check refuses the same inputs (it "
+     "would differ only for an x0 on another device, which neither order's residual check covers)"),
+]
+
+# (file, a piece of source that CONTAINS the mutated text, original, replacement, reason), matched by
+# position: for lines where the same edit elsewhere on the line is not equivalent (a real scale next to
+# the scale of an absent residual, a live shape next to a dummy one).
+EQUIVALENT_AT = [
+    ("kernels/conv3x3.py", "None, 1.0, save_mask", "1.0", "2.0",
+     "the scale of residual2, which is None in both IDB convs (HAS_R2 false: never read)"),
+    ("kernels/conv3x3.py", "if fin_a else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
+    ("kernels/conv3x3.py", "if fin_b else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
+    ("kernels/conv3x3.py", "else (ga, wa, 0)", "0", "1", _ABSENT),
+]
+
+# Lines whose mutants differ only where a CPU cannot look (matched by position as EQUIVALENT_AT).
+OUT_OF_SCOPE_AT = [
+    ("kernels/conv3x3_fwd.py", """mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)""", """,
+                        other=0.0""", "",
+     "the weight tile's fill for channels k >= C: the interpreter fills masked lanes with 0 with or without "
+     "`other`; on a GPU they are undefined but meet A lanes that are 0 (loaded with other=0.0), so only a NaN "
+     "in undefined registers could show, on a GPU"),
+]
+
+
 def equivalent_reason(path: str, line_text: str, original: str, replacement: str) -> str | None:
     """The reviewed reason this mutant is equivalent, or None. None in an entry matches any text."""
     for file, piece, orig, repl, reason in EQUIVALENT:
         if file == path and piece in line_text and orig in (None, original) and repl in (None, replacement):
             return reason
+    return None
+
+
+def positional_reason(entries: list, path: str, source: bytes, start: int, end: int, original: str,
+                      replacement: str) -> str | None:
+    """The reason of an entry whose piece contains the mutated bytes [start, end) at some occurrence."""
+    for file, piece, orig, repl, reason in entries:
+        if file != path or orig != original or repl != replacement:
+            continue
+        needle = piece.encode()
+        at = source.find(needle)
+        while at >= 0:
+            if at <= start and end <= at + len(needle):
+                return reason
+            at = source.find(needle, at + 1)
     return None

@@ -10,7 +10,8 @@
    tests/mutation/planted.py.
 3. Run: each mutant is written into the file, and only the tests that execute its lines run (fastest
    first, stopping at the first failure; lines run only at import time select every test of the
-   file). A fork server keeps torch, triton, deepspeed and pytest imported, so a mutant costs its
+   file; the torch.compile tests of COMPILED_BY join for the files they compile, whose lines Dynamo
+   runs out of the tracer's sight). A fork server keeps torch, triton, deepspeed and pytest imported, so a mutant costs its
    tests' time, not a fresh interpreter. The original file is always restored.
 4. Report: results.jsonl (one line per mutant, appended as it goes: --resume continues) and
    report.md (score per file, every survivor with its line).
@@ -39,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from equivalent import OUT_OF_SCOPE, equivalent_reason  # noqa: E402
+from equivalent import EQUIVALENT_AT, OUT_OF_SCOPE, OUT_OF_SCOPE_AT, equivalent_reason, positional_reason  # noqa: E402
 from mutants import Mutant, find_mutants  # noqa: E402
 from planted import PLANTED  # noqa: E402
 
@@ -120,6 +121,14 @@ def build_map(repo: Path, files: list[str], tests: list[str], out: Path) -> dict
 TRAIN_FILTER_EXPR = f"not test_train.py or ({TRAIN_FILTER})"
 
 
+# Dynamo evaluates the frames it compiles itself (symbolically), so the line tracer never sees the lines
+# a torch.compile test runs through: these tests also run for every mutant of the files they compile.
+COMPILED_BY = {
+    "kernels/op.py": ["tests/kernels/test_host_code.py::test_compile_sees_one_custom_op_per_conv_and_per_idb",
+                      "tests/kernels/test_conv3x3.py::test_torch_compile_fullgraph"],
+}
+
+
 def select_tests(m: Mutant, cover: dict, durations: dict, shared: dict) -> list[str]:
     """The tests that execute the mutant's lines. Lines run only at import time: every test of the
     file. Lines no traced test runs (e.g. the rank-gather path, run only in a test's spawned ranks):
@@ -140,6 +149,7 @@ def select_tests(m: Mutant, cover: dict, durations: dict, shared: dict) -> list[
     # the tracer saw its lines only under the test that set it up
     fixtures = {f for i in ids for f in shared.get(i, ())}
     ids.update(i for i, fs in shared.items() if fixtures.intersection(fs))
+    ids.update(i for i in COMPILED_BY.get(m.path, ()) if i in durations)
     return sorted(ids, key=lambda i: durations.get(i, 0.0))
 
 
@@ -233,7 +243,12 @@ def reviewed(repo: Path, m: Mutant) -> tuple[str, str] | None:
         for node in tree.body:
             if getattr(node, "name", None) in names and node.lineno <= m.line <= node.end_lineno:
                 return "out-of-scope", names[node.name]
-    line_text = (repo / m.path).read_text().splitlines()[m.line - 1]
+    source = (repo / m.path).read_bytes()
+    for status, entries in (("out-of-scope", OUT_OF_SCOPE_AT), ("equivalent", EQUIVALENT_AT)):
+        reason = positional_reason(entries, m.path, source, m.start, m.end, m.original, m.replacement)
+        if reason:
+            return status, reason
+    line_text = source.decode().splitlines()[m.line - 1]
     reason = equivalent_reason(m.path, line_text, m.original, m.replacement)
     return ("equivalent", reason) if reason else None
 

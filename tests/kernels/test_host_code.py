@@ -1,0 +1,316 @@
+"""The kernels' host code (kernels/conv3x3.py, op.py, launch.py, configs.py) beyond the numbers:
+argument checks, the compiled-kernel launch convention, buffer placement, plans, the no-grad IDB, the
+graph torch.compile sees and the custom ops' fake implementations.
+
+Most of these guard paths that only a GPU takes (the kept CompiledKernel launch, a default device
+other than the inputs', TF32/IEEE dots); each runs here with only the device or the launcher swapped.
+Values are compared with the float64 reference (the helpers of test_conv3x3.py / test_idb.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from gafh_fast.kernels import configs, conv3x3, fused_conv3x3_triton, fused_idb_triton, launch
+from gafh_fast.kernels.conv3x3_bwd import conv3x3_bwd_finalize_kernel
+from gafh_fast.kernels.tuning import config_to_dict, cuda_timer
+
+from .test_conv3x3 import DEVICE, assert_within, make_case, reference_and_scale
+from .test_idb import NAMES as IDB_NAMES, idb_reference, make_idb
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (the reference would refuse these too: torch.cat needs equal N, H, W and dtypes)
+# ---------------------------------------------------------------------------------------------
+def test_mismatched_second_input_is_refused():
+    x = torch.randn(1, 8, 4, 4, device=DEVICE)
+    wt = torch.randn(8, 16, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="input 1 has shape"):
+        fused_conv3x3_triton([x, torch.randn(1, 8, 4, 5, device=DEVICE)], wt, None, 0.2, None, 1.0, None, 1.0)
+    with pytest.raises(ValueError, match="input 1 is torch.bfloat16"):
+        fused_conv3x3_triton([x, torch.randn(1, 8, 4, 4, device=DEVICE, dtype=torch.bfloat16)], wt, None, 0.2,
+                             None, 1.0, None, 1.0)
+
+
+@pytest.mark.parametrize("missing", ["b1", "b2"])
+def test_idb_without_a_bias_is_refused(missing):
+    """The IDB's backward always returns both bias gradients: a missing bias must fail up front."""
+    t, _ = make_idb(8, 4, 1, 3, 3, torch.float32, seed=1)
+    t = {k: v.float().to(DEVICE) for k, v in t.items()}
+    t[missing] = None
+    with pytest.raises(ValueError, match="both conv biases"):
+        fused_idb_triton(t["x"], t["x0"], t["w1"], t["b1"], t["w2"], t["b2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The IDB without grad (inference, validation, export): y, not h1
+# ---------------------------------------------------------------------------------------------
+def test_idb_without_grad_equals_reference():
+    t, grad = make_idb(8, 12, 2, 3, 5, torch.float32, seed=4)
+    (y_ref, _), (y_abs, _) = idb_reference(t, grad, same_x=False)
+    leaves = {k: v.float().to(DEVICE).requires_grad_(True) for k, v in t.items()}
+    with torch.no_grad():
+        y = fused_idb_triton(*(leaves[k] for k in IDB_NAMES))
+    assert not y.requires_grad
+    assert_within("y (no grad)", y, y_ref, y_abs, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch path: pointer alignment in the launch key, the kept-CompiledKernel convention
+# ---------------------------------------------------------------------------------------------
+def test_alignment_flags():
+    """The JIT specialises on 16-byte pointer alignment, so the launch key must hold it per pointer."""
+    base = torch.empty(64, dtype=torch.float32, device=DEVICE)
+    assert base.data_ptr() % 16 == 0  # torch's allocators align far more than 16 bytes
+    assert launch.aligned(base, base[1:], base[2:], base[4:]) == (True, False, False, True)
+
+
+def test_kept_compiled_kernel_gets_every_argument_in_signature_order(monkeypatch):
+    """The CUDA launch path, run with the launcher swapped: the first launch of a key compiles (here: a
+    stand-in returns a fake CompiledKernel) and keeps it; later launches call it with a 3-d grid and the
+    runtime arguments followed by the constexprs in the kernel's declared order (Triton >= 3.3)."""
+    calls = []
+
+    class FakeCompiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args))
+
+    def standin(name, grid, args, constexprs, options):
+        calls.append(("compile", name, grid, args, dict(constexprs), options))
+        return FakeCompiled()
+
+    monkeypatch.setattr(launch, "INTERPRETING", False)
+    monkeypatch.setattr(launch, "STANDIN", standin)
+    launcher = launch.KernelLauncher(conv3x3_bwd_finalize_kernel, "fin-under-test")  # a private cache
+    args = ("dwp", "dbp", "dw", "db", 2, 3, 4, 36, 9, 1, 1.0)
+    constexprs = {"BLOCK": 1024, "HAS_BIAS": True, "INTERP_BF16": False}  # not in declared order on purpose
+    config = triton.Config({}, num_warps=4, num_stages=1)
+    for _ in range(3):
+        launcher.launch(("key",), (5,), args, constexprs, config)
+    assert calls[0] == ("compile", "fin-under-test", (5, 1, 1), args, constexprs, {"num_warps": 4, "num_stages": 1})
+    # conv3x3_bwd_finalize_kernel declares HAS_BIAS, INTERP_BF16, BLOCK (in that order) after its runtime args
+    assert calls[1:] == [((5, 1, 1), args + (True, False, 1024))] * 2
+    assert launch.LAUNCHES["fin-under-test"] == 3
+
+
+@triton.jit
+def _constexpr_in_the_middle(a_ptr, B: tl.constexpr, n):
+    tl.store(a_ptr + tl.arange(0, B), tl.zeros((B,), dtype=tl.float32) + n)
+
+
+def test_launcher_refuses_constexpr_before_runtime_arguments():
+    """Direct launch passes constexprs after the runtime arguments: a kernel that interleaves them
+    would be fed the wrong values, so the launcher refuses it when it is made."""
+    assert launch.KernelLauncher(conv3x3_bwd_finalize_kernel, "ok")._constexpr_names == [
+        "HAS_BIAS", "INTERP_BF16", "BLOCK"]
+    with pytest.raises(TypeError, match="constexpr parameters must come last"):
+        launch.KernelLauncher(_constexpr_in_the_middle, "bad")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuner, plans, precision flags, dW chunking
+# ---------------------------------------------------------------------------------------------
+def test_default_tuner_times_with_cuda_only_on_cuda():
+    old = conv3x3.set_tuner(None)
+    try:
+        tuner = conv3x3.tuner()
+        if torch.cuda.is_available():
+            assert tuner.timer is cuda_timer and tuner.device_name == torch.cuda.get_device_name()
+        else:  # no CUDA timer on a machine without CUDA (it would fail on the first autotune)
+            assert tuner.timer is None and tuner.device_name == "cpu"
+    finally:
+        conv3x3.set_tuner(old)
+
+
+def test_plan_configs_report_each_plan_plainly():
+    """bench/kernels_suite.py prints these next to the timings: dtype names without 'torch.'."""
+    old = conv3x3.set_tuner(None)  # no plans yet
+    try:
+        x = torch.randn(1, 5, 3, 7, device=DEVICE)
+        wt = torch.randn(9, 5, 3, 3, device=DEVICE)
+        fused_conv3x3_triton([x], wt, None, None, None, 1.0, None, 1.0)
+        (entry,) = conv3x3.plan_configs()
+    finally:
+        conv3x3.set_tuner(old)
+    assert entry["kernel"] == "fwd"
+    assert entry["plan"].startswith("((1, 5, 3, 7), None, (9, 5, 3, 3), ") and "'float32'" in entry["plan"]
+    assert "torch." not in entry["plan"] and "device" not in entry["plan"]
+    assert entry["config"] == config_to_dict(configs.fwd_candidates(5, 0, 9, 7, 21)[0])
+
+
+def test_fp32_launches_ask_for_ieee_dots(monkeypatch):
+    """fp32 I/O is the exactness path: every fp32 launch asks for IEEE dots (conftest.py makes the
+    interpreter round tf32 dots as a GPU does, so the value tests see it too; this names the flag)."""
+    seen = []
+    real_launch = launch.KernelLauncher.launch
+
+    def recording(self, key, grid, args, constexprs, config):
+        seen.append((self.name, constexprs.get("PRECISION")))
+        return real_launch(self, key, grid, args, constexprs, config)
+
+    monkeypatch.setattr(launch.KernelLauncher, "launch", recording)
+    t, grad = make_idb(8, 4, 1, 3, 3, torch.float32, seed=2)
+    leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in IDB_NAMES]
+    fused_idb_triton(*leaves).backward(grad.float().to(DEVICE))
+    assert {name for name, _ in seen} == {"fwd", "dw", "dx"}
+    assert all(precision == "ieee" for _, precision in seen)
+
+
+@triton.jit
+def _dot16(a_ptr, b_ptr, c_ptr, PRECISION: tl.constexpr):
+    r = tl.arange(0, 16)
+    a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+    tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, b, input_precision=PRECISION))
+
+
+@pytest.mark.skipif(not conv3x3.INTERPRETING, reason="checks conftest.py's interpreter emulation")
+def test_tf32_is_emulated():
+    """conftest.py: a tf32 dot reads its fp32 operands with 10 mantissa bits, an ieee dot in full."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(16, 16, generator=gen) + 1, torch.rand(16, 16, generator=gen) + 1  # in [1, 2)
+    exact = a.double() @ b.double()
+    out = {}
+    for precision in ("ieee", "tf32"):
+        out[precision] = torch.empty(16, 16)
+        _dot16[(1,)](a, b, out[precision], PRECISION=precision)
+    assert ((out["ieee"].double() - exact).abs() <= 16 * 2.0**-23 * exact).all()
+
+    def tf32(t):  # 10 mantissa bits, ties to even (t > 0 here)
+        bits = t.view(torch.int32)
+        return ((bits + 0xFFF + ((bits >> 13) & 1)) & -8192).view(torch.float32).double()
+
+    assert torch.allclose(out["tf32"].double(), tf32(a) @ tf32(b), rtol=1e-6, atol=0)
+    assert ((out["tf32"].double() - exact).abs() > 1e-4 * exact).any()
+
+
+@pytest.mark.parametrize("sms", [0, 1, 132])
+def test_dw_split_keeps_chunks_of_at_least_1024_pixels(sms):
+    """The fp32 dW workspace holds one (9, C_in, C_out) slice per chunk: chunks of >= 1024 pixels keep
+    it a few MB; no SMs (the interpreter) means one chunk."""
+    for m in (1, 1000, 1024, 2048, 5000, 65536, 2**20):
+        for c_in, c_out in ((3, 64), (64, 32), (96, 64), (256, 256)):
+            split = configs.dw_split(m, c_in, c_out, sms)
+            assert split >= 1
+            if sms == 0:
+                assert split == 1
+            if split > 1:
+                assert m // split >= 1024, (m, c_in, c_out, sms, split)
+
+
+@pytest.mark.parametrize("asked, expect", [(None, 1), (1, 1), (2, 2), (3, 3), (8, 3)])
+def test_dw_partials_never_use_more_chunks_than_asked(asked, expect):
+    """Chunks are rounded up to a multiple of 128 pixels, so the chunk count can only shrink: 300
+    pixels in at most 3 chunks of 128; None asks configs.dw_split (one chunk without SMs)."""
+    n, c, h, w = 2, 8, 10, 15  # 300 pixels
+    x = torch.randn(n, c, h, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    gz = torch.randn(n, 16, h, w, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    dwp, dbp, split = conv3x3._dw_partials(x, None, gz, True, asked, None)
+    assert split == expect and dwp.shape == (expect, 9, c, 16) and dbp.shape == (expect, 16)
+    ref = torch.nn.grad.conv2d_weight(x.double(), (16, c, 3, 3), gz.double(), padding=1)  # (co, ci, kh, kw)
+    got = dwp.double().sum(0).reshape(3, 3, c, 16).permute(3, 2, 0, 1)
+    scale = torch.nn.grad.conv2d_weight(x.double().abs(), (16, c, 3, 3), gz.double().abs(), padding=1)
+    assert_within("dW from the partials", got, ref, scale, 1e-5)
+    assert_within("db from the partials", dbp.double().sum(0), gz.double().sum((0, 2, 3)),
+                  gz.double().abs().sum((0, 2, 3)), 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where buffers live: every allocation follows the inputs' device, never the default device
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("slope", [0.2, None])
+def test_conv_buffers_follow_the_inputs_device_not_the_default(slope):
+    """On a GPU a buffer made on the default device (the CPU) would hand the kernel a host pointer.
+    The CPU twin: make the default device 'meta' while the inputs stay put, so a buffer allocated
+    without naming the inputs' device is a meta tensor, which the launch refuses. The host functions
+    are called directly: autograd runs a backward outside the caller's default-device context."""
+    tensors, grad = make_case([8, 5], 12, 1, 3, 5, r1=True)
+    (y_ref, g_ref), (y_abs, g_abs) = reference_and_scale(tensors, grad, slope, 0.5, 1.0)
+    t = {k: v.float().to(DEVICE) for k, v in tensors.items() if v is not None}
+    with torch.device("meta"):
+        w_k = conv3x3.kernel_weight(t["weight"])
+        y, mask = conv3x3.conv_forward([t["x1"], t["x2"]], t["weight"], t["bias"], slope, t["residual"], 0.5, None,
+                                       1.0, True, w_k=w_k)
+        (dx1, dx2), dw, db = conv3x3.conv_backward(grad.float().to(DEVICE), [t["x1"], t["x2"]], t["weight"], w_k,
+                                                   mask, slope, 0.5, True)
+    assert_within("y", y, y_ref, y_abs, 1e-5)
+    for name, got in (("x1", dx1), ("x2", dx2), ("weight", dw), ("bias", db)):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def test_idb_buffers_follow_the_inputs_device_not_the_default():
+    t, grad = make_idb(8, 4, 1, 3, 5, torch.float32, seed=6)
+    (y_ref, g_ref), (y_abs, g_abs) = idb_reference(t, grad, same_x=False)
+    x, x0, w1, b1, w2, b2 = (t[k].float().to(DEVICE) for k in IDB_NAMES)
+    with torch.device("meta"):
+        w1_k, w2_k = conv3x3.kernel_weight(w1), conv3x3.kernel_weight(w2)
+        y, h1, mask1, mask2 = conv3x3.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1_k=w1_k, w2_k=w2_k)
+        grads = conv3x3.idb_backward(grad.float().to(DEVICE), x, h1, w1, w1_k, w2, w2_k, mask1, mask2, 0.2)
+    assert_within("y", y, y_ref, y_abs, 1e-5)
+    for name, got in zip(("x", "w1", "b1", "w2", "b2"), grads):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: one opaque node per conv and per IDB; the IDB ops' fake implementations
+# ---------------------------------------------------------------------------------------------
+def test_compile_sees_one_custom_op_per_conv_and_per_idb():
+    graphs = []
+
+    def capture(gm, example_inputs):  # a backend that keeps the graph Dynamo made and runs it as is
+        graphs.append(gm)
+        return gm.forward
+
+    def conv_then_idb(x, w, b, w1, b1, w2, b2):
+        h = fused_conv3x3_triton([x], w, b, 0.2, None, 1.0, None, 1.0)
+        return fused_idb_triton(h, h, w1, b1, w2, b2)
+
+    t, grad = make_idb(8, 4, 1, 3, 4, torch.float32, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    w = (torch.randn(8, 8, 3, 3, generator=gen) / 8).to(DEVICE)
+    b = torch.randn(8, generator=gen).to(DEVICE)
+    args = [t["x"].float().to(DEVICE), w, b] + [t[k].float().to(DEVICE) for k in ("w1", "b1", "w2", "b2")]
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    y = torch.compile(conv_then_idb, backend=capture, fullgraph=True)(*leaves)
+    (gm,) = graphs
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("fused_conv3x3_fwd" in tg for tg in targets) == 1, targets
+    assert sum("fused_idb_fwd" in tg for tg in targets) == 1, targets
+    ref_leaves = [a.double().requires_grad_(True) for a in args]
+    from gafh_fast.ops import fused_conv3x3_reference, fused_idb_reference
+
+    h = fused_conv3x3_reference([ref_leaves[0]], ref_leaves[1], ref_leaves[2], 0.2)
+    y_ref = fused_idb_reference(h, h, *ref_leaves[3:])
+    assert_within("y (compiled)", y, y_ref, torch.full_like(y_ref, y_ref.abs().max().item()), 1e-5)
+    for name, g, g_ref in zip(("x", "w", "b", "w1", "b1", "w2", "b2"),
+                              torch.autograd.grad(y, leaves, grad.float().to(DEVICE)),
+                              torch.autograd.grad(y_ref, ref_leaves, grad.to(DEVICE))):
+        assert_within(f"d{name} (compiled)", g, g_ref, torch.full_like(g_ref, g_ref.abs().max().item()), 1e-5)
+
+
+def test_opcheck_idb_ops_bfloat16():
+    """The IDB ops' fake implementations (what torch.compile plans with) against the real ones: shapes,
+    strides and dtypes of every output, in bf16 (gradients in the parameters' dtype) with gc != nf and
+    channels_last weights (the real backward returns contiguous dW)."""
+    t, grad = make_idb(8, 4, 1, 3, 4, torch.bfloat16, seed=10)
+    t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
+    for k in ("w1", "w2"):
+        t[k] = t[k].contiguous(memory_format=torch.channels_last)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+    torch.library.opcheck(torch.ops.gafh_fast.fused_idb_fwd.default,
+                          (*(leaves[k] for k in IDB_NAMES), 0.2, True))
+    _, h1, m1, m2 = torch.ops.gafh_fast.fused_idb_fwd(*(t[k] for k in IDB_NAMES), 0.2, True)
+    torch.library.opcheck(torch.ops.gafh_fast.fused_idb_bwd.default,
+                          (grad.to(torch.bfloat16).to(DEVICE), t["x"], h1, t["w1"], t["w2"], m1, m2, 0.2))
+
+
+def test_opcheck_conv_backward_op_bfloat16():
+    """fused_conv3x3_bwd's gradients come back in the weight's dtype (its fake says so), in bf16 too."""
+    tensors, grad = make_case([5, 11], 7, 2, 3, 4, dtype=torch.bfloat16)
+    t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in tensors.items() if v is not None}
+    _, mask = torch.ops.gafh_fast.fused_conv3x3_fwd([t["x1"], t["x2"]], t["weight"], t["bias"], 0.2, None, 1.0,
+                                                    None, 1.0, True)
+    torch.library.opcheck(torch.ops.gafh_fast.fused_conv3x3_bwd.default,
+                          (grad.to(torch.bfloat16).to(DEVICE), [t["x1"], t["x2"]], t["weight"], mask, 0.2, 0.5, True))
