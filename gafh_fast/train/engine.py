@@ -70,6 +70,7 @@ def deepspeed_config(cfg: Config) -> dict:
         # DeepSpeed casts parameters but not buffers; BatchNorm wants its running stats in the
         # parameters' dtype, so they follow into bf16.
         **({"data_types": {"buffer_dtype": "bf16"}} if ds.bf16 else {}),
+        # the norm is unused (GatedAdam clips) and fp32's overflow test reads it on the host;
         # compute_grad_norm exists for stages 1 and 2 only (DeepSpeed refuses it on stage 0)
         "zero_optimization": {"stage": ds.zero_stage, **({"compute_grad_norm": False} if ds.zero_stage else {})},
         "zero_allow_untested_optimizer": True,  # torch Adam as the client optimizer under ZeRO

@@ -14,8 +14,9 @@ so the host keeps queueing work while the GPU runs. A non-finite loss is handled
 - the flag vetoes the engine's update inside its optimizer's own step (GatedAdam, train/optim.py).
   D's update is dropped when L_D is bad; G's when L_D or L_G is bad. So a bad batch moves neither
   engine, and a bad L_G alone drops only G's update, as when the host decided;
-- each engine's buffers (BatchNorm running statistics) are put back when its update is dropped,
-  and the trainer gates its EMA update with the same flag (`StepOutput.applied`);
+- each engine's buffers (BatchNorm running statistics) are put back when its update is dropped
+  (D's statistics from G's step, which runs D in train mode, with G's), and the trainer gates its
+  EMA update with the same flag (`StepOutput.applied`);
 - backward and step still run on a bad batch (the host does not know it is bad); their result is
   dropped on the device.
 A dropped update leaves the weights, the fp32 master weights, Adam's moments, the BatchNorm
@@ -23,7 +24,9 @@ statistics and the EMA bit for bit as they were, and with the fused Adam (the de
 counter too. What still ticks: the LR schedule (DeepSpeed steps it after every optimizer step, as a
 loop with torch AMP's GradScaler does; the LR is a function of the iteration, like max_steps and the
 cosine's end), and with train.adam_impl foreach/for_loop, Adam's step counter (a host tensor).
-With gradient accumulation, a bad micro-batch drops the whole accumulated update.
+With gradient accumulation, a bad micro-batch drops the whole accumulated update (its gradient is
+summed in); `applied` and the buffer and EMA gates are per micro-batch, so a finite micro-batch of
+that window keeps its BatchNorm statistics and EMA update.
 
 The host learns what happened at the trainer's next read-back (`StepWindow.read`), at logging and
 checkpoint steps and the last step: one `.tolist()` brings that step's losses, the skip code of
@@ -113,6 +116,7 @@ def train_step(cfg: Config, g_engine, d_engine, vgg, hr: torch.Tensor, lr: torch
     _gated_step(d_engine, bad_d)
     ok_d = (bad_d == 0).reshape(())
     _restore_buffers_unless(ok_d, d_engine.module, d_buffers)
+    d_buffers = [b.clone() for b in d_engine.module.buffers()]  # G's step runs D in train mode too
     t1 = time.perf_counter()
 
     # --- G step: D frozen so G's backward leaves D's grads alone (and ZeRO's D hooks never fire)
@@ -135,6 +139,7 @@ def train_step(cfg: Config, g_engine, d_engine, vgg, hr: torch.Tensor, lr: torch
         discriminator.requires_grad_(True)
     ok_g = (bad_g == 0).reshape(())
     _restore_buffers_unless(ok_g, g_engine.module, g_buffers)
+    _restore_buffers_unless(ok_g, d_engine.module, d_buffers)  # D's statistics from a dropped G step
     losses = {"d": loss_d, "g": loss_g, "content": l_content, "adv": l_adv}
     if l_pixel is not None:
         losses["pixel"] = l_pixel
