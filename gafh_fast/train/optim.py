@@ -3,16 +3,19 @@
 Why: deciding on the host whether a step may update the weights (a NaN/inf loss) means reading a
 flag back from the device, which stalls the host until the GPU has caught up and empties the
 launch queue. Here the decision stays on the device. train_step hands the optimizer a float32
-flag (`drop_if`); the optimizer applies it inside its own step(), which DeepSpeed calls before it
-copies the fp32 master weights into the bf16 parameters, so a dropped step leaves both unchanged.
+flag (`drop_if`); the optimizer applies it in hooks around torch Adam's own step(), which DeepSpeed
+calls before it copies the fp32 master weights into the bf16 parameters, so a dropped step leaves
+both unchanged.
 
 How each implementation (`train.adam_impl`) drops an update:
 - fused (default): torch's fused Adam kernel takes the flag as `found_inf` (what torch AMP's
   GradScaler passes it) and returns early when it is 1; torch then takes the step counter back
   on the device. Parameters, moments and the step counter stay bit for bit what they were.
 - foreach / for_loop: torch Adam runs, then every parameter and moment is put back with
-  torch.where(flag, old, new) from a copy taken before. Their step counter is a host tensor that
-  torch reads for the bias correction, so it ticks on a dropped step (the moments do not).
+  torch.where(flag, old, new) from a copy taken before (a copy and a select of the parameters and
+  both moments every step: more memory traffic than the update itself). Their step counter is a
+  host tensor that torch reads for the bias correction, so it ticks on a dropped step (the moments
+  do not).
 
 Gradient clipping (train.grad_clip) also happens here, on the device: DeepSpeed's own clipping
 reads the norm back to the host (`.item()`), so engine.py sets DeepSpeed's to 0.
@@ -35,10 +38,10 @@ def adam_impl_flags(impl: str) -> dict:
 class GatedAdam(torch.optim.Adam):
     """torch.optim.Adam(params, **adam_kwargs) with a device-side veto and device-side clipping.
 
-    `drop_if(bad)` ORs a float32 0-dim flag (1.0 = drop) into the veto of the next step();
-    `end_window()` clears it. train_step calls end_window after each optimizer step, so with
-    gradient accumulation a bad micro-batch drops the whole accumulated update (its non-finite
-    gradient is already summed in and cannot be taken out).
+    `drop_if(bad)` ORs a float32 flag (1.0 = drop) into the veto of the next step();
+    `end_window()` clears it. train_step clears it after each engine step at an accumulation
+    boundary, so with gradient accumulation a bad micro-batch drops the whole accumulated update
+    (its non-finite gradient is already summed in and cannot be taken out).
     """
 
     def __init__(self, params, *, impl: str = "fused", max_grad_norm: float = 0.0, **adam_kwargs):
