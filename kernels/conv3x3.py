@@ -119,8 +119,9 @@ def check_args(inputs, weight, bias, residual, residual2) -> None:
         if t is not None and (t.dtype != x0.dtype or t.device != x0.device):
             raise ValueError(f"fused_conv3x3 {name} is {t.dtype} on {t.device}; the inputs are {x0.dtype} on {x0.device}")
     for name, r in (("residual", residual), ("residual2", residual2)):
-        if r is not None and (tuple(r.shape) != (n, c_out, h, w) or r.dtype != x0.dtype):
-            raise ValueError(f"fused_conv3x3 {name} is {tuple(r.shape)} {r.dtype}; expected {(n, c_out, h, w)} {x0.dtype}")
+        if r is not None and (tuple(r.shape) != (n, c_out, h, w) or r.dtype != x0.dtype or r.device != x0.device):
+            raise ValueError(f"fused_conv3x3 {name} is {tuple(r.shape)} {r.dtype} on {r.device}; "
+                             f"expected {(n, c_out, h, w)} {x0.dtype} on {x0.device}")
 
 
 def kernel_weight(weight: torch.Tensor) -> torch.Tensor:

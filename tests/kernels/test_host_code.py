@@ -34,6 +34,18 @@ def test_mismatched_second_input_is_refused():
                              None, 1.0, None, 1.0)
 
 
+@pytest.mark.parametrize("name", ["residual", "residual2"])
+def test_residual_on_another_device_is_refused(name):
+    """A residual on another device than the inputs fails up front, naming both devices (the meta device
+    stands in for a second GPU: Triton would otherwise get a pointer it cannot read)."""
+    x = torch.randn(1, 8, 4, 4, device=DEVICE)
+    wt = torch.randn(8, 8, 3, 3, device=DEVICE)
+    elsewhere = torch.empty(1, 8, 4, 4, device="meta")
+    args = {"residual": (elsewhere, 1.0, None, 1.0), "residual2": (x.clone(), 1.0, elsewhere, 1.0)}[name]
+    with pytest.raises(ValueError, match=f"fused_conv3x3 {name} is .* on meta; expected .* on {x.device}"):
+        fused_conv3x3_triton([x], wt, None, 0.2, *args)
+
+
 @pytest.mark.parametrize("missing", ["b1", "b2"])
 def test_idb_without_a_bias_is_refused(missing):
     """The IDB's backward always returns both bias gradients: a missing bias must fail up front."""
