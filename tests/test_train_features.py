@@ -465,17 +465,26 @@ def test_batchnorm_statistics_follow_the_parameter_dtype(bf16):
 def _finite_on_rank(rank: int, values: list, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from gafh_fast.train.step import any_rank_nonfinite
+    from gafh_fast.train.step import StepOutput, StepWindow, any_rank_nonfinite
 
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
     # a file store: no port to race for, and no TCP store thread to tear down at exit
     answers = [any_rank_nonfinite(torch.tensor(1.0), torch.tensor(v[rank])).tolist() for v in values]
-    torch.save(answers, f"{out_dir}/rank{rank}.pt")
+    # the trainer's read-back: one rank asks to stop (SIGTERM), every rank learns it; then none asks
+    stops = []
+    for asks in ((rank == 1), False):
+        window = StepWindow(torch.device("cpu"))
+        out = StepOutput({"d": torch.tensor(0.5 + rank)}, {}, torch.tensor(2))
+        window.add(7, out)
+        stops.append(window.read(out, stop_requested=asks))
+    torch.save((answers, stops), f"{out_dir}/rank{rank}.pt")
     dist.barrier()  # both ranks are past their last collective before either tears down
     dist.destroy_process_group()
 
 
 def test_non_finite_loss_on_one_rank_skips_on_all(tmp_path):
+    """any_rank_nonfinite's flag is the same on both ranks; so is the read-back's stop flag
+    (StepWindow.read: one rank's SIGTERM stops every rank at the same step)."""
     import torch.multiprocessing as mp
 
     from gafh_fast.train.step import any_rank_nonfinite
@@ -487,4 +496,6 @@ def test_non_finite_loss_on_one_rank_skips_on_all(tmp_path):
     values = [(1.0, 2.0), (1.0, nan), (inf, 0.5)]  # per case: rank 0's loss, rank 1's loss
     mp.spawn(_finite_on_rank, args=(values, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        assert torch.load(tmp_path / f"rank{rank}.pt") == [[0.0], [1.0], [1.0]], f"rank {rank}"
+        answers, stops = torch.load(tmp_path / f"rank{rank}.pt")
+        assert answers == [[0.0], [1.0], [1.0]], f"rank {rank}"
+        assert stops == [({"d": 0.5 + rank}, [(7, "g")], True), ({"d": 0.5 + rank}, [(7, "g")], False)], f"rank {rank}"

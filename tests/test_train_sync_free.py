@@ -303,6 +303,30 @@ def test_a_bad_micro_batch_drops_the_whole_accumulated_update():
     assert adam_steps(g) == adam_steps(d) == [1.0]
 
 
+def test_pretraining_step_drops_a_non_finite_l1_and_hands_back_detached_losses():
+    """The PSNR pre-training step (gan=False) with a NaN in the HR batch: skip code "pixel", G's
+    update and its BatchNorm statistics (G's forward was finite) dropped bit for bit, `applied` False.
+    A finite step then goes in (applied True, weights and statistics move), and a GAN step after it
+    too. Every loss handed back is detached: a StepOutput holds no graph while it waits for the read."""
+    cfg = tiny_config("deepspeed.zero_stage=1")
+    g, d, vgg, _, dtype = build(cfg)
+    assert any(name.endswith("running_mean") for name, _ in g.module.named_buffers())
+    before = snapshot(g)
+    out = train_step(cfg, g, d, vgg, *batch(cfg, 0, dtype, nan=True), gan=False)
+    losses, reason = out.read()
+    assert reason == "pixel" and list(losses) == ["pixel"] and math.isnan(losses["pixel"])
+    assert out.applied["g"].tolist() is False
+    assert differing(before, snapshot(g)) == []
+    out = train_step(cfg, g, d, vgg, *batch(cfg, 1, dtype), gan=False)
+    assert out.read()[1] is None and out.applied["g"].tolist() is True
+    changed = differing(before, snapshot(g))
+    assert any(k.endswith("running_mean") for k in changed) and "optimizer param 0 exp_avg" in changed
+    assert not out.losses["pixel"].requires_grad
+    out = train_step(cfg, g, d, vgg, *batch(cfg, 2, dtype), gan=True)
+    assert out.read()[1] is None and all(v.tolist() is True for v in out.applied.values())
+    assert set(out.losses) == {"d", "g", "content", "adv"} and not any(v.requires_grad for v in out.losses.values())
+
+
 def test_nan_abort_comes_at_the_read_back_and_names_its_steps(tmp_path, monkeypatch):
     """log_every=4, max_nan_skips=2, every batch from the 2nd on bad: the 2nd skip in a row is step
     3, the host reads it at step 4 and aborts there, with step 2's and 3's skip records."""
@@ -336,19 +360,29 @@ def _clip_on_rank(rank: int, out_dir: str) -> None:
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append(part.grad.clone()))  # after GatedAdam's clip
     opt.step()
-    torch.save(seen[0], f"{out_dir}/rank{rank}.pt")
+    # a replicated gradient (ZeRO 0, no partitions): each rank's norm is already the whole one
+    whole = torch.nn.Parameter(torch.zeros(2000))
+    whole.grad = full.flatten().clone()
+    replicated = GatedAdam([whole], impl="fused", max_grad_norm=1.0, lr=0.0)  # partitioned: its default
+    replicated.register_step_pre_hook(lambda o, a, k: seen.append(whole.grad.clone()))
+    replicated.step()
+    torch.save(seen, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_clip_norm_over_zero_partitions_is_the_global_norm(tmp_path):
     """Each rank's optimizer holds half the gradient; the clipped halves together are
-    torch.nn.utils.clip_grad_norm_ of the whole (its formula, a norm of ~22 clipped to 1)."""
+    torch.nn.utils.clip_grad_norm_ of the whole (its formula, a norm of ~22 clipped to 1). An
+    optimizer not told it holds a partition (GatedAdam's default) clips each rank's whole gradient
+    by its own norm, not by the sum over ranks."""
     import torch.multiprocessing as mp
 
     mp.spawn(_clip_on_rank, args=(str(tmp_path),), nprocs=2, join=True)
-    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)])
+    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     want = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0)).flatten().requires_grad_(True)
     want.grad = want.detach().clone()
     assert torch.nn.utils.clip_grad_norm_([want], 1.0) > 10
-    torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.cat([seen[0][0], seen[1][0]]), want.grad, rtol=1e-6, atol=0)
+    for rank in (0, 1):
+        torch.testing.assert_close(seen[rank][1], want.grad, rtol=1e-6, atol=0)

@@ -24,7 +24,7 @@ _DEFAULT_UNUSED = "a default every caller overrides (all call sites pass this ar
 _TORCH_DEFAULT = "the argument equals torch's own default"
 _HOLDER = ("the generator's nn.Conv2d modules only hold parameters; the fused ops pad by 1 themselves, "
            "so the module's padding is never read")
-_TIMING = "step timing for the log only (sync points and seconds)"
+_HOST_TIME = "host seconds spent queueing a step: the progress bar and the log only"
 _WORLD_ONE = ("differs only with 2+ ranks, which the in-process selection does not run; caught by "
               "tests/test_train.py::test_c_world2_equals_one_process_on_the_concatenated_batch "
               "(checked by hand: 22502/28037 of D's gradient elements off)")
@@ -33,6 +33,10 @@ _KERNEL_ZERO = ("Keys' cubic is 0 at |x| >= 2 and continuous at 1 and 2: the bou
                 "it lets in all carry weight 0")
 _AUTO = "kernels=auto on CUDA only: which backend is timed; the chosen one then runs through the normal path"
 _CUDA = "CUDA only (device selection); the CPU twin of this path runs with device cpu"
+_FLOAT32 = "torch.zeros' default dtype is float32, the dtype named (nothing in the project changes the default)"
+_STOP_DEVICE = ("where the read-back's stop flag is made (device, or the host for gloo): on CPU every choice is "
+                "the CPU; differs only with a CUDA device")
+_MAX_COMMUTES = "maximum commutes (both are 0/1 flags)"
 
 EQUIVALENT = [
     # (file, a piece of the source line, original, replacement, reason)
@@ -123,8 +127,8 @@ EQUIVALENT = [
     ("gafh_fast/resize.py", "mw = resize_matrix(w, size[1]).to(device=x.device", "device=x.device, ", "", _CUDA),
     ("gafh_fast/train/ema.py", "@torch.no_grad()", "@torch.no_grad()", "",
      "the shadow parameters never require grad and the current ones are detached"),
-    ("gafh_fast/train/ema.py", "shadow.lerp_(current.detach()", "current.detach()", "current",
-     "inside torch.no_grad(): no graph either way"),
+    ("gafh_fast/train/ema.py", "(current.detach().float(), 1.0 - self.decay)", "current.detach()", "current",
+     "inside torch.no_grad(): no graph either way"),  # lerp_ (ungated) and lerp inside torch.where (gated)
     ("gafh_fast/train/engine.py", 'LOCAL_WORLD_SIZE="1"', ', LOCAL_WORLD_SIZE="1"', "",
      "a world of one: nothing reads LOCAL_WORLD_SIZE"),
     ("gafh_fast/train/engine.py", 'if accel.device_name() == "cuda":', " == ", " != ", _CUDA),
@@ -140,7 +144,8 @@ EQUIVALENT = [
      "span 1 vs 2 only when one step follows the warm-up, and that step's factor is cos(0) = 1 either way"),
     ("gafh_fast/train/engine.py", "min(1.0, (step - t.warmup_steps) / span)", "1.0", "2.0",
      "the clamp only acts on steps >= max_steps, which never run"),
-    ("gafh_fast/train/step.py", "bad = (~torch.stack([l.detach()", "l.detach()", "l", "a flag read with .item(): no graph used"),
+    ("gafh_fast/train/step.py", "bad = (~torch.stack([l.detach()", "l.detach()", "l",
+     "isfinite() of the stacked losses is a bool tensor without history: no graph reaches the flag either way"),
     ("gafh_fast/train/step.py", "if dist.is_initialized() and dist.get_world_size() > 1:", " and ", " or ",
      "an all-reduce over a world of one is the identity"),
     ("gafh_fast/train/step.py", "if dist.is_initialized() and dist.get_world_size() > 1:", " > ", " >= ",
@@ -149,9 +154,45 @@ EQUIVALENT = [
      "SUM of 0/1 flags is 0 exactly when MAX is: `bad == 0` decides the same"),
     ("gafh_fast/train/step.py", "loss_g = pixel_loss(hf, hr)", "hf, hr", "hr, hf", _SYMMETRIC),
     ("gafh_fast/train/step.py", "l_pixel = pixel_loss(hf, hr) if", "hf, hr", "hr, hf", _SYMMETRIC),
-    ("gafh_fast/train/step.py", "sync()", "sync()", "pass", _TIMING),
-    ("gafh_fast/train/step.py", 'out.seconds["g_step"] = {"pixel"', " - ", " + ", _TIMING),
-    ("gafh_fast/train/step.py", 'out.seconds = {"d_step": t1 - t0', " - ", " + ", _TIMING),
+    ("gafh_fast/train/step.py", '{"host_g": time.perf_counter() - t0}', " - ", " + ", _HOST_TIME),
+    ("gafh_fast/train/step.py", '{"host_d": t1 - t0, "host_g": time.perf_counter() - t1}', " - ", " + ", _HOST_TIME),
+    ("gafh_fast/train/step.py", "bad_g = torch.maximum(bad_d, any_rank_nonfinite(loss_g))",
+     "bad_d, any_rank_nonfinite(loss_g)", "any_rank_nonfinite(loss_g), bad_d", _MAX_COMMUTES),
+    ("gafh_fast/train/step.py", "many = dist.is_initialized() and dist.get_world_size() > 1", " and ", " or ",
+     "the trainer always has a process group (init_distributed): `many` is then True in a world of one too, "
+     "and the stop flag's all-reduce over one rank is the identity (2 ranks: the same True)"),
+    ("gafh_fast/train/step.py", "many = dist.is_initialized() and dist.get_world_size() > 1", " > ", " >= ",
+     "a world of one then all-reduces the stop flag over one rank: the identity"),
+    ("gafh_fast/train/step.py", 'on = self.device if not many or dist.get_backend() == "nccl"', "not many", "many",
+     _STOP_DEVICE),
+    ("gafh_fast/train/step.py", 'on = self.device if not many or dist.get_backend() == "nccl"', " or ", " and ",
+     _STOP_DEVICE),
+    ("gafh_fast/train/step.py", 'on = self.device if not many or dist.get_backend() == "nccl"', " == ", " != ",
+     _STOP_DEVICE),
+    ("gafh_fast/train/step.py", "stop = torch.full((1,), float(stop_requested), device=on)", ", device=on", "",
+     _STOP_DEVICE),
+    ("gafh_fast/train/step.py", "dist.all_reduce(stop, op=dist.ReduceOp.MAX)", ", op=dist.ReduceOp.MAX", "",
+     "SUM of 0/1 stop flags is > 0 exactly when MAX is: `values[-1] > 0` decides the same"),
+    ("gafh_fast/train/optim.py", "self._bad = torch.zeros((), dtype=torch.float32, device=bad.device)",
+     ", dtype=torch.float32", "", _FLOAT32),
+    ("gafh_fast/train/optim.py", "self._bad = torch.zeros((), dtype=torch.float32, device=bad.device)",
+     ", device=bad.device", "", _CUDA),
+    ("gafh_fast/train/optim.py", "torch.maximum(self._bad, bad, out=self._bad)", "self._bad, bad", "bad, self._bad",
+     _MAX_COMMUTES),
+    ("gafh_fast/train/optim.py", "torch.zeros((), dtype=torch.float32, device=params[0].device)",
+     ", dtype=torch.float32", "", _FLOAT32),
+    ("gafh_fast/train/optim.py", "torch.zeros((), dtype=torch.float32, device=params[0].device)",
+     ", device=params[0].device", "", _CUDA),
+    ("gafh_fast/train/optim.py", 'self.__dict__.pop("found_inf", None)', None, None,
+     "a found_inf left behind is never read differently: _before_step sets it again before every fused step "
+     "that has a gradient (the same veto tensor, or a zero), and a step without one updates nothing"),
+    ("gafh_fast/train/optim.py", '"param": p.detach().clone()', "p.detach()", "p",
+     "runs under _before_step's torch.no_grad(): the copy has no history either way"),
+    ("gafh_fast/train/optim.py", 'if k != "step" and torch.is_tensor(v)', " and ", " or ",
+     "the copy then also holds the step counter, which _after_step never puts back (it skips `step`); every "
+     "value of Adam's state is a tensor"),
+    ("gafh_fast/train/optim.py", "if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:",
+     " > ", " >= ", "an all-reduce over a world of one is the identity"),
     ("gafh_fast/train/step.py", "loss_d = ragan_d_loss(c_real, c_fake, global_mean=", ", global_mean=t.gan.global_mean",
      "", _WORLD_ONE),
     ("gafh_fast/train/step.py", "l_adv = ragan_g_loss(c_real, c_fake, global_mean=", ", global_mean=t.gan.global_mean",
@@ -239,6 +280,9 @@ EQUIVALENT_AT = [
     ("kernels/conv3x3.py", "if fin_a else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
     ("kernels/conv3x3.py", "if fin_b else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
     ("kernels/conv3x3.py", "else (ga, wa, 0)", "0", "1", _ABSENT),
+    ("gafh_fast/train/optim.py", "@torch.no_grad()\n    def _before_step(", "@torch.no_grad()", "",
+     "_before_step touches gradients, detached copies and Adam's state, none of which requires grad: no graph "
+     "is recorded either way (the same decorator on _after_step is needed: it writes into the parameters)"),
 ]
 
 # Lines whose mutants differ only where a CPU cannot look (matched by position as EQUIVALENT_AT).

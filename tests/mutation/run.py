@@ -11,7 +11,8 @@
 3. Run: each mutant is written into the file, and only the tests that execute its lines run (fastest
    first, stopping at the first failure; lines run only at import time select every test of the
    file; the torch.compile tests of COMPILED_BY join for the files they compile, whose lines Dynamo
-   runs out of the tracer's sight). A fork server keeps torch, triton, deepspeed and pytest imported, so a mutant costs its
+   runs out of the tracer's sight; the 2-rank tests of SPAWNED_BY join for the functions their
+   spawned ranks run). A fork server keeps torch, triton, deepspeed and pytest imported, so a mutant costs its
    tests' time, not a fresh interpreter. The original file is always restored.
 4. Report: results.jsonl (one line per mutant, appended as it goes: --resume continues) and
    report.md (score per file, every survivor with its line).
@@ -53,7 +54,8 @@ EXCLUDE = ["kernels/compile_check.py", "kernels/cost_model.py", "kernels/tuning.
 # In-process tests only (subprocess runs are not traced and take minutes each); see report.md.
 TESTS = ["tests/test_spec.py", "tests/test_models.py", "tests/test_losses.py", "tests/test_vgg.py",
          "tests/test_ops.py", "tests/test_metrics.py", "tests/test_export.py", "tests/test_flops.py",
-         "tests/test_train_features.py", "tests/kernels", "tests/test_train.py", "tests/test_train_sync_free.py"]
+         "tests/test_train_features.py", "tests/kernels", "tests/test_train.py", "tests/test_train_sync_free.py",
+         "tests/test_train_optim.py"]
 TRAIN_FILTER = "test_a_fp32 or test_a_bf16 or accumulation or test_e_"  # test_train.py's in-process tests
 MEMORY_LIMIT = 6 << 30  # address space per mutant run (a torch process maps ~1 GiB at start)
 
@@ -129,7 +131,29 @@ COMPILED_BY = {
 }
 
 
-def select_tests(m: Mutant, cover: dict, durations: dict, shared: dict) -> list[str]:
+# Tests that check from spawned ranks (2 gloo processes, which the tracer does not follow): they also
+# run for every mutant inside the functions named here, whose multi-rank branches only those ranks take.
+_CLIP_2 = "tests/test_train_sync_free.py::test_clip_norm_over_zero_partitions_is_the_global_norm"
+_FLAGS_2 = "tests/test_train_features.py::test_non_finite_loss_on_one_rank_skips_on_all"
+SPAWNED_BY = {
+    ("gafh_fast/train/optim.py", "__init__"): [_CLIP_2],  # the `partitioned` default
+    ("gafh_fast/train/optim.py", "_clip_"): [_CLIP_2],
+    ("gafh_fast/train/step.py", "any_rank_nonfinite"): [_FLAGS_2],
+    ("gafh_fast/train/step.py", "read"): [_FLAGS_2],  # StepWindow.read's stop flag (and StepOutput.read)
+}
+
+
+def function_names(repo: Path, files: list[str]) -> dict:
+    """{file: {(first line, last line): name}} of every function, as a mutant's scope names it."""
+    out = {}
+    for f in files:
+        nodes = ast.walk(ast.parse((repo / f).read_bytes()))
+        out[f] = {(n.lineno, n.end_lineno): n.name for n in nodes
+                  if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return out
+
+
+def select_tests(m: Mutant, cover: dict, durations: dict, shared: dict, functions: dict | None = None) -> list[str]:
     """The tests that execute the mutant's lines. Lines run only at import time: every test of the
     file. Lines no traced test runs (e.g. the rank-gather path, run only in a test's spawned ranks):
     the tests that run the enclosing function. Planted bugs outside the targets: the whole selection."""
@@ -150,6 +174,8 @@ def select_tests(m: Mutant, cover: dict, durations: dict, shared: dict) -> list[
     fixtures = {f for i in ids for f in shared.get(i, ())}
     ids.update(i for i, fs in shared.items() if fixtures.intersection(fs))
     ids.update(i for i in COMPILED_BY.get(m.path, ()) if i in durations)
+    name = (functions or {}).get(m.path, {}).get(m.scope)
+    ids.update(i for i in SPAWNED_BY.get((m.path, name), ()) if i in durations)
     return sorted(ids, key=lambda i: durations.get(i, 0.0))
 
 
@@ -396,11 +422,12 @@ def main() -> int:
     todo = [m for m in mutants if m.key not in done]
     print(f"{len(mutants)} mutants, {len(todo)} to run", flush=True)
 
+    functions = function_names(repo, files)
     preload(repo)
     t0 = time.time()
     with open(results, "a") as sink:
         for i, m in enumerate(todo, start=1):
-            tests = select_tests(m, cover["lines"], cover["durations"], cover.get("shared", {}))
+            tests = select_tests(m, cover["lines"], cover["durations"], cover.get("shared", {}), functions)
             r = run_one(repo, m, tests, cover["durations"], args.out / "logs" / f"{i:05d}.log", args.run_equivalents)
             sink.write(json.dumps(r) + "\n")
             sink.flush()
