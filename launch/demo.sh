@@ -8,9 +8,11 @@ if ! python -c "import gafh_fast, deepspeed" 2>/dev/null; then
     echo "demo: installing gafh_fast (pip install -e .) -- install the torch build for your machine first"
     python -m pip install --quiet -e .
 fi
+# `python -m deepspeed.launcher.runner` is the `deepspeed` command run by the interpreter checked above, so
+# the ranks get the environment that has gafh_fast even when another `deepspeed` comes first on PATH.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    exec deepspeed launch/train.py --config configs/demo.yaml deepspeed.bf16=true "$@"
+    exec python -m deepspeed.launcher.runner launch/train.py --config configs/demo.yaml deepspeed.bf16=true "$@"
 fi
 echo "demo: no GPU found; running 2 CPU ranks (DS_ACCELERATOR=cpu, gloo)"
 export DS_ACCELERATOR=cpu
-exec deepspeed --num_gpus 2 launch/train.py --config configs/demo.yaml "$@"
+exec python -m deepspeed.launcher.runner --num_gpus 2 launch/train.py --config configs/demo.yaml "$@"
