@@ -133,8 +133,9 @@ profile_step() {  # bench/profile_step.py: top-40 kernels, device busy/idle, tra
     [[ -n "$SMOKE_FLAG" ]] && batch=2
     # shellcheck disable=SC2086  # SMOKE_FLAG is empty or one word
     "$PY" bench/profile_step.py --device "$DEVICE" --batch "$batch" --steps 3 $SMOKE_FLAG --out "$OUT/profile" || return 1
-    "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1]))["split"]
-print("wall %.1f ms/step, device busy %.1f%%, host %.1f ms" % (s["wall_ms_per_step"], s["busy_pct"], s["host_ms_per_step"]))' \
+    "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); s, c = r["split"], r["sync_check"]
+print("wall %.1f ms/step, device busy %.1f%%, host %.1f ms, host syncs %s" % (s["wall_ms_per_step"], s["busy_pct"],
+      s["host_ms_per_step"], "not checked" if c["syncs"] is None else "%d in %d steps" % (c["syncs"], c["steps"])))' \
         "$OUT/profile/profile.json" > "$NOTES/profile.txt"
 }
 kernel_tests() {  # tests/kernels on the GPU (real Triton): in parallel when pytest-xdist was carried

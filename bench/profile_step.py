@@ -14,6 +14,12 @@ torch.profiler, and writes into DIR:
   trace.json[.gz]    the Chrome trace (chrome://tracing, Perfetto), gzipped when over 16 MB, dropped
                      (and said so) when still over
 On CPU the "device" is the CPU's operator time, so the same code and the same files come out (tests).
+
+After the profile, `--sync-steps` more steps (default 3) run under torch.cuda.set_sync_debug_mode("warn"):
+every synchronizing CUDA call inside the trainer's step (an .item(), a bool() of a device tensor, a
+blocking copy, one inside a C++ op) raises torch's warning, and profile.json's `sync_check` gives their
+count and the first few places. The step must have none (gafh_fast/train/step.py); on CPU nothing can
+stall a device, so the check says so and counts nothing (tests/test_train_sync_free.py counts host reads there).
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import json
 import shutil
 import sys
 import time
+import warnings
+from typing import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,12 +105,30 @@ def write_trace(prof, out: Path) -> str:
     return "dropped: over 16 MB even gzipped; rerun with --steps 1"
 
 
+SYNC_WARNING = "synchronizing"  # torch's sync-debug warning: "called a synchronizing CUDA operation"
+
+
+def sync_check(run_steps: Callable[[], None], set_mode: Callable[[str], None], keep: int = 5) -> dict:
+    """Run `run_steps` with sync debugging at "warn" (set_mode: torch.cuda.set_sync_debug_mode, or a stand-in
+    in the tests) and collect torch's warnings: {"syncs": count, "first": ["file:line: message", ...]}."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every sync, not one per place
+        set_mode("warn")
+        try:
+            run_steps()
+        finally:
+            set_mode("default")
+    syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
+    return {"syncs": len(syncs), "first": [f"{w.filename}:{w.lineno}: {str(w.message)[:160]}" for w in syncs[:keep]]}
+
+
 def markdown(result: dict) -> str:
     s = result["split"]
     lines = [f"# GAN step profile: {result['device_name']}, batch {result['batch']}, {result['steps']} steps",
              "", f"wall {s['wall_ms_per_step']:.3f} ms/step | device busy {s['busy_ms_per_step']:.3f} ms "
              f"({s['busy_pct']:.1f} %) | device idle {s['idle_ms_per_step']:.3f} ms ({100 - s['busy_pct']:.1f} %) | "
              f"host in train_step {s['host_ms_per_step']:.3f} ms | trace: {result['trace']}", "",
+             sync_line(result["sync_check"]), "",
              "| # | kernel / op | calls | total ms | % of steps | input shapes |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(result["rows"], start=1):
         shapes = "" if r["input_shapes"] is None else str(r["input_shapes"])[:120]
@@ -110,8 +136,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sync_line(check: dict) -> str:
+    if check["syncs"] is None:
+        return f"host syncs: not checked ({check['why']})"
+    first = "; first: " + check["first"][0] if check["first"] else ""
+    return f"host syncs in {check['steps']} steps under set_sync_debug_mode: {check['syncs']}{first}"
+
+
 def profile_steps(device: str, batch: int, steps: int, warmup: int, smoke: bool, overrides: tuple[str, ...],
-                  out: Path) -> dict:
+                  out: Path, sync_steps: int = 3) -> dict:
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     if not cuda:
@@ -144,6 +177,13 @@ def profile_steps(device: str, batch: int, steps: int, warmup: int, smoke: bool,
                 host_s.append(time.perf_counter() - t0)
         sync()  # a device sync point: the wall time below includes the device's tail
         wall_s = time.perf_counter() - t_start
+    if cuda and sync_steps:
+        sync_result = sync_check(lambda: [step(steps + i) for i in range(sync_steps)], torch.cuda.set_sync_debug_mode)
+        sync()
+        sync_result["steps"] = sync_steps
+    else:
+        sync_result = {"syncs": None, "steps": 0, "first": [],
+                       "why": "no CUDA device: nothing to stall" if not cuda else "--sync-steps 0"}
     if any(torch.stack(codes).tolist()):
         raise RuntimeError("a profiled step skipped a non-finite loss")
     wall_ms = 1000.0 * wall_s
@@ -158,6 +198,7 @@ def profile_steps(device: str, batch: int, steps: int, warmup: int, smoke: bool,
                   "host_ms_per_step": 1000.0 * sum(host_s) / steps},
         "all_rows": device_rows(prof, cuda, wall_ms),
         "trace": write_trace(prof, out),
+        "sync_check": sync_result,
     }
     result["rows"] = result["all_rows"][:TOP]
     (out / "profile.json").write_text(json.dumps(result, indent=1))
@@ -173,9 +214,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="the tiny model of the train suite's smoke run")
+    p.add_argument("--sync-steps", type=int, default=3, help="steps run under set_sync_debug_mode (CUDA; 0: none)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
-    result = profile_steps(args.device, args.batch, args.steps, args.warmup, args.smoke, tuple(args.overrides), args.out)
+    result = profile_steps(args.device, args.batch, args.steps, args.warmup, args.smoke, tuple(args.overrides), args.out,
+                           args.sync_steps)
     print(markdown(result))
     return 0
 

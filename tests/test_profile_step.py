@@ -56,3 +56,35 @@ def test_profiled_window_is_exactly_the_steps(profiled):
     assert calls(result, conv, [[BATCH, 3, 32, 32], [64, 3, 3, 3], [64]]) == 2 * STEPS
     # G's output conv (nf=8 -> 3): one G forward per step
     assert calls(result, conv, [[BATCH, 8, 32, 32], [3, 8, 3, 3], [3]]) == STEPS
+
+
+def test_sync_check_is_reported_and_skipped_on_cpu(profiled):
+    out, result = profiled
+    assert result["sync_check"] == {"syncs": None, "steps": 0, "first": [], "why": "no CUDA device: nothing to stall"}
+    assert "host syncs: not checked (no CUDA device: nothing to stall)" in (out / "profile_top.md").read_text()
+
+
+def test_sync_check_counts_torchs_sync_warnings_and_restores_the_mode():
+    """The CUDA branch of the check with only torch.cuda.set_sync_debug_mode swapped for a stand-in: the
+    steps raise torch's warning (as a sync under mode "warn" does) twice, and one unrelated warning."""
+    import warnings
+    sys.path.insert(0, str(REPO / "bench"))
+    from profile_step import sync_check
+
+    modes = []
+
+    def steps():
+        assert modes == ["warn"]  # the steps run under "warn"
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation")  # the line reported below
+        warnings.warn("an unrelated deprecation", DeprecationWarning)
+
+    check = sync_check(steps, modes.append)
+    assert modes == ["warn", "default"] and check["syncs"] == 2 and len(check["first"]) == 2
+    line = steps.__code__.co_firstlineno + 3
+    assert check["first"][0] == f"{__file__}:{line}: called a synchronizing CUDA operation"
+
+    modes.clear()
+    with pytest.raises(ZeroDivisionError):  # a failing step still puts the mode back
+        sync_check(lambda: 1 / 0, modes.append)
+    assert modes == ["warn", "default"]

@@ -7,7 +7,8 @@ value (item, tolist, bool, float, int, index, numpy, cpu), every aten op that re
 result from data (_local_scalar_dense, nonzero, masked_select, unique, equal, is_nonzero, a boolean
 index, repeat_interleave), and torch's or DeepSpeed's synchronize. What this cannot see: a blocking
 host<->device copy (`.to(device)` of a host tensor is a no-op on CPU) and a sync inside a C++ kernel;
-the GPU suite's torch.cuda.set_sync_debug_mode("error") run is the check for those.
+the GPU suite's `profile` stage runs the trainer's step under torch.cuda.set_sync_debug_mode("warn") and
+counts them (bench/profile_step.py `sync_check`).
 """
 from __future__ import annotations
 
