@@ -34,7 +34,6 @@ it is in (relevant to inference sharding; training batches have a fixed size).
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from grad_bounds import assert_within, gamma, gan_step_gradients, gradient_bound  # noqa: E402
 from grad_bounds import pixel_step_gradients, replay_adam  # noqa: E402
 from train_runner import SyntheticLoader, build_test_models, flat_params, make_batch, run, tiny_config  # noqa: E402
-from train_runner import val_batches  # noqa: E402
+from train_runner import jsonl, val_batches  # noqa: E402
 
 from gafh_fast.export import load_generator  # noqa: E402
 from gafh_fast.losses import content_loss, ragan_d_loss, ragan_g_loss  # noqa: E402
@@ -82,10 +81,6 @@ def sh(cmd: list[str], timeout: int = 240, **env: str) -> subprocess.CompletedPr
 
 def trace(run_dir: Path, rank: int = 0) -> dict:
     return torch.load(run_dir / f"trace_rank{rank}.pt", weights_only=False)
-
-
-def jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float = 0.0) -> None:

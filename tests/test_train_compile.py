@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import grad_bounds  # noqa: E402
 from grad_bounds import TermSums, assert_within, gan_step_gradients, gradient_bound  # noqa: E402
 from test_train import assert_adam_step, state_before  # noqa: E402
-from train_runner import build_test_models, flat_params, make_batch, run  # noqa: E402
+from train_runner import build_test_models, flat_params, jsonl, make_batch, run  # noqa: E402
 
 from gafh_fast.config import ConfigError, load_config  # noqa: E402
 from gafh_fast.export import load_generator  # noqa: E402
@@ -80,10 +79,6 @@ class TermSumsWithBatchNorm(TermSums):
 
             out.register_hook(hook)
         return out
-
-
-def jsonl(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

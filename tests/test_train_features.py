@@ -22,11 +22,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import spec_reference as spec  # noqa: E402
-from train_runner import flat_params, run, tiny_config, val_batches  # noqa: E402
+from train_runner import base_optimizer, flat_params, run, tiny_config, val_batches  # noqa: E402
 
 import gafh_fast.train.trainer as trainer_module  # noqa: E402
 from gafh_fast.losses import content_loss  # noqa: E402
@@ -39,10 +38,6 @@ from gafh_fast.train.validate import validate  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 # recording what each step did
 # ------------------------------------------------------------------------------------------------
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
 def clone_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_runner import make_batch, run, tiny_config, val_batches  # noqa: E402
+from train_runner import jsonl, make_batch, run, tiny_config, val_batches  # noqa: E402
 
 import gafh_fast.train.step as step_module  # noqa: E402
 import gafh_fast.train.trainer as trainer_module  # noqa: E402
@@ -338,8 +338,7 @@ def test_nan_abort_comes_at_the_read_back_and_names_its_steps(tmp_path, monkeypa
     with pytest.raises(TrainingAborted, match="2 consecutive steps had a non-finite loss"):
         run(cfg, tmp_path, resume="none", nan_from=1)
     assert len(calls) == 4, "the abort is read at the logging step (4), not before"
-    import json
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = jsonl(tmp_path)
     assert [(r["step"], r["loss"], r["in_a_row"]) for r in records if r["kind"] == "nan_skip"] == [(2, "d", 1),
                                                                                                   (3, "d", 2)]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import random
 import signal
@@ -95,6 +96,11 @@ def flat_optimizer_state(engine) -> torch.Tensor:
                 value = base.state[p][key]
                 parts.append(torch.as_tensor(value).detach().float().flatten().cpu())
     return torch.cat(parts)
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
