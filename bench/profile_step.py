@@ -184,8 +184,7 @@ def profile_steps(device: str, batch: int, steps: int, warmup: int, smoke: bool,
     else:
         sync_result = {"syncs": None, "steps": 0, "first": [],
                        "why": "no CUDA device: nothing to stall" if not cuda else "--sync-steps 0"}
-    if any(torch.stack(codes).tolist()):
-        raise RuntimeError("a profiled step skipped a non-finite loss")
+    train_suite.raise_on_skips(codes, "a profiled step")
     wall_ms = 1000.0 * wall_s
     busy_ms = busy_us(prof, cuda) / 1000.0
     out.mkdir(parents=True, exist_ok=True)

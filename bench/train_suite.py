@@ -23,6 +23,7 @@ run with kernels=torch (no Triton off CUDA).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -182,11 +183,10 @@ def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, pea
         outputs.append(train_step(cfg, g_engine, d_engine, vgg, pair[0], pair[1], gan=True))
 
     flops = step_flops_per_image(cfg)["total"]
-    compile_note = _compile(cfg, g_engine, d_engine, vgg, step, inputs) if engine == "deepspeed+compile" else None
+    compiler, compile_note = (_compile(cfg, dev, g_engine, d_engine, vgg, step, inputs)
+                              if engine == "deepspeed+compile" else (None, None))
     timing = time_calls(step, inputs, dev, warmup=warmup, repeats=repeats)
-    skipped = [SKIP_REASONS[c] for c in torch.stack([o.skip_code for o in outputs]).tolist() if c]
-    if skipped:
-        raise RuntimeError(f"a step skipped a non-finite loss ({skipped[0]}): the timing would be wrong")
+    raise_on_skips([o.skip_code for o in outputs], "a timed step")
     losses = outputs[-1].read()[0]
     row = make_row(SUITE, NAME, spread_pct=timing["spread_pct"], repeats=timing["repeats"],
                    peak_mem_mb=timing["peak_mem_mb"], flops_per_image=flops,
@@ -196,24 +196,27 @@ def _time_path(overrides, kernels, dev, dtype, channels_last, engine, batch, pea
         row["note"] = "MFU against the bf16 peak; cuDNN may use TF32 for fp32 convs (PyTorch's default)"
     elif dev.type != "cuda" and kernels == "auto":
         row["note"] = "CPU: kernels=auto resolves to the torch reference (no Triton off CUDA)"
-    if compile_note is not None:
-        from gafh_fast.train.compile import CLOCK
-
-        late = CLOCK.take()  # a recompile inside the timed calls would make the number a compile time
+    if compiler is not None:
+        late = compiler.take_seconds()  # a recompile inside the timed calls would make the number a compile time
         row["note"] = compile_note + (f"; RECOMPILED while timed: {late}" if late else "")
     return row
 
 
-def _compile(cfg, g_engine, d_engine, vgg, step, inputs) -> str:
-    """The trainer's order: one eager step (kernels=auto decides), compile, two steps (compile, settle)."""
-    from gafh_fast.train.compile import CLOCK, compile_parts
+def raise_on_skips(skip_codes: list[torch.Tensor], what: str) -> None:
+    """One read of the steps' skip codes, after the timing: a step that skipped would make it wrong."""
+    skipped = [SKIP_REASONS[c] for c in torch.stack(skip_codes).tolist() if c]
+    if skipped:
+        raise RuntimeError(f"{what} skipped a non-finite loss ({skipped[0]}): the timing would be wrong")
 
-    step(inputs[0])
-    CLOCK.register()
-    CLOCK.take()
-    how = compile_parts(cfg.train.compile, g_engine, d_engine, vgg)
-    for pair in inputs[:2]:
+
+def _compile(cfg, dev, g_engine, d_engine, vgg, step, inputs):
+    """Compile as the trainer does (its TrainCompiler: one eager step, for kernels=auto's decisions, then
+    the parts compile), then two steps (compile, settle): (the compiler, a note of what it did)."""
+    from gafh_fast.train.compile import TrainCompiler
+
+    compiler = TrainCompiler(dataclasses.replace(cfg.train.compile, enabled=True), dev)
+    how = []
+    for pair in (inputs[0], *inputs[:2]):
+        how += compiler.before_step(g_engine, d_engine, vgg)
         step(pair)
-    seconds = CLOCK.take()
-    return (f"compile {sum(seconds.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(seconds.items()))
-            + f"), not timed; graphs {dict(CLOCK.graphs)}; " + "; ".join(how))
+    return compiler, compiler.summary(compiler.take_seconds()) + ", not timed; " + "; ".join(how)
