@@ -72,6 +72,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return chosen
 
 
+def wants_precompile(backend: str, device: torch.device) -> bool:
+    """Whether a model on `device` with kernels=`backend` launches compiled Triton kernels, which
+    gafh_fast.models.generator.precompile_kernels then compiles up front: CUDA, and `auto` (its timed
+    decision runs the Triton path of every shape) or `triton`. Never under the interpreter."""
+    return device.type == "cuda" and resolve_backend(backend, device) != "torch"
+
+
 def median_ms_per_call(fn: Callable[[], None], device: torch.device, calls: int = 5, rounds: int = 3) -> float:
     """Median over rounds of the mean ms per call of `calls` back-to-back calls, the device drained
     before and after (host and device time both count: in eager mode either can bound a call)."""

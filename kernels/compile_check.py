@@ -29,9 +29,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import conv3x3, launch
+from . import conv3x3
 from .conv3x3_fwd import INTERPRETING
-from .tuning import Tuner
+from .precompile import record
 
 SMS = 132
 REGS_PER_SM = 65536
@@ -39,58 +39,34 @@ SMEM_PER_SM = 228 * 1024
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-class PickTuner(Tuner):
-    """Always the index-th candidate (or the last): the report visits every candidate."""
-
-    def __init__(self, index: int):
-        super().__init__(None, "compile_check")
-        self.index = index
-
-    def choose(self, kernel, key, candidates, run_candidate=None, first=False):
-        return candidates[min(self.index, len(candidates) - 1)]
-
-
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
     """Every launch of one IDB forward + backward, one two-residual conv forward + backward and one
     activated (upsampling) conv forward + backward."""
-    records = []
+    from .op import fused_conv3x3_triton, fused_idb_triton
 
-    def standin(name, grid, args, constexprs, options):
-        records.append(dict(name=name, grid=grid, args=args, constexprs=dict(constexprs), options=dict(options)))
-        return None  # no compiled kernel: every launch comes back here
-
-    old_standin, old_tuner, old_sms = launch.STANDIN, conv3x3.set_tuner(PickTuner(candidate)), conv3x3._sms
-    launch.STANDIN = standin
+    nf, gc, s = 64, 32, 32
+    fmt = dict(dtype=dtype)
+    cl = torch.channels_last
+    x = torch.randn(batch, nf, s, s, **fmt).contiguous(memory_format=cl).requires_grad_()
+    w1 = torch.randn(gc, nf, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
+    w2 = torch.randn(nf, nf + gc, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
+    w3 = torch.randn(nf, nf, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
+    b1, b2, b3 = (torch.zeros(c, **fmt, requires_grad=True) for c in (gc, nf, nf))
+    up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt).contiguous(memory_format=cl).requires_grad_()
+    workloads = [
+        ("idb", lambda: fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).backward(torch.ones_like(x))),
+        ("ridb_conv", lambda: fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2).backward(torch.ones_like(x))),
+        ("up_conv", lambda: fused_conv3x3_triton([up], w3, b3, 0.2, None, 1.0, None, 1.0).backward(torch.ones_like(up))),
+    ]
+    old_sms = conv3x3._sms
     conv3x3._sms = lambda device: SMS  # the dW split the H100 would get
+    records = []
     try:
-        from .op import fused_conv3x3_triton, fused_idb_triton
-
-        nf, gc, s = 64, 32, 32
-        fmt = dict(dtype=dtype)
-        x = torch.randn(batch, nf, s, s, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
-        w1 = torch.randn(gc, nf, 3, 3, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
-        w2 = torch.randn(nf, nf + gc, 3, 3, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
-        w3 = torch.randn(nf, nf, 3, 3, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
-        b1, b2, b3 = (torch.zeros(c, **fmt, requires_grad=True) for c in (gc, nf, nf))
-        y = fused_idb_triton(x, x, w1, b1, w2, b2, 0.2)
-        y.backward(torch.ones_like(y))
-        for r in records:
-            r["label"] = "idb"
-        n_idb = len(records)
-        z = fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2)
-        z.backward(torch.ones_like(z))
-        n_ridb = len(records)
-        for r in records[n_idb:]:
-            r["label"] = "ridb_conv"
-        up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
-        u = fused_conv3x3_triton([up], w3, b3, 0.2, None, 1.0, None, 1.0)
-        u.backward(torch.ones_like(u))
-        for r in records[n_ridb:]:
-            r["label"] = "up_conv"
+        for label, run in workloads:
+            for rec in record(run, picks=[candidate]):
+                records.append(dict(rec, label=label))
     finally:
-        launch.STANDIN = old_standin
         conv3x3._sms = old_sms
-        conv3x3.set_tuner(old_tuner)
     return records
 
 

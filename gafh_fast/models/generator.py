@@ -6,6 +6,8 @@ state-dict keys are the same whichever backend runs.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -127,3 +129,40 @@ class Generator(nn.Module):
                 # LeakyReLU is elementwise, so it commutes with the pixel shuffle permutation.
                 x = F.pixel_shuffle(fused_conv3x3([x], conv.weight, conv.bias, backend=self.kernels), 2)
         return torch.tanh(self.out(x))  # (N, 3, 8h, 8w)
+
+
+def _kernel_twin(generator: Generator) -> Generator:
+    """A throwaway Generator of the same config whose every parameter and buffer has the live one's
+    device, dtype and strides (values uninitialised): the kernels specialise on strides and alignment."""
+    twin = Generator(generator.cfg, kernels="triton")
+    for mine, live in zip(itertools.chain(twin.parameters(), twin.buffers()),
+                          itertools.chain(generator.parameters(), generator.buffers())):
+        mine.data = torch.empty_strided(live.shape, live.stride(), dtype=live.dtype, device=live.device)
+    return twin
+
+
+def precompile_kernels(passes, lr_size: int, *, channels_last: bool = True, workers=None):
+    """Compile, in parallel and before the first step, every fused Triton kernel variant these passes
+    will launch. passes: (generator, batch, train) triples: a training forward + backward (train) or an
+    inference forward, on (batch, 3, lr_size, lr_size) inputs in the generator's dtype. Returns
+    gafh_fast.kernels.precompile's report.
+
+    The passes run on throwaway twins (_kernel_twin), so the live models' weights, gradients and
+    BatchNorm statistics are untouched; their fused ops only record their launches."""
+    from gafh_fast.kernels.precompile import precompile
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    twins = [(_kernel_twin(g), batch, train) for g, batch, train in passes]
+
+    def run() -> None:
+        for twin, batch, train in twins:
+            like = next(twin.parameters())
+            lr = torch.zeros(batch, 3, lr_size, lr_size, dtype=like.dtype, device=like.device).contiguous(
+                memory_format=layout)
+            twin.train(train)
+            with torch.set_grad_enabled(train):
+                y = twin(lr)
+            if train:
+                y.float().mean().backward()
+
+    return precompile(run, workers)

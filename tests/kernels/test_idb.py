@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gafh_fast.kernels import conv3x3, fused_idb_triton, launch
-from gafh_fast.kernels.compile_check import PickTuner
+from gafh_fast.kernels.precompile import PickTuner
 from gafh_fast.ops import fused_conv3x3_reference
 
 from .test_conv3x3 import DEVICE, assert_within

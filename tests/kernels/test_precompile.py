@@ -1,0 +1,126 @@
+"""kernels/precompile.py: recording every launch of a workload (each tile candidate) and compiling the
+variants up front, in parallel, into the JIT's own cache.
+
+In-process (interpreter): what `record` captures against the launches a real call makes, and that it
+leaves no state behind. In a subprocess without the interpreter (sm90_precompile_check.py): the real
+compiles for sm_90 on a stand-in device, then the launches replayed through the JIT find them all.
+"""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+from gafh_fast.kernels import configs, conv3x3, fused_conv3x3_triton, fused_idb_triton, launch
+from gafh_fast.kernels import precompile as pc
+from gafh_fast.ops import fused_idb_reference, wants_precompile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _workload(batch=2, c=16, gc=8, s=5):
+    """An IDB forward + backward and an activated conv (the upsampling convs' kind) forward + backward."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(batch, c, s, s).contiguous(memory_format=cl).requires_grad_()
+    w1 = (torch.randn(gc, c, 3, 3) * 0.1).requires_grad_()
+    w2 = (torch.randn(c, c + gc, 3, 3) * 0.1).requires_grad_()
+    b1, b2 = torch.zeros(gc, requires_grad=True), torch.zeros(c, requires_grad=True)
+    w3, b3 = (torch.randn(c, c, 3, 3) * 0.1).requires_grad_(), torch.zeros(c, requires_grad=True)
+
+    def run():
+        fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).sum().backward()
+        fused_conv3x3_triton([x], w3, b3, 0.2, None, 1.0, None, 1.0).sum().backward()
+
+    return run, (x, w1, b1, w2, b2)
+
+
+def test_record_captures_every_candidates_launches_and_leaves_no_trace():
+    run, (x, w1, b1, w2, b2) = _workload()
+    old_tuner = conv3x3.tuner()
+    counts = launch.LAUNCHES.copy()
+
+    records = pc.record(run)
+
+    # 6 launches per IDB forward + backward, 1 + 3 per activated conv; once per candidate
+    assert len(records) == pc.N_CANDIDATES * (6 + 4)
+    per_candidate = [records[:10], records[10:]]
+    for recs in per_candidate:
+        assert Counter(r["name"] for r in recs) == {"fwd": 3, "dx": 3, "dw": 3, "fin": 1}
+    # the two passes took the two heuristic candidates of every tuned kernel (the finalize has one config)
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    fwd_conv1 = configs.fwd_candidates(16, 0, 8, 5, m)
+    assert [per_candidate[i][0]["constexprs"]["BLOCK_M"] for i in (0, 1)] == [c.kwargs["BLOCK_M"] for c in fwd_conv1]
+    assert [per_candidate[i][0]["options"]["num_stages"] for i in (0, 1)] == [c.num_stages for c in fwd_conv1]
+    dw = [r for r in records if r["name"] == "dw"]
+    assert {r["constexprs"]["BLOCK_P"] for r in dw} == {c.kwargs["BLOCK_P"] for c in configs.dw_candidates(16, 8, 16, 5, m)}
+    # no state left: the tuner, the launch counts, no plan made with a forced pick, no kept kernel
+    assert conv3x3.tuner() is old_tuner
+    assert launch.LAUNCHES == counts
+    assert not conv3x3._PLANS
+    assert not any(ln._compiled for ln in (conv3x3.FWD, conv3x3.DW, conv3x3.DX, conv3x3.FIN))
+    # and the kernels still compute the IDB afterwards (no plan poisoned by the recording)
+    for p in (x, w1, b1, w2, b2):
+        p.grad = None
+    y = fused_idb_triton(x, x, w1, b1, w2, b2, 0.2)
+    torch.testing.assert_close(y, fused_idb_reference(x, x, w1, b1, w2, b2, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_record_restores_state_when_the_workload_fails():
+    old_tuner = conv3x3.tuner()
+
+    def broken():
+        raise RuntimeError("workload failed")
+
+    with pytest.raises(RuntimeError, match="workload failed"):
+        pc.record(broken)
+    assert conv3x3.tuner() is old_tuner
+    assert launch.STANDIN is None
+
+
+def test_precompile_refuses_the_interpreter():
+    with pytest.raises(RuntimeError, match="nothing to compile"):
+        pc.precompile(lambda: None)
+
+
+def test_wants_precompile_only_for_compiled_triton_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wants_precompile("auto", cuda) and wants_precompile("triton", cuda)
+    assert not wants_precompile("torch", cuda)
+    assert not wants_precompile("auto", cpu) and not wants_precompile("torch", cpu)
+    assert not wants_precompile("triton", cpu)  # the interpreter runs it: nothing to compile
+
+
+def test_default_workers_share_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert pc.default_workers() == min(16, cores)
+    assert pc.default_workers(cores * 4) == 1
+    assert pc.default_workers(2) == max(1, min(16, cores // 2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the trainer's and the autotune probe's real precompile run")
+def test_precompile_for_sm90_fills_the_jit_cache(tmp_path):
+    """The real compiles (Triton's JIT, cuda:90 target) in 2 threads; then every launch of the same
+    passes, replayed through the JIT, finds its kernel: no compile, each reaches the device loader."""
+    out = tmp_path / "precompile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90_precompile_check.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    par = r["parallel"]
+    assert par["parallel"] and par["workers"] == 2
+    # each distinct variant compiled exactly once (a cold cache), and nothing counted as a launch
+    assert par["compiles"] == par["variants"] > 0
+    assert par["launches"] > par["variants"]
+    assert r["launches_after"] == r["launches_before"]
+    rep = r["replay"]
+    assert rep["records"] == par["launches"] and rep["reached"] == rep["records"] and rep["compiles"] == 0
+    ser = r["serial"]
+    assert not ser["parallel"] and ser["workers"] == 1
+    # bf16 inference forwards: new variants (no mask saved) beside kernels compiled in step 1
+    assert 0 < ser["compiles"] <= ser["variants"]
