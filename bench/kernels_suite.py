@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from gafh_fast.config import load_config
-from gafh_fast.models.generator import IDB, Generator
+from gafh_fast.models.generator import IDB, Generator, precompile_kernels
 
 NF, GC, LR_SIZE = 64, 32, 32
 PATHS = ("triton", "eager", "compile")
@@ -257,13 +257,16 @@ def probe(workload: str, batch: int, device: str) -> dict:
         inputs = (x, x)
     module = module.to(memory_format=torch.channels_last)
     _set_kernels(module, "triton")
+    precompiled = None
+    if workload == "generator":  # what the trainer does before step 1: every variant, on parallel threads
+        precompiled = vars(precompile_kernels([(module, batch, True)], LR_SIZE))
     t0 = time.perf_counter()
     module(*[t.contiguous(memory_format=torch.channels_last) for t in inputs]).float().mean().backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
     tuner = conv3x3.tuner()
-    return {"workload": workload, "batch": batch, "device": device, "first_call_s": first,
+    return {"workload": workload, "batch": batch, "device": device, "precompile": precompiled, "first_call_s": first,
             "tuner_timed_s": tuner.timed_seconds, "decisions": tuner.log, "configs": conv3x3.plan_configs(),
             "launches": dict(launch.LAUNCHES)}
 
@@ -292,7 +295,10 @@ def run_probe(workload: str, batch: int, device: str, cache_root: str, timeout_s
 
 def _probe_note(r: dict) -> str:
     kinds = Counter(c["kernel"] for c in r["configs"])
-    return (f"first fwd+bwd {r['first_call_s']:.2f} s (compiles + autotuning), tuner timing "
+    pre = r.get("precompile")
+    return ((f"precompile {pre['seconds']:.2f} s ({pre['variants']} variants, {pre['workers']} threads"
+             f"{'' if pre['parallel'] else ', serial'}), then " if pre else "")
+            + f"first fwd+bwd {r['first_call_s']:.2f} s (compiles + autotuning), tuner timing "
             f"{r['tuner_timed_s']:.2f} s over {len(r['decisions'])} decisions, whole process {r['process_s']:.1f} s; "
             f"{len(r['configs'])} launch plans ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
 
@@ -322,7 +328,10 @@ def autotune_rows(batch: int, device: torch.device, card: str) -> list[dict]:
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
             else:
                 goal = 10.0 if phase == "cold" else 1.0
-                row.update(ms=r["first_call_s"] * 1000, first_call_s=r["first_call_s"], tuner_timed_s=r["tuner_timed_s"],
+                precompile_s = r["precompile"]["seconds"] if r.get("precompile") else 0.0
+                # the goal's clock: everything before the first step can run (precompile + first fwd+bwd)
+                row.update(ms=(precompile_s + r["first_call_s"]) * 1000, precompile_s=precompile_s,
+                           first_call_s=r["first_call_s"], tuner_timed_s=r["tuner_timed_s"],
                            process_s=r["process_s"], decisions=r["decisions"], configs=r["configs"],
                            note=f"{_probe_note(r)}; goal <= {goal:g} s")
             rows.append(row)

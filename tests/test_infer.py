@@ -481,3 +481,38 @@ def test_cuda_decoders_agree_and_compile_runs(ws, single, caplog):
             assert np.abs(pil - _pixels(outs["compiled"] / r["output"])).mean() < 2.0, r["output"]
             if r["output"] in as_is:
                 assert np.array_equal(pil, _pixels(outs["dali"] / r["output"])), r["output"]
+
+
+@pytest.mark.parametrize("kernels, compile_mode, precompiles", [
+    ("triton", "on", True), ("triton", "off", True), ("auto", "off", True), ("auto", "on", False), ("torch", "off", False)])
+def test_cuda_precompile_call_on_cpu(ws, monkeypatch, kernels, compile_mode, precompiles):
+    """On CUDA, load_model compiles every fused Triton variant of G's fixed-batch forward up front
+    unless no Triton kernel will run (torch; auto under torch.compile, which takes torch for every shape).
+    Here the device checks say CUDA and the compile is a spy; the model is the one the run will use."""
+    import gafh_fast.models.generator as generator_module
+    import gafh_fast.ops as ops
+    from gafh_fast.inference.runner import load_model
+
+    calls = []
+
+    class Report:
+        def line(self):
+            return "precompile spy report"
+
+    def spy(passes, lr_size, *, workers):
+        calls.append((passes, lr_size, workers))
+        return Report()
+
+    monkeypatch.setattr(ops, "triton_unavailable_reason", lambda device: None)  # CPU tensors count as CUDA
+    monkeypatch.setattr(ops, "wants_precompile", lambda backend, device: backend != "torch")
+    monkeypatch.setattr(generator_module, "precompile_kernels", spy)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    opts = InferenceOptions(weights=ws["weights"], output=ws["root"] / "unused", kernels=kernels, compile=compile_mode,
+                            batch_size=5, device="cpu", progress=False)
+    model = load_model(opts, torch.device("cpu"))
+    assert bool(calls) == precompiles
+    if precompiles:
+        ((g, batch, train),), lr_size, workers = calls[0]
+        assert (batch, train, lr_size) == (5, False, model.cfg.lr_size)
+        assert next(g.parameters()).dtype == model.dtype and not g.training
+        assert workers == max(1, min(16, len(os.sched_getaffinity(0)) // 2))  # the cores shared by 2 ranks

@@ -114,3 +114,45 @@ def test_cuda_layout_on_two_ranks_resumes(tmp_path):
     assert torch.equal(traces[0]["g"][-1], traces[1]["g"][-1]) and torch.equal(traces[0]["d"][-1], traces[1]["d"][-1])
     exported, _ = load_generator(run_dir / "generator.safetensors")
     assert torch.equal(flat_params(exported), traces[0]["g"][-1])
+
+
+@pytest.mark.parametrize("ema", [0.999, 0.0])
+def test_cuda_precompile_call_on_cpu(tmp_path, monkeypatch, ema):
+    """On CUDA (kernels auto or triton) the trainer compiles every fused Triton variant of G's step and of
+    validation before step 1 (gafh_fast/models/generator.py precompile_kernels). Here the device check
+    says yes and the compile is swapped for a spy that checks its passes and the throwaway twins' layouts."""
+    from gafh_fast.models.generator import _kernel_twin
+    from gafh_fast.train import trainer as trainer_module
+
+    calls = []
+
+    class Report:
+        def line(self):
+            return "precompile spy report"
+
+    def spy(passes, lr_size, *, channels_last, workers):
+        for g, _batch, _train in passes:  # the twin the real call builds matches the live model exactly
+            twin = _kernel_twin(g)
+            for mine, live in zip([*twin.parameters(), *twin.buffers()], [*g.parameters(), *g.buffers()]):
+                assert (mine.shape, mine.stride(), mine.dtype, mine.device) == (live.shape, live.stride(), live.dtype, live.device)
+        calls.append((list(passes), lr_size, channels_last, workers))
+        return Report()
+
+    monkeypatch.setattr(trainer_module, "wants_precompile", lambda backend, device: backend != "torch")
+    monkeypatch.setattr(trainer_module, "precompile_kernels", spy)
+    cfg = tiny_config(*CUDA_PATH, "kernels=auto", f"train.ema_decay={ema}", "train.max_steps=1")
+    trainer = Trainer(cfg, tmp_path, resume="none", train_loader=SyntheticLoader(cfg), val_loader=val_batches(cfg))
+    assert len(calls) == 1
+    passes, lr_size, channels_last, workers = calls[0]
+    (g, g_batch, g_train), (v, v_batch, v_train) = passes
+    assert g is trainer.g_engine.module and (g_batch, g_train) == (cfg.data.batch_size, True)
+    assert next(g.parameters()).dtype == torch.bfloat16
+    assert v is trainer.eval_generator and (v_batch, v_train) == (cfg.data.val_batch_size, False)
+    assert v is (trainer.ema.module if ema else trainer.g_engine.module)
+    assert lr_size == cfg.data.hr_size // 8 and channels_last is True and workers is None  # rank 0: every core
+    assert "precompile spy report" in (tmp_path / "metrics.jsonl").read_text()  # an info record
+    # kernels=torch: nothing to compile
+    calls.clear()
+    Trainer(tiny_config(*CUDA_PATH, "kernels=torch"), tmp_path / "torch", resume="none",
+            train_loader=SyntheticLoader(cfg), val_loader=val_batches(cfg))
+    assert not calls

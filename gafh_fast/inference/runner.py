@@ -141,7 +141,7 @@ class LoadedModel:
 def load_model(opts: InferenceOptions, device: torch.device) -> LoadedModel:
     """G built from the config inside the weights file; any mismatch or unusable request -> usage error."""
     from gafh_fast.export import load_generator, read_generator_config
-    from gafh_fast.ops import KernelUnavailableError, resolve_backend
+    from gafh_fast.ops import KernelUnavailableError, resolve_backend, wants_precompile
 
     try:
         cfg = read_generator_config(opts.weights)
@@ -158,6 +158,15 @@ def load_model(opts: InferenceOptions, device: torch.device) -> LoadedModel:
     # the device decides only the default: `--compile on` runs the same torch.compile call on CPU, where
     # inductor leaves CUDA graphs out by itself
     compiled = opts.compile == "on" or (opts.compile == "auto" and device.type == "cuda")
+    # kernels=auto under torch.compile takes torch for every shape (no timing inside a trace): then
+    # no Triton kernel runs and none is compiled up front
+    if wants_precompile(opts.kernels, device) and (backend == "triton" or not compiled):
+        from gafh_fast.kernels.precompile import default_workers
+        from gafh_fast.models.generator import precompile_kernels
+
+        report = precompile_kernels([(generator, opts.batch_size, False)], cfg.lr_size,
+                                    workers=default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        log.info(report.line())
     model = torch.compile(generator, mode="reduce-overhead", dynamic=False) if compiled else generator
     path = (f"kernels={opts.kernels} -> {backend}, {str(dtype).replace('torch.', '')}, channels_last, "
             + ("torch.compile reduce-overhead (CUDA graphs on CUDA)" if compiled else "eager")

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from gafh_fast.config import Config, save_config
 from gafh_fast.flops import peak_bf16_tflops, step_flops_per_image
 from gafh_fast.models import build_discriminator, build_generator, build_vgg
+from gafh_fast.models.generator import precompile_kernels
+from gafh_fast.ops import wants_precompile
 from gafh_fast.train.checkpoint import check_world_size, load_checkpoint, resolve_resume, save_checkpoint
 from gafh_fast.train.compile import TrainCompiler, eager
 from gafh_fast.train.determinism import make_deterministic
@@ -130,6 +132,24 @@ class Trainer:
                          + "; " + self.compiler.describe())
         if self.determinism:
             self.logger.info(self.determinism)
+        if wants_precompile(cfg.kernels, self.device):
+            self.logger.info(self._precompile_kernels())
+
+    def _precompile_kernels(self) -> str:
+        """Every fused Triton variant of G's training step and of validation, compiled before step 1
+        on parallel threads (kernels/precompile.py) instead of one by one inside the first steps. Per
+        node, local rank 0 compiles first on all cores while the node's other ranks wait at a barrier;
+        they then load every kernel from Triton's on-disk cache, which the node's processes share."""
+        cfg = self.cfg
+        first = self.dist.local_rank == 0
+        if self.world > 1 and not first:
+            dist.barrier()
+        report = precompile_kernels([(self.g_engine.module, cfg.data.batch_size, True),
+                                     (self.eval_generator, cfg.data.val_batch_size, False)],
+                                    cfg.lr_size, channels_last=self.channels_last, workers=None if first else 1)
+        if self.world > 1 and first:
+            dist.barrier()
+        return report.line()
 
     # --- data -------------------------------------------------------------------------------------
     def _build_loader(self, split: str):
