@@ -135,11 +135,15 @@ COMPILED_BY = {
 # run for every mutant inside the functions named here, whose multi-rank branches only those ranks take.
 _CLIP_2 = "tests/test_train_sync_free.py::test_clip_norm_over_zero_partitions_is_the_global_norm"
 _FLAGS_2 = "tests/test_train_features.py::test_non_finite_loss_on_one_rank_skips_on_all"
+_SM90 = "tests/kernels/test_precompile.py::test_precompile_for_sm90_fills_the_jit_cache"
 SPAWNED_BY = {
     ("gafh_fast/train/optim.py", "__init__"): [_CLIP_2],  # the `partitioned` default
     ("gafh_fast/train/optim.py", "_clip_"): [_CLIP_2],
     ("gafh_fast/train/step.py", "any_rank_nonfinite"): [_FLAGS_2],
     ("gafh_fast/train/step.py", "read"): [_FLAGS_2],  # StepWindow.read's stop flag (and StepOutput.read)
+    # the real sm_90 compiles run in a subprocess without the interpreter (tests/kernels/sm90_precompile_check.py)
+    **{("kernels/precompile.py", f): [_SM90] for f in ("compile_records", "_warmup", "precompile", "line")},
+    **{("gafh_fast/models/generator.py", f): [_SM90] for f in ("_kernel_twin", "precompile_kernels", "run")},
 }
 
 
