@@ -30,19 +30,18 @@ import triton
 
 from . import conv3x3, launch
 from .conv3x3_fwd import INTERPRETING
-from .tuning import Tuner
 
 N_CANDIDATES = 2  # configs.py gives at most two tile candidates per kernel
 
 
-class PickTuner(Tuner):
-    """Always the index-th candidate (or the last): recording visits every candidate."""
+class PickTuner:
+    """Stands in for tuning.Tuner: always the index-th candidate (or the last), timing nothing;
+    recording visits every candidate."""
 
     def __init__(self, index: int):
-        super().__init__(None, "precompile")
         self.index = index
 
-    def choose(self, kernel, key, candidates, run_candidate=None, first=False):
+    def choose(self, kernel, key, candidates, *_, **__):
         return candidates[min(self.index, len(candidates) - 1)]
 
 
@@ -115,7 +114,7 @@ class PrecompileReport:
 
 def default_workers(processes_per_node: int = 1) -> int:
     """The node's cores shared among the processes compiling at once, at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))  # Linux: the cores this process may run on
     return max(1, min(16, cores // max(1, processes_per_node)))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import torch  # noqa: E402
 from precompile_sm90 import LaunchReached, use_standin_sm90  # noqa: E402
+import triton.compiler  # noqa: E402
 from triton import knobs  # noqa: E402
 
 
@@ -39,6 +41,14 @@ def main(out_path: str) -> None:
         return False  # go on and compile
 
     knobs.runtime.jit_cache_hook = count_compile
+    compile_threads: set[str] = set()
+    real_compile = triton.compiler.compile
+
+    def compile_in_thread(*args, **kwargs):  # the JIT binds triton.compiler.compile when a kernel first runs
+        compile_threads.add(threading.current_thread().name)
+        return real_compile(*args, **kwargs)
+
+    triton.compiler.compile = compile_in_thread
     torch.manual_seed(0)
     cfg = GeneratorConfig(nf=16, gc=8, idb_per_ridb=2, ridb_per_dnb=1, num_dnb=1, trunk_norm="none")
     live = Generator(cfg).to(torch.bfloat16)  # parameters contiguous, as the trainer keeps them
@@ -50,6 +60,7 @@ def main(out_path: str) -> None:
     report = precompile_kernels([(live, 2, True), (ema, 3, False)], 4, workers=2)
     out["parallel"] = dict(vars(report), compiles=len(compiles), wall_s=time.perf_counter() - t0)
     out["launches_after"] = dict(launch.LAUNCHES)
+    out["compile_threads"] = sorted(compile_threads)
 
     # 2. every launch those passes make, now through the real launch path: no compile, all reach the device
     twins = [(_kernel_twin(live), 2, True), (_kernel_twin(ema), 3, False)]

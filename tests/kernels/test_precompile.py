@@ -40,8 +40,10 @@ def _workload(batch=2, c=16, gc=8, s=5):
 
 def test_record_captures_every_candidates_launches_and_leaves_no_trace():
     run, (x, w1, b1, w2, b2) = _workload()
+    run()  # real launches first: the counts record must leave as they were are not empty
     old_tuner = conv3x3.tuner()
     counts = launch.LAUNCHES.copy()
+    assert sum(counts.values()) >= 10
 
     records = pc.record(run)
 
@@ -69,6 +71,45 @@ def test_record_captures_every_candidates_launches_and_leaves_no_trace():
     torch.testing.assert_close(y, fused_idb_reference(x, x, w1, b1, w2, b2, 0.2), rtol=1e-5, atol=1e-5)
 
 
+def _same_argument(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)
+    return type(a) is type(b) and a == b
+
+
+def test_records_are_the_launches_a_real_call_makes(monkeypatch):
+    """What `record` keeps (pick 0) is what a real call launches with the first candidate: kernel, grid,
+    every runtime argument (tensors by shape, strides, dtype, device; scalars by value), constexprs and
+    options, in order. The variants compiled up front are then the ones the run needs."""
+    run, _ = _workload()
+    seen = []
+    real_launch = launch.KernelLauncher.launch
+
+    def spy(self, key, grid, args, constexprs, config):
+        seen.append(dict(name=self.name, grid=tuple(grid) + (1,) * (3 - len(grid)), args=args,
+                         constexprs=dict(constexprs), options={"num_warps": config.num_warps,
+                                                               "num_stages": config.num_stages}))
+        return real_launch(self, key, grid, args, constexprs, config)
+
+    monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
+    run()  # the interpreter takes each kernel's first candidate
+    monkeypatch.setattr(launch.KernelLauncher, "launch", real_launch)
+    records = pc.record(run, picks=[0])
+    assert len(records) == len(seen) == 10
+    for rec, real in zip(records, seen):
+        assert (rec["name"], rec["grid"], rec["constexprs"], rec["options"]) == \
+            (real["name"], real["grid"], real["constexprs"], real["options"])
+        assert len(rec["args"]) == len(real["args"])
+        assert all(_same_argument(a, b) for a, b in zip(rec["args"], real["args"])), rec["name"]
+
+
+def test_pick_tuner_takes_the_indexed_candidate_or_the_last():
+    assert pc.PickTuner(1).choose("k", (), ["a", "b"]) == "b"
+    assert pc.PickTuner(0).choose("k", (), ["a", "b"]) == "a"
+    assert pc.PickTuner(1).choose("k", (), ["only"]) == "only"
+    assert pc.PickTuner(5).choose("k", (), ["a", "b", "c"]) == "c"
+
+
 def test_record_restores_state_when_the_workload_fails():
     old_tuner = conv3x3.tuner()
 
@@ -94,11 +135,22 @@ def test_wants_precompile_only_for_compiled_triton_on_cuda():
     assert not wants_precompile("triton", cpu)  # the interpreter runs it: nothing to compile
 
 
-def test_default_workers_share_the_cores():
-    cores = len(os.sched_getaffinity(0))
-    assert pc.default_workers() == min(16, cores)
+@pytest.mark.parametrize("cores", [2, 12, 64])
+def test_default_workers_share_the_cores(monkeypatch, cores):
+    monkeypatch.setattr(pc.os, "sched_getaffinity", lambda pid: set(range(cores)) if pid == 0 else {0})
+    assert pc.default_workers() == pc.default_workers(0) == min(16, cores)
     assert pc.default_workers(cores * 4) == 1
     assert pc.default_workers(2) == max(1, min(16, cores // 2))
+
+
+def test_report_line_says_how_the_compiles_ran(monkeypatch):
+    report = pc.PrecompileReport(launches=902, variants=37, seconds=25.66, record_s=3.04, workers=2, parallel=True)
+    assert report.line() == ("Triton kernels precompiled: 37 variants of 902 recorded launches (every tile candidate) "
+                             "in 25.7 s (3.0 s recording), 2 compile threads")
+    serial = pc.PrecompileReport(902, 37, 43.1, 3.0, 1, False)
+    assert serial.line().endswith("in 43.1 s (3.0 s recording), one at a time")
+    monkeypatch.delattr(pc.triton, "AsyncCompileMode")
+    assert serial.line().endswith(f"one at a time (triton {pc.triton.__version__} has no AsyncCompileMode)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the trainer's and the autotune probe's real precompile run")
@@ -114,6 +166,9 @@ def test_precompile_for_sm90_fills_the_jit_cache(tmp_path):
     r = json.loads(out.read_text())
     par = r["parallel"]
     assert par["parallel"] and par["workers"] == 2
+    # every compile ran in the pool's 2 threads, none in the caller's
+    assert set(r["compile_threads"]) <= {"triton-compile_0", "triton-compile_1"} and r["compile_threads"]
+    assert 0 < par["record_s"] < par["seconds"] <= par["wall_s"]
     # each distinct variant compiled exactly once (a cold cache), and nothing counted as a launch
     assert par["compiles"] == par["variants"] > 0
     assert par["launches"] > par["variants"]
