@@ -121,6 +121,7 @@ def test_cuda_precompile_call_on_cpu(tmp_path, monkeypatch, ema):
     """On CUDA (kernels auto or triton) the trainer compiles every fused Triton variant of G's step and of
     validation before step 1 (gafh_fast/models/generator.py precompile_kernels). Here the device check
     says yes and the compile is swapped for a spy that checks its passes and the throwaway twins' layouts."""
+    import gafh_fast.models.generator as generator_module
     from gafh_fast.models.generator import _kernel_twin
     from gafh_fast.train import trainer as trainer_module
 
@@ -139,7 +140,7 @@ def test_cuda_precompile_call_on_cpu(tmp_path, monkeypatch, ema):
         return Report()
 
     monkeypatch.setattr(trainer_module, "wants_precompile", lambda backend, device: backend != "torch")
-    monkeypatch.setattr(trainer_module, "precompile_kernels", spy)
+    monkeypatch.setattr(generator_module, "precompile_kernels", spy)  # what the trainer's precompile_line calls
     cfg = tiny_config(*CUDA_PATH, "kernels=auto", f"train.ema_decay={ema}", "train.max_steps=1")
     trainer = Trainer(cfg, tmp_path, resume="none", train_loader=SyntheticLoader(cfg), val_loader=val_batches(cfg))
     assert len(calls) == 1

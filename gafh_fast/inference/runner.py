@@ -162,11 +162,10 @@ def load_model(opts: InferenceOptions, device: torch.device) -> LoadedModel:
     # no Triton kernel runs and none is compiled up front
     if wants_precompile(opts.kernels, device) and (backend == "triton" or not compiled):
         from gafh_fast.kernels.precompile import default_workers
-        from gafh_fast.models.generator import precompile_kernels
+        from gafh_fast.models.generator import precompile_line
 
-        report = precompile_kernels([(generator, opts.batch_size, False)], cfg.lr_size,
-                                    workers=default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        log.info(report.line())
+        log.info(precompile_line([(generator, opts.batch_size, False)], cfg.lr_size,
+                                 workers=default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     model = torch.compile(generator, mode="reduce-overhead", dynamic=False) if compiled else generator
     path = (f"kernels={opts.kernels} -> {backend}, {str(dtype).replace('torch.', '')}, channels_last, "
             + ("torch.compile reduce-overhead (CUDA graphs on CUDA)" if compiled else "eager")

@@ -143,6 +143,26 @@ def test_default_workers_share_the_cores(monkeypatch, cores):
     assert pc.default_workers(2) == max(1, min(16, cores // 2))
 
 
+def test_precompile_line_turns_a_failure_into_a_warning(monkeypatch):
+    """Compiling up front only saves time: a failure (say, a Triton without the APIs it uses) is a warning
+    line in the log, and each kernel still compiles on its first launch."""
+    import gafh_fast.models.generator as generator_module
+
+    def failing(passes, lr_size, **kwargs):
+        raise AttributeError("no warmup here")
+
+    monkeypatch.setattr(generator_module, "precompile_kernels", failing)
+    assert generator_module.precompile_line([], 4) == (
+        "WARNING: Triton kernel precompile failed (AttributeError: no warmup here); kernels compile on first use")
+
+    class Report:
+        def line(self):
+            return "the report's line"
+
+    monkeypatch.setattr(generator_module, "precompile_kernels", lambda passes, lr_size, **kwargs: Report())
+    assert generator_module.precompile_line([], 4) == "the report's line"
+
+
 def test_report_line_says_how_the_compiles_ran(monkeypatch):
     report = pc.PrecompileReport(launches=902, variants=37, seconds=25.66, record_s=3.04, workers=2, parallel=True)
     assert report.line() == ("Triton kernels precompiled: 37 variants of 902 recorded launches (every tile candidate) "
