@@ -18,6 +18,8 @@ from gafh_fast.kernels import configs, conv3x3, fused_conv3x3_triton, fused_idb_
 from gafh_fast.kernels import precompile as pc
 from gafh_fast.ops import fused_idb_reference, wants_precompile
 
+from .test_conv3x3 import DEVICE
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -25,11 +27,13 @@ def _workload(batch=2, c=16, gc=8, s=5):
     """An IDB forward + backward and an activated conv (the upsampling convs' kind) forward + backward."""
     torch.manual_seed(0)
     cl = torch.channels_last
-    x = torch.randn(batch, c, s, s).contiguous(memory_format=cl).requires_grad_()
-    w1 = (torch.randn(gc, c, 3, 3) * 0.1).requires_grad_()
-    w2 = (torch.randn(c, c + gc, 3, 3) * 0.1).requires_grad_()
-    b1, b2 = torch.zeros(gc, requires_grad=True), torch.zeros(c, requires_grad=True)
-    w3, b3 = (torch.randn(c, c, 3, 3) * 0.1).requires_grad_(), torch.zeros(c, requires_grad=True)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape) * scale).to(DEVICE).requires_grad_()
+
+    x = leaf(batch, c, s, s).detach().contiguous(memory_format=cl).requires_grad_()
+    w1, w2, w3 = leaf(gc, c, 3, 3, scale=0.1), leaf(c, c + gc, 3, 3, scale=0.1), leaf(c, c, 3, 3, scale=0.1)
+    b1, b2, b3 = leaf(gc, scale=0.0), leaf(c, scale=0.0), leaf(c, scale=0.0)
 
     def run():
         fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).sum().backward()
@@ -68,7 +72,8 @@ def test_record_captures_every_candidates_launches_and_leaves_no_trace():
     for p in (x, w1, b1, w2, b2):
         p.grad = None
     y = fused_idb_triton(x, x, w1, b1, w2, b2, 0.2)
-    torch.testing.assert_close(y, fused_idb_reference(x, x, w1, b1, w2, b2, 0.2), rtol=1e-5, atol=1e-5)
+    ref = fused_idb_reference(*(t.detach().double().cpu() for t in (x, x, w1, b1, w2, b2)), 0.2)
+    torch.testing.assert_close(y.detach().double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
 def _same_argument(a, b) -> bool:
@@ -122,9 +127,23 @@ def test_record_restores_state_when_the_workload_fails():
     assert launch.STANDIN is None
 
 
+@pytest.mark.skipif(not pc.INTERPRETING, reason="the interpreter's refusal")
 def test_precompile_refuses_the_interpreter():
     with pytest.raises(RuntimeError, match="nothing to compile"):
         pc.precompile(lambda: None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real compiles and launches need a GPU")
+def test_precompile_on_gpu_then_the_real_call_is_right():
+    """On a GPU: every variant of the workload (both candidates) compiled in parallel, then the real
+    call runs on those kernels and equals the float64 reference."""
+    run, (x, w1, b1, w2, b2) = _workload()
+    report = pc.precompile(run, workers=4)
+    assert report.parallel == hasattr(pc.triton, "AsyncCompileMode") and report.variants > 0
+    assert report.launches == pc.N_CANDIDATES * 10
+    y = fused_idb_triton(x, x, w1, b1, w2, b2, 0.2)
+    ref = fused_idb_reference(*(t.detach().double().cpu() for t in (x, x, w1, b1, w2, b2)), 0.2)
+    torch.testing.assert_close(y.detach().double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_wants_precompile_only_for_compiled_triton_on_cuda():
