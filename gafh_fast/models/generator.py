@@ -131,13 +131,22 @@ class Generator(nn.Module):
         return torch.tanh(self.out(x))  # (N, 3, 8h, 8w)
 
 
+def _empty_like_placed(live: torch.Tensor) -> torch.Tensor:
+    """Uninitialised, with live's shape, strides, dtype, device and address modulo 16 bytes (DeepSpeed
+    makes parameters views into one flat buffer, so a bias can start mid-way in a 16-byte line)."""
+    offset = (live.data_ptr() % 16) // live.element_size()
+    span = 1 + sum((n - 1) * st for n, st in zip(live.shape, live.stride())) if live.numel() else 0
+    base = torch.empty(offset + span, dtype=live.dtype, device=live.device)  # allocators align >= 16 bytes
+    return base.as_strided(live.shape, live.stride(), offset)
+
+
 def _kernel_twin(generator: Generator) -> Generator:
-    """A throwaway Generator of the same config whose every parameter and buffer has the live one's
-    device, dtype and strides (values uninitialised): the kernels specialise on strides and alignment."""
+    """A throwaway Generator of the same config whose every parameter and buffer is placed as the live
+    one's (_empty_like_placed; values uninitialised): the kernels specialise on strides and alignment."""
     twin = Generator(generator.cfg, kernels="triton")
     for mine, live in zip(itertools.chain(twin.parameters(), twin.buffers()),
                           itertools.chain(generator.parameters(), generator.buffers())):
-        mine.data = torch.empty_strided(live.shape, live.stride(), dtype=live.dtype, device=live.device)
+        mine.data = _empty_like_placed(live)
     return twin
 
 

@@ -218,3 +218,22 @@ def test_precompile_for_sm90_fills_the_jit_cache(tmp_path):
     assert not ser["parallel"] and ser["workers"] == 1
     # bf16 inference forwards: new variants (no mask saved) beside kernels compiled in step 1
     assert 0 < ser["compiles"] <= ser["variants"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_twin_tensors_sit_where_the_live_ones_do(dtype):
+    """The JIT specialises on 16-byte alignment; DeepSpeed's flat buffers put parameters at any element
+    offset. A twin tensor keeps shape, strides, dtype, device and the address modulo 16."""
+    from gafh_fast.models.generator import _empty_like_placed
+
+    flat = torch.empty(4096, dtype=dtype, device=DEVICE)
+    per_line = 16 // flat.element_size()
+    for offset in range(per_line + 1):
+        for live in (flat[offset:offset + 3 * 5 * 2 * 2].view(3, 5, 2, 2),
+                     flat[offset:offset + 2 * 8 * 3 * 3].view(2, 8, 3, 3).permute(0, 2, 3, 1)[:, :, :, :],
+                     flat[offset:offset + 7], flat[offset:offset]):
+            twin = _empty_like_placed(live)
+            assert (twin.shape, twin.stride(), twin.dtype, twin.device) == (live.shape, live.stride(), live.dtype,
+                                                                           live.device)
+            assert twin.data_ptr() % 16 == live.data_ptr() % 16, (offset, live.shape)
+            assert twin.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
