@@ -74,10 +74,9 @@ def _install_standin():
     return counter, "pre-issue-11 tree (two Functions per IDB, autotuned JIT launches)"
 
 
-def _idb_call(batch: int, weight_layout: str):
-    """x and x0 apart, x0 without grad: autograd's own x-gradient add (real CPU work here) stays out."""
-    from gafh_fast import kernels
-
+def _idb_tensors(batch: int, weight_layout: str):
+    """(x, x0, w1, b1, w2, b2, gy): x and x0 apart, x0 without grad, so that autograd's own x-gradient
+    add (real CPU work here) stays out."""
     fmt = dict(dtype=torch.bfloat16)
     cl = torch.channels_last
     x = torch.randn(batch, 64, 32, 32, **fmt).contiguous(memory_format=cl).requires_grad_()
@@ -88,6 +87,13 @@ def _idb_call(batch: int, weight_layout: str):
     w1, w2 = (w.requires_grad_() for w in ws)
     b1, b2 = torch.zeros(32, **fmt, requires_grad=True), torch.zeros(64, **fmt, requires_grad=True)
     gy = torch.randn(batch, 64, 32, 32, **fmt).contiguous(memory_format=cl)
+    return x, x0, w1, b1, w2, b2, gy
+
+
+def _idb_call(batch: int, weight_layout: str):
+    from gafh_fast import kernels
+
+    x, x0, w1, b1, w2, b2, gy = _idb_tensors(batch, weight_layout)
     params = [x, w1, b1, w2, b2]
 
     if hasattr(kernels, "fused_idb_triton"):
@@ -132,6 +138,64 @@ def measure(batch: int, rounds: int, iters: int) -> list[dict]:
     return rows
 
 
+def _median_us(fn, rounds: int, iters: int) -> float:
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        per_round.append((time.perf_counter() - t0) * 1e6 / iters)
+    return statistics.median(per_round)
+
+
+def phases(batch: int, rounds: int, iters: int) -> dict:
+    """This tree only, channels_last weights: where the host time of one IDB forward + backward goes.
+    The Function's forward and autograd's backward, against the host code they call (conv3x3's
+    idb_forward / idb_backward) run alone; the difference is PyTorch's (autograd Function, graph,
+    engine, gradient accumulation into 5 leaves)."""
+    from gafh_fast import kernels
+    from gafh_fast.kernels import conv3x3
+
+    _install_standin()
+    x, x0, w1, b1, w2, b2, gy = _idb_tensors(batch, "channels_last")
+    w1k, w2k = conv3x3.kernel_weight(w1), conv3x3.kernel_weight(w2)
+    y, h1, m1, m2 = conv3x3.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1k, w2k)
+    out: dict = {}
+
+    def through_autograd(part: str):
+        def call():
+            t0 = time.perf_counter()
+            y_ = kernels.fused_idb_triton(x, x0, w1, b1, w2, b2, 0.2)
+            t1 = time.perf_counter()
+            y_.backward(gy)
+            t2 = time.perf_counter()
+            out.setdefault(part, []).append((t1 - t0) if part == "fwd" else (t2 - t1))
+            for p in (x, w1, b1, w2, b2):
+                p.grad = None
+        return call
+
+    for part in ("fwd", "bwd"):
+        call = through_autograd(part)
+        for _ in range(iters):
+            call()  # plans, first launches; then the recorded rounds
+        out[part] = []
+        _median_us(call, rounds, iters)
+    rows = {"function_forward_us": statistics.median(out["fwd"]) * 1e6,
+            "autograd_backward_us": statistics.median(out["bwd"]) * 1e6,
+            "idb_forward_alone_us": _median_us(
+                lambda: conv3x3.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1k, w2k), rounds, iters),
+            "idb_backward_alone_us": _median_us(
+                lambda: conv3x3.idb_backward(gy, x, h1, w1, w1k, w2, w2k, m1, m2, 0.2), rounds, iters)}
+    ours = rows["idb_forward_alone_us"] + rows["idb_backward_alone_us"]
+    total = rows["function_forward_us"] + rows["autograd_backward_us"]
+    rows.update(ours_us=ours, pytorch_us=total - ours, total_us=total)
+    print(f"phases (channels_last weights, batch {batch}): forward {rows['function_forward_us']:.1f} us "
+          f"(idb_forward alone {rows['idb_forward_alone_us']:.1f}), backward {rows['autograd_backward_us']:.1f} us "
+          f"(idb_backward alone {rows['idb_backward_alone_us']:.1f}): our host code {ours:.1f} us, "
+          f"PyTorch's autograd around it {total - ours:.1f} us of {total:.1f}")
+    return {k: round(v, 1) for k, v in rows.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -139,9 +203,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--json")
+    parser.add_argument("--phases", action="store_true",
+                        help="also split this tree's time: our host code vs PyTorch's autograd around it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = measure(args.batch, args.rounds, args.iters)
+    if args.phases:
+        rows.append({"phases": phases(args.batch, args.rounds, args.iters)})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -17,10 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_idb_forward_backward_through_kept_compiled_kernels():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "bench/host_overhead.py", "--rounds", "1", "--iters", "3"],
+    proc = subprocess.run([sys.executable, "bench/host_overhead.py", "--rounds", "1", "--iters", "3", "--phases"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if "per IDB fwd+bwd" in line]
     assert len(rows) == 2, proc.stdout
     # 2 forward + 4 backward launches per IDB, every one after the warm-up through a kept kernel
     assert all(re.search(r"\| 6 launches \|", row) for row in rows), rows
+    # --phases: the same IDB through the Function and autograd, and its host code alone
+    phases = [line for line in proc.stdout.splitlines() if line.startswith("phases")]
+    assert len(phases) == 1 and re.search(r"our host code \d+\.\d us, PyTorch's autograd around it -?\d+\.\d us of "
+                                          r"\d+\.\d", phases[0]), proc.stdout
+
