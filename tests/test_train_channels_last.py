@@ -25,6 +25,7 @@ from train_runner import SyntheticLoader, flat_params, tiny_config, val_batches 
 
 from gafh_fast.export import load_generator  # noqa: E402
 from gafh_fast.train import Trainer  # noqa: E402
+from gafh_fast.train.engine import shm_allreduce_buffer  # noqa: E402
 from gafh_fast.train.layout import use_channels_last  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,8 @@ def test_cuda_layout_on_two_ranks_resumes(tmp_path):
                                  *CUDA_PATH, "deepspeed.zero_stage=2", f"train.max_steps={steps}"],
                                 env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # DeepSpeed's CPU all-reduce buffers (69 MB a rank) are unlinked at init: nothing left in /dev/shm
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     traces = [torch.load(run_dir / f"trace_rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [t["final_step"] for t in traces] == [3, 3]
     assert traces[0]["step"] == [3], "the second launch must resume at step 2 and run one step"
@@ -146,6 +149,7 @@ def test_cuda_precompile_call_on_cpu(tmp_path, monkeypatch, ema):
     cfg = tiny_config(*CUDA_PATH, "kernels=auto", f"train.ema_decay={ema}", "train.max_steps=1")
     trainer = Trainer(cfg, tmp_path, resume="none", train_loader=SyntheticLoader(cfg), val_loader=val_batches(cfg))
     assert len(calls) == 1
+    assert not os.path.exists(shm_allreduce_buffer(0))  # unlinked once every rank mapped it (world of one here)
     # DeepSpeed's flat bf16 buffer puts some parameters off 16-byte lines; the twins copy that
     assert misplaced, "expected DeepSpeed to place some parameter off a 16-byte line"
     passes, lr_size, channels_last, workers = calls[0]

@@ -55,7 +55,32 @@ def init_distributed() -> DistInfo:
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
     device = torch.device(accel.device_name(local_rank)) if accel.device_name() == "cuda" else torch.device("cpu")
-    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+    rank = int(os.environ["RANK"])
+    if device.type == "cpu":
+        unlink_shm_allreduce_buffer(rank)
+    return DistInfo(rank, int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def shm_allreduce_buffer(rank: int) -> str:
+    """The shared-memory file of DeepSpeed's CPU all-reduce for this process group and rank
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp: SHM_BUFFER_NAME_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank})."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+            f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def unlink_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU communication backend maps a 69 MB shared-memory buffer per rank at init and never
+    unlinks it, so every CPU run left 69 MB of RAM per rank in /dev/shm (the test suite ~1.3 GB; 19 GB
+    piled up on a development machine, and the OOM killer took a test's rank). Each rank opens every
+    peer's buffer inside init; after a barrier all have, so the name can go: the mappings stay valid
+    until the processes exit, and then the memory is freed, after a kill -9 too."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    try:
+        os.unlink(shm_allreduce_buffer(rank))
+    except FileNotFoundError:  # a DeepSpeed build without the shm op (or one that cleans up itself)
+        pass
 
 
 def deepspeed_config(cfg: Config) -> dict:
