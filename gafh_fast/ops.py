@@ -10,6 +10,7 @@ Under torch.compile an undecided shape takes torch (timing inside a trace is imp
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -70,6 +71,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         log.info("fused_conv3x3: kernels=%s -> %s backend on %s%s", backend, chosen, device.type,
                  " (per shape: the faster of triton and torch, timed once)" if chosen == "auto" else "")
     return chosen
+
+
+@contextlib.contextmanager
+def unlogged_choice(backend: str, chosen: str):
+    """resolve_backend(backend) -> chosen is not logged inside (a throwaway model's choice, e.g. the
+    precompile twins' kernels=triton in a run configured otherwise), and the log-once state is left
+    as it was, so the run's own choice still logs once."""
+    key = (backend, chosen)
+    had = key in _logged_choices
+    _logged_choices.add(key)
+    try:
+        yield
+    finally:
+        if not had:
+            _logged_choices.discard(key)
 
 
 def wants_precompile(backend: str, device: torch.device) -> bool:

@@ -77,6 +77,18 @@ def test_choice_is_logged_once(caplog, monkeypatch):
     assert sum("kernels=torch -> torch" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_unlogged_choice_stays_out_of_the_log_and_leaves_log_once_as_it_was(caplog, monkeypatch):
+    monkeypatch.setattr(ops, "_logged_choices", {("auto", "torch")})
+    with caplog.at_level(logging.INFO, logger="gafh_fast"):
+        with ops.unlogged_choice("torch", "torch"), ops.unlogged_choice("auto", "torch"):
+            resolve_backend("torch", torch.device("cpu"))
+        assert not caplog.records
+        resolve_backend("torch", torch.device("cpu"))  # the run's own choice: logged once, as ever
+        resolve_backend("torch", torch.device("cpu"))
+    assert sum("kernels=torch -> torch" in r.getMessage() for r in caplog.records) == 1
+    assert ops._logged_choices == {("auto", "torch"), ("torch", "torch")}
+
+
 # ---------------------------------------------------------------------------------------------
 # fused_idb and kernels=auto's timed decision (the CUDA path with the device swapped for the CPU)
 # ---------------------------------------------------------------------------------------------

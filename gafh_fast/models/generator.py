@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gafh_fast.config import GeneratorConfig
-from gafh_fast.ops import fused_conv3x3, fused_idb
+from gafh_fast.ops import fused_conv3x3, fused_idb, unlogged_choice
 
 
 def _kaiming_(module: nn.Module, scale: float) -> None:
@@ -174,7 +174,8 @@ def precompile_kernels(passes, lr_size: int, *, channels_last: bool = True, work
             if train:
                 y.float().mean().backward()
 
-    return precompile(run, workers)
+    with unlogged_choice("triton", "triton"):  # the twins' backend is not the run's: keep it out of the log
+        return precompile(run, workers)
 
 
 def precompile_line(passes, lr_size: int, **kwargs) -> str:

@@ -12,6 +12,7 @@ through Triton's jit_cache_hook.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -55,12 +56,21 @@ def main(out_path: str) -> None:
     ema = Generator(cfg)                      # fp32, as the EMA copy validation runs
     out: dict = {"launches_before": dict(launch.LAUNCHES)}
 
+    logged: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    logging.getLogger("gafh_fast").addHandler(Keep(logging.INFO))
+    logging.getLogger("gafh_fast").setLevel(logging.INFO)
     # 1. the trainer's call: a bf16 training step and an fp32 validation forward, on 2 threads
     t0 = time.perf_counter()
     report = precompile_kernels([(live, 2, True), (ema, 3, False)], 4, workers=2)
     out["parallel"] = dict(vars(report), compiles=len(compiles), wall_s=time.perf_counter() - t0)
     out["launches_after"] = dict(launch.LAUNCHES)
     out["compile_threads"] = sorted(compile_threads)
+    out["backend_log"] = [m for m in logged if "kernels=" in m]  # the twins' choice is not the run's
 
     # 2. every launch those passes make, now through the real launch path: no compile, all reach the device
     twins = [(_kernel_twin(live), 2, True), (_kernel_twin(ema), 3, False)]
