@@ -134,14 +134,14 @@ def test_cuda_precompile_call_on_cpu(tmp_path, monkeypatch, ema):
         def line(self):
             return "precompile spy report"
 
-    def spy(passes, lr_size, *, channels_last, workers):
+    def spy(passes, lr_size, *, workers):
         for g, _batch, _train in passes:  # the twin the real call builds matches the live model exactly
             twin = _kernel_twin(g)
             for mine, live in zip([*twin.parameters(), *twin.buffers()], [*g.parameters(), *g.buffers()]):
                 assert (mine.shape, mine.stride(), mine.dtype, mine.device, mine.data_ptr() % 16) == \
                     (live.shape, live.stride(), live.dtype, live.device, live.data_ptr() % 16)
                 misplaced.extend([live.data_ptr() % 16] if live.data_ptr() % 16 else [])
-        calls.append((list(passes), lr_size, channels_last, workers))
+        calls.append((list(passes), lr_size, workers))
         return Report()
 
     monkeypatch.setattr(trainer_module, "wants_precompile", lambda backend, device: backend != "torch")
@@ -152,13 +152,13 @@ def test_cuda_precompile_call_on_cpu(tmp_path, monkeypatch, ema):
     assert not os.path.exists(shm_allreduce_buffer(0))  # unlinked once every rank mapped it (world of one here)
     # DeepSpeed's flat bf16 buffer puts some parameters off 16-byte lines; the twins copy that
     assert misplaced, "expected DeepSpeed to place some parameter off a 16-byte line"
-    passes, lr_size, channels_last, workers = calls[0]
+    passes, lr_size, workers = calls[0]
     (g, g_batch, g_train), (v, v_batch, v_train) = passes
     assert g is trainer.g_engine.module and (g_batch, g_train) == (cfg.data.batch_size, True)
     assert next(g.parameters()).dtype == torch.bfloat16
     assert v is trainer.eval_generator and (v_batch, v_train) == (cfg.data.val_batch_size, False)
     assert v is (trainer.ema.module if ema else trainer.g_engine.module)
-    assert lr_size == cfg.data.hr_size // 8 and channels_last is True and workers is None  # rank 0: every core
+    assert lr_size == cfg.data.hr_size // 8 and workers is None  # rank 0: every core
     assert "precompile spy report" in (tmp_path / "metrics.jsonl").read_text()  # an info record
     # kernels=torch: nothing to compile
     calls.clear()

@@ -150,25 +150,25 @@ def _kernel_twin(generator: Generator) -> Generator:
     return twin
 
 
-def precompile_kernels(passes, lr_size: int, *, channels_last: bool = True, workers=None):
+def precompile_kernels(passes, lr_size: int, *, workers=None):
     """Compile, in parallel and before the first step, every fused Triton kernel variant these passes
     will launch. passes: (generator, batch, train) triples: a training forward + backward (train) or an
     inference forward, on (batch, 3, lr_size, lr_size) inputs in the generator's dtype. Returns
     gafh_fast.kernels.precompile's report.
 
     The passes run on throwaway twins (_kernel_twin), so the live models' weights, gradients and
-    BatchNorm statistics are untouched; their fused ops only record their launches."""
+    BatchNorm statistics are untouched; their fused ops only record their launches. What the kernels
+    specialise on is the twins' (channel counts, dtypes, strides, alignment): the fused ops hand them
+    channels_last activations whatever layout the model's input has, and the values, the module's
+    train/eval mode and the upstream gradient change no launch."""
     from gafh_fast.kernels.precompile import precompile
 
-    layout = torch.channels_last if channels_last else torch.contiguous_format
     twins = [(_kernel_twin(g), batch, train) for g, batch, train in passes]
 
     def run() -> None:
         for twin, batch, train in twins:
             like = next(twin.parameters())
-            lr = torch.zeros(batch, 3, lr_size, lr_size, dtype=like.dtype, device=like.device).contiguous(
-                memory_format=layout)
-            twin.train(train)
+            lr = torch.zeros(batch, 3, lr_size, lr_size, dtype=like.dtype, device=like.device)
             with torch.set_grad_enabled(train):
                 y = twin(lr)
             if train:

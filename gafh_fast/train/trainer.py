@@ -146,7 +146,7 @@ class Trainer:
             dist.barrier()
         line = precompile_line([(self.g_engine.module, cfg.data.batch_size, True),
                                 (self.eval_generator, cfg.data.val_batch_size, False)],
-                               cfg.lr_size, channels_last=self.channels_last, workers=None if first else 1)
+                               cfg.lr_size, workers=None if first else 1)
         if self.world > 1 and first:
             dist.barrier()
         return line

@@ -73,6 +73,8 @@ def main(out_path: str) -> None:
     out["backend_log"] = [m for m in logged if "kernels=" in m]  # the twins' choice is not the run's
 
     # 2. every launch those passes make, now through the real launch path: no compile, all reach the device
+    #    (on channels_last inputs here, contiguous in the precompile: the fused ops hand the kernels
+    #    channels_last either way, so the variants are the same)
     twins = [(_kernel_twin(live), 2, True), (_kernel_twin(ema), 3, False)]
 
     def run():

@@ -237,4 +237,33 @@ def test_twin_tensors_sit_where_the_live_ones_do(dtype):
             assert (twin.shape, twin.stride(), twin.dtype, twin.device) == (live.shape, live.stride(), live.dtype,
                                                                            live.device)
             assert twin.data_ptr() % 16 == live.data_ptr() % 16, (offset, live.shape)
+            # and it holds no more than the offset plus what the view reaches
+            reach = 1 + sum((n - 1) * st for n, st in zip(live.shape, live.stride())) if live.numel() else 0
+            assert twin.untyped_storage().nbytes() == (twin.storage_offset() + reach) * twin.element_size()
             assert twin.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real compiles need a GPU")
+def test_precompile_kernels_of_a_generator_on_gpu():
+    """The trainer's call on a GPU: a tiny G's bf16 step and fp32 inference, every variant compiled;
+    the real step then compiles nothing new (Triton's JIT cache-miss hook counts compiles)."""
+    from triton import knobs
+
+    from gafh_fast.config import GeneratorConfig
+    from gafh_fast.models.generator import Generator, precompile_kernels
+
+    cfg = GeneratorConfig(nf=16, gc=8, idb_per_ridb=2, ridb_per_dnb=1, num_dnb=1, trunk_norm="none")
+    live, ema = Generator(cfg, kernels="triton").to(DEVICE, torch.bfloat16), Generator(cfg).to(DEVICE)
+    report = precompile_kernels([(live, 2, True), (ema, 3, False)], 4, workers=4)
+    assert report.variants > 0 and report.launches > report.variants
+    compiles = []
+    old_hook = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = lambda **kw: compiles.append(1) or False  # a cache miss: a compile
+    try:
+        old_tuner = conv3x3.set_tuner(pc.PickTuner(0))  # the candidate the recording's first pass took
+        live(torch.randn(2, 3, 4, 4, device=DEVICE, dtype=torch.bfloat16)).float().mean().backward()
+    finally:
+        knobs.runtime.jit_cache_hook = old_hook
+        conv3x3.set_tuner(old_tuner)
+    assert compiles == []
+

@@ -317,3 +317,13 @@ def positional_reason(entries: list, path: str, source: bytes, start: int, end: 
                 return reason
             at = source.find(needle, at + 1)
     return None
+
+_PRECOMPILE_LAUNCHES = ("the precompile twins' upstream gradient: any reduction makes the same launches (the values "
+                        "never reach a kernel's specialisation)")
+EQUIVALENT += [
+    ("gafh_fast/models/generator.py", "y.float().mean().backward()", "mean", "sum", _PRECOMPILE_LAUNCHES),
+    ("gafh_fast/models/generator.py", "base = torch.empty(offset + span, dtype=live.dtype, device=live.device)",
+     ", device=live.device", "", _CUDA + " (tests/kernels/test_precompile.py's twin test checks the device on a GPU)"),
+    ("gafh_fast/models/generator.py", "lr = torch.zeros(batch, 3, lr_size, lr_size, dtype=like.dtype, device=like.device)",
+     ", device=like.device", "", _CUDA + " (test_precompile_kernels_of_a_generator_on_gpu runs it on a GPU)"),
+]
