@@ -247,8 +247,9 @@ def test_twin_tensors_sit_where_the_live_ones_do(dtype):
 def test_precompile_kernels_of_a_generator_on_gpu():
     """The trainer's call on a GPU: a tiny G's bf16 step and fp32 inference, every variant compiled;
     the real step then compiles nothing new (Triton's JIT cache-miss hook counts compiles)."""
-    from triton import knobs
-
+    runtime_knobs = getattr(getattr(pc.triton, "knobs", None), "runtime", None)
+    if not hasattr(runtime_knobs, "jit_cache_hook"):  # the compile counter below needs it (Triton >= 3.4)
+        pytest.skip(f"triton {pc.triton.__version__} has no knobs.runtime.jit_cache_hook to count compiles with")
     from gafh_fast.config import GeneratorConfig
     from gafh_fast.models.generator import Generator, precompile_kernels
 
@@ -257,13 +258,13 @@ def test_precompile_kernels_of_a_generator_on_gpu():
     report = precompile_kernels([(live, 2, True), (ema, 3, False)], 4, workers=4)
     assert report.variants > 0 and report.launches > report.variants
     compiles = []
-    old_hook = knobs.runtime.jit_cache_hook
-    knobs.runtime.jit_cache_hook = lambda **kw: compiles.append(1) or False  # a cache miss: a compile
+    old_hook = runtime_knobs.jit_cache_hook
+    runtime_knobs.jit_cache_hook = lambda **kw: compiles.append(1) or False  # a cache miss: a compile
     try:
         old_tuner = conv3x3.set_tuner(pc.PickTuner(0))  # the candidate the recording's first pass took
         live(torch.randn(2, 3, 4, 4, device=DEVICE, dtype=torch.bfloat16)).float().mean().backward()
     finally:
-        knobs.runtime.jit_cache_hook = old_hook
+        runtime_knobs.jit_cache_hook = old_hook
         conv3x3.set_tuner(old_tuner)
     assert compiles == []
 
