@@ -111,6 +111,21 @@ def _idb_call(batch: int, weight_layout: str):
     return call
 
 
+def _per_round_us(fn, rounds: int, iters: int) -> list[float]:
+    """Mean us per call of fn, for each of `rounds` rounds of `iters` calls."""
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        per_round.append((time.perf_counter() - t0) * 1e6 / iters)
+    return per_round
+
+
+def _median_us(fn, rounds: int, iters: int) -> float:
+    return statistics.median(_per_round_us(fn, rounds, iters))
+
+
 def measure(batch: int, rounds: int, iters: int) -> list[dict]:
     counter, tree = _install_standin()
     rows = []
@@ -121,12 +136,7 @@ def measure(batch: int, rounds: int, iters: int) -> list[dict]:
         counter[0] = 0
         call()
         launches = counter[0]
-        per_round = []
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                call()
-            per_round.append((time.perf_counter() - t0) * 1e6 / iters)
+        per_round = _per_round_us(call, rounds, iters)
         host_us = statistics.median(per_round)
         dispatch = COMPILED_US if tree.startswith("issue-11") else JIT_US
         rows.append(dict(tree=tree, weights=layout, batch=batch, launches=launches, host_us=round(host_us, 1),
@@ -136,16 +146,6 @@ def measure(batch: int, rounds: int, iters: int) -> list[dict]:
               f"(spread {rows[-1]['spread_pct']}%) | + {launches} x {dispatch} us dispatch = "
               f"{rows[-1]['est_total_us']} us per IDB fwd+bwd")
     return rows
-
-
-def _median_us(fn, rounds: int, iters: int) -> float:
-    per_round = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        per_round.append((time.perf_counter() - t0) * 1e6 / iters)
-    return statistics.median(per_round)
 
 
 def phases(batch: int, rounds: int, iters: int) -> dict:
