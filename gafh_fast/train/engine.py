@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from gafh_fast.config import Config
 from gafh_fast.train.optim import GatedAdam
@@ -74,8 +75,6 @@ def unlink_shm_allreduce_buffer(rank: int) -> None:
     piled up on a development machine, and the OOM killer took a test's rank). Each rank opens every
     peer's buffer inside init; after a barrier all have, so the name can go: the mappings stay valid
     until the processes exit, and then the memory is freed, after a kill -9 too."""
-    import torch.distributed as dist
-
     dist.barrier()
     try:
         os.unlink(shm_allreduce_buffer(rank))
