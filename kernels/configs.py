@@ -63,7 +63,10 @@ def dx_candidates(ca: int, cb: int, n_tot: int, w: int, m: int) -> list[triton.C
 
 def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.Config]:
     """dW tiles: C_out x C_in blocks of one tap; the pixel block (the GEMM's K) is the free choice."""
-    meta = {"BLOCK_C": pow2_block(max(c1, c2)), "BLOCK_CO": pow2_block(c_out)}
+    block_c, block_co = pow2_block(max(c1, c2)), pow2_block(c_out)
+    # EVEN_*: the channel blocks tile the counts exactly, so the loop's loads need no channel masks
+    meta = {"BLOCK_C": block_c, "BLOCK_CO": block_co, "EVEN_C1": c1 % block_c == 0, "EVEN_C2": c2 % block_c == 0,
+            "EVEN_CO": c_out % block_co == 0}
     return [triton.Config({**meta, "BLOCK_P": 128}, num_warps=4, num_stages=3),
             triton.Config({**meta, "BLOCK_P": 64}, num_warps=4, num_stages=4)]
 

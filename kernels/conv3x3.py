@@ -220,7 +220,7 @@ def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optio
         s = split or configs.dw_split(m, c1 + c2, c_out, _sms(gz.device))
         chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
         s = cdiv(m, chunk)
-        flags = dict(DO_BIAS=has_bias, IDX64=m * max(c1, c2, c_out) >= 2**31, **_dtype_flags(gz.dtype))
+        flags = dict(DO_BIAS=has_bias, FULL_P=m % configs.DW_CHUNK_MULTIPLE == 0, IDX64=m * max(c1, c2, c_out) >= 2**31, **_dtype_flags(gz.dtype))
         plan = [None, flags, s, chunk]
     cfg, flags, s, chunk = plan
     dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=gz.device)

@@ -45,6 +45,7 @@ def _dw_tile(
     pid_tile, tap, split, M, H, W, C_IN_TOTAL, C_OUT, CHUNK,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C: tl.constexpr, EVEN_CO: tl.constexpr, FULL_P: tl.constexpr,
 ):
     """dW tile of one tap over one pixel chunk (g_ptr holds gz: both operands come straight from
     memory, so Triton pipelines them through shared memory). The wider of C_OUT/C_I tiles is the
@@ -56,27 +57,39 @@ def _dw_tile(
     co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     ci_ok = ci < C_I
     co_ok = co < C_OUT
+    # with EVEN_* the channel masks are all true: left out of the loop's loads (per-row masks only)
+    ci_ld = ci_ok | EVEN_C
+    co_ld = co_ok | EVEN_CO
     dh = tap // 3 - 1
     dw = tap % 3 - 1
     shift = (dh * W + dw) * C_I
+    # the tap reads pixel (h + dh, w + dw): outside the image only on the edge row/column it points past
+    # (h == 0 for dh = -1, h == H-1 for dh = +1; never for 0), so one compare per axis decides it
+    h_edge = tl.where(dh < 0, 0, tl.where(dh > 0, H - 1, -1))
+    w_edge = tl.where(dw < 0, 0, tl.where(dw > 0, W - 1, -1))
     if BLOCK_CO >= 64:
         acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, M)
+    # (h, w) of the block's pixels, divided out once here and then advanced by BLOCK_P = rows*W + cols
+    # pixels per step with adds and compares: a divide by the runtime W and H in the loop was most
+    # of its instructions (integer index work outnumbered the wgmma 60:1).
+    offs_p = tl.arange(0, BLOCK_P)
+    w_idx = (p_start + offs_p) % W
+    h_idx = ((p_start + offs_p) // W) % H
+    step_rows = BLOCK_P // W
+    step_cols = BLOCK_P - step_rows * W
+    step_rows = step_rows % H
     for p0 in range(p_start, p_end, BLOCK_P):
-        pix = p0 + tl.arange(0, BLOCK_P)
-        p_ok = pix < p_end
-        gz = tl.load(g_ptr + pixel_rows(pix, C_OUT, IDX64)[:, None] + co[None, :], mask=p_ok[:, None] & co_ok[None, :],
+        pix = p0 + offs_p
+        p_ok = (pix < p_end) | FULL_P  # FULL_P: M is a multiple of BLOCK_P, so is every chunk
+        gz = tl.load(g_ptr + pixel_rows(pix, C_OUT, IDX64)[:, None] + co[None, :], mask=p_ok[:, None] & co_ld[None, :],
                      other=0.0)
-        w_idx = pix % W
-        h_idx = (pix // W) % H
-        hh = h_idx + dh
-        ww = w_idx + dw
-        src_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        src_ok = p_ok & (h_idx != h_edge) & (w_idx != w_edge)
         xs = tl.load(x_ptr + pixel_rows(pix, C_I, IDX64)[:, None] + (shift + ci)[None, :],
-                     mask=src_ok[:, None] & ci_ok[None, :], other=0.0)
+                     mask=src_ok[:, None] & ci_ld[None, :], other=0.0)
         if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
             xs = xs.to(tl.float32)
             gz = gz.to(tl.float32)
@@ -84,6 +97,11 @@ def _dw_tile(
             acc = tl.dot(tl.trans(gz), xs, acc, input_precision=PRECISION)
         else:
             acc = tl.dot(tl.trans(xs), gz, acc, input_precision=PRECISION)
+        w_idx += step_cols  # < 2W: one carry at most; then h < 2H: one wrap at most
+        carry = w_idx >= W
+        w_idx = tl.where(carry, w_idx - W, w_idx)
+        h_idx += step_rows + carry.to(tl.int32)
+        h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
     # partials (SPLIT, 9, C_IN_TOTAL, C_OUT): element (ci, co) at ci*C_OUT + co
     rows = (split * 9 + tap) * C_IN_TOTAL + c_base + ci
     if BLOCK_CO >= 64:
@@ -117,8 +135,9 @@ def conv3x3_bwd_dw_kernel(
     dw_ptr,     # out: fp32 dW partials, (SPLIT, 9, C1 + C2, C_OUT) contiguous, unscaled
     db_ptr,     # out: fp32 db partials, (SPLIT, C_OUT) contiguous, unscaled; if DO_BIAS
     M, H, W, C1, C2, C_OUT, CHUNK,
-    DO_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    DO_BIAS: tl.constexpr, FULL_P: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C1: tl.constexpr, EVEN_C2: tl.constexpr, EVEN_CO: tl.constexpr,   # C1, C2, C_OUT tiled exactly
 ):
     # grid = (max(C tiles of x1 and x2 times C_OUT tiles, C_OUT tiles), 9 taps (+ 1 with DO_BIAS), SPLIT
     # pixel chunks). Programs with axis-1 index 9 make the db partials of C_OUT tile axis-0.
@@ -134,10 +153,10 @@ def conv3x3_bwd_dw_kernel(
                 _db_program(g_ptr, db_ptr, pid_tile, split, M, C_OUT, CHUNK, IDX64, BLOCK_CO, BLOCK_P)
     elif pid_tile < tiles1:
         _dw_tile(x1_ptr, C1, 0, g_ptr, dw_ptr, pid_tile, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
-                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
+                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C1, EVEN_CO, FULL_P)
     elif pid_tile < tiles1 + tiles2:
         _dw_tile(x2_ptr, C2, C1, g_ptr, dw_ptr, pid_tile - tiles1, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
-                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P)
+                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C2, EVEN_CO, FULL_P)
 
 
 @triton.jit

@@ -150,7 +150,7 @@ def gradient_bound(S: torch.Tensor, m: torch.Tensor, K: int) -> torch.Tensor:
 def assert_within(name: str, got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> float:
     """Per element |got - ref| <= bound; returns the largest |got - ref| / bound (for reporting)."""
     err = (got.double() - ref.double()).abs()
-    bad = err > bound
+    bad = ~(err <= bound)  # NaN fails too
     if bad.any():
         i = int(torch.where(bad, err - bound, torch.zeros_like(err)).argmax())
         raise AssertionError(f"{name}: {int(bad.sum())}/{err.numel()} elements outside their rounding bound; worst at "

@@ -86,7 +86,7 @@ def trace(run_dir: Path, rank: int = 0) -> dict:
 def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float = 0.0) -> None:
     err = (got - ref).abs()
     bound = atol + rtol * ref.abs()
-    bad = err > bound
+    bad = ~(err <= bound)  # NaN fails too
     if bad.any():
         i = int((err - bound).argmax())
         raise AssertionError(f"{name}: {int(bad.sum())}/{err.numel()} elements off; worst at {i}: "

@@ -44,7 +44,7 @@ def assert_within(name: str, got: torch.Tensor, ref: torch.Tensor, scale: torch.
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
     err = (got - ref).abs()
     allowed = rel * scale.detach().double().cpu() + 1e-30
-    bad = err > allowed
+    bad = ~(err <= allowed)  # NaN fails too
     if bad.any():
         ratio = (err / allowed).flatten()
         worst = ratio.topk(min(5, int(bad.sum()))).indices
@@ -214,6 +214,45 @@ def test_each_candidate_config(index, slope):
                                        slope, s1 * s2, True, dx_config=dx_cfg, dw_config=dw_cfg, dw_split=3)
     for name, got in (("x1", dx1), ("x2", dx2), ("weight", dw), ("bias", db)):
         assert_within(f"d{name} (configs {dx_cfg} / {dw_cfg})", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def nan_followed(t: torch.Tensor) -> torch.Tensor:
+    """t as a channels_last view at the start of a buffer one image longer, the rest NaN."""
+    n, c, h, w = t.shape
+    buf = torch.full((n + 1, h, w, c), float("nan"), dtype=t.dtype, device=t.device)
+    buf[:n] = t.permute(0, 2, 3, 1)
+    return buf[:n].permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize(
+    "channels, c_out, n, h, w, split",
+    [
+        ([8, 16], 24, 2, 16, 12, 1),  # M = 384 (FULL_P): 3 blocks of 128 in one chunk; each step moves
+                                      # 10 rows + 8 columns (BLOCK_P 64: 5 + 4), so w carries, h wraps
+        ([16], 16, 2, 16, 12, 2),     # the same walk over two chunks (256 + 128): the second starts mid-image
+        ([16], 16, 1, 4, 160, 1),     # W = 160 > BLOCK_P: steps stay in a row or carry into the next
+        ([8], 16, 3, 5, 10, 2),       # M = 150, not a multiple of 128: partial last block (p_ok masks)
+    ],
+)
+@pytest.mark.parametrize("slope", [0.2, None])
+def test_dw_pixel_walk(index, channels, c_out, n, h, w, split, slope):
+    """The dW loop's (h, w) walk (divided once, then advanced per block by adds and one carry/wrap)
+    and its per-row edge compares, over several blocks per program, both candidates, 1-2 chunks.
+    The inputs and the upstream gradient are followed in memory by NaN, so a read past pixel M
+    (a row mask left out) poisons dW."""
+    m = n * h * w
+    dx_cfg = configs.dx_candidates(c_out, 0, sum(channels), w, m)[index]
+    dw_cfg = configs.dw_candidates(channels[0], channels[1] if len(channels) == 2 else 0, c_out, w, m)[index]
+    tensors, grad = make_case(channels, c_out, n, h, w, seed=10 + index)
+    (_, g_ref), (_, g_abs) = reference_and_scale(tensors, grad, slope, 1.0, 1.0)
+    t = {k: v.float().to(DEVICE) for k, v in tensors.items() if v is not None}
+    inputs = [nan_followed(t["x1"])] + ([nan_followed(t["x2"])] if "x2" in t else [])
+    _, mask = conv_forward(inputs, t["weight"], t["bias"], slope, None, 1.0, None, 1.0, save_mask=True)
+    dxs, dw, db = conv_backward(nan_followed(grad.float().to(DEVICE)), inputs, t["weight"], kernel_weight(t["weight"]), mask,
+                                slope, 1.0, True, dx_config=dx_cfg, dw_config=dw_cfg, dw_split=split)
+    for name, got in (("weight", dw), ("bias", db), *zip(("x1", "x2"), dxs)):
+        assert_within(f"d{name} (dW config {dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
