@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -113,6 +114,12 @@ _INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 
+def opcode_counts(body: list[str]) -> dict[str, int]:
+    """Opcode (no modifiers, no predicate) -> count, most frequent first: where a loop's issue slots go."""
+    counts = Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
+    return dict(counts.most_common())
+
+
 def sass_loops(sass: str) -> list[dict]:
     """Loops in nvdisasm output (a BRA back to an earlier label); per loop with HGMMA: instructions,
     HGMMA count, 0-pending wgmma waits (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
@@ -133,7 +140,7 @@ def sass_loops(sass: str) -> list[dict]:
             hgmma = sum("HGMMA" in b for b in body)
             if hgmma:
                 waits0 = sum(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", b) is not None for b in body)
-                loops.append(dict(instructions=len(body), hgmma=hgmma, waits_0=waits0))
+                loops.append(dict(instructions=len(body), hgmma=hgmma, waits_0=waits0, opcodes=opcode_counts(body)))
     return loops
 
 
@@ -150,6 +157,7 @@ def analyze(compiled, arch: int, programs: int, num_warps: int) -> dict:
     serialized = any(lp["waits_0"] > 0 for lp in loops)  # a wgmma group drained inside the loop
     c7515 = any("C7515" in w for w in rep["ptxas_warnings"])
     return dict(**rep, shared_bytes=smem, hgmma_total=sass.count("HGMMA"),
+                main_loop_opcodes=main["opcodes"] if main else None,
                 loops_with_hgmma=len(loops),
                 sass_per_wgmma=round(main["instructions"] / main["hgmma"], 1) if main else None,
                 waits_0_in_loops=sum(lp["waits_0"] for lp in loops), programs=programs, ctas_per_sm=ctas,
@@ -164,7 +172,7 @@ def _config_label(rec: dict) -> str:
                     c.get(k.replace("BLOCK_", "") + "_STEPS", 1) == 0)) + f" st={rec['options']['num_stages']}"
 
 
-def report(arch: int, dtype: torch.dtype, batch: int) -> list[dict]:
+def report(arch: int, dtype: torch.dtype, batch: int, opcodes: bool = False) -> list[dict]:
     rows, seen = [], set()
     for candidate in (0, 1):
         for i, rec in enumerate(record_launches(batch, dtype, candidate)):
@@ -182,6 +190,8 @@ def report(arch: int, dtype: torch.dtype, batch: int) -> list[dict]:
                 row = dict(fail=True, why=f"compile error {e!r}"[:300])
             rows.append(dict(role=role, config=cfg, **row))
             print(_format(rows[-1]), flush=True)
+            if opcodes and rows[-1].get("main_loop_opcodes"):
+                print("     main loop: " + " ".join(f"{k} {v}" for k, v in rows[-1]["main_loop_opcodes"].items()))
     return rows
 
 
@@ -201,10 +211,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument("--opcodes", action="store_true", help="also print each main loop's SASS opcode counts")
     args = parser.parse_args(argv)
     if INTERPRETING:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
-    rows = report(args.arch, torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.batch)
+    rows = report(args.arch, torch.bfloat16 if args.dtype == "bf16" else torch.float32, args.batch, args.opcodes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
