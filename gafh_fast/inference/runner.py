@@ -161,11 +161,11 @@ def load_model(opts: InferenceOptions, device: torch.device) -> LoadedModel:
     # kernels=auto under torch.compile takes torch for every shape (no timing inside a trace): then
     # no Triton kernel runs and none is compiled up front
     if wants_precompile(opts.kernels, device) and (backend == "triton" or not compiled):
-        from gafh_fast.kernels.precompile import default_workers
-        from gafh_fast.models.generator import precompile_line
+        from gafh_fast.models.generator import precompile_node_first
 
-        log.info(precompile_line([(generator, opts.batch_size, False)], cfg.lr_size,
-                                 workers=default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        log.info(precompile_node_first([(generator, opts.batch_size, False)], cfg.lr_size,
+                                       int(os.environ.get("LOCAL_RANK", "0")), world))
     model = torch.compile(generator, mode="reduce-overhead", dynamic=False) if compiled else generator
     path = (f"kernels={opts.kernels} -> {backend}, {str(dtype).replace('torch.', '')}, channels_last, "
             + ("torch.compile reduce-overhead (CUDA graphs on CUDA)" if compiled else "eager")

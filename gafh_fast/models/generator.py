@@ -178,6 +178,20 @@ def precompile_kernels(passes, lr_size: int, *, workers=None):
         return precompile(run, workers)
 
 
+def precompile_node_first(passes, lr_size: int, local_rank: int, world: int) -> str:
+    """precompile_line for a process group: per node, local rank 0 compiles first on all cores while
+    the node's other ranks wait at a barrier; they then load every kernel from Triton's on-disk cache,
+    which the node's processes share (each rank compiling everything on its share of the cores would
+    take the node's ranks times longer). Every rank calls exactly one barrier."""
+    first = local_rank == 0
+    if world > 1 and not first:
+        torch.distributed.barrier()
+    line = precompile_line(passes, lr_size, workers=None if first else 1)
+    if world > 1 and first:
+        torch.distributed.barrier()
+    return line
+
+
 def precompile_line(passes, lr_size: int, **kwargs) -> str:
     """precompile_kernels(...) for a log line. A failure becomes a warning line, not an exception:
     compiling up front only saves time, and each kernel still compiles (and fails loudly, if it must)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from gafh_fast.config import Config, save_config
 from gafh_fast.flops import peak_bf16_tflops, step_flops_per_image
 from gafh_fast.models import build_discriminator, build_generator, build_vgg
-from gafh_fast.models.generator import precompile_line
+from gafh_fast.models.generator import precompile_node_first
 from gafh_fast.ops import wants_precompile
 from gafh_fast.train.checkpoint import check_world_size, load_checkpoint, resolve_resume, save_checkpoint
 from gafh_fast.train.compile import TrainCompiler, eager
@@ -141,15 +141,9 @@ class Trainer:
         node, local rank 0 compiles first on all cores while the node's other ranks wait at a barrier;
         they then load every kernel from Triton's on-disk cache, which the node's processes share."""
         cfg = self.cfg
-        first = self.dist.local_rank == 0
-        if self.world > 1 and not first:
-            dist.barrier()
-        line = precompile_line([(self.g_engine.module, cfg.data.batch_size, True),
-                                (self.eval_generator, cfg.data.val_batch_size, False)],
-                               cfg.lr_size, workers=None if first else 1)
-        if self.world > 1 and first:
-            dist.barrier()
-        return line
+        return precompile_node_first([(self.g_engine.module, cfg.data.batch_size, True),
+                                      (self.eval_generator, cfg.data.val_batch_size, False)],
+                                     cfg.lr_size, self.dist.local_rank, self.world)
 
     # --- data -------------------------------------------------------------------------------------
     def _build_loader(self, split: str):

@@ -182,6 +182,33 @@ def test_precompile_line_turns_a_failure_into_a_warning(monkeypatch):
     assert generator_module.precompile_line([], 4) == "the report's line"
 
 
+@pytest.mark.parametrize("local_rank, world, events", [
+    (0, 1, ["compile on all cores"]),
+    (1, 1, ["compile on 1 thread"]),  # a second process on the node without a group: nobody to wait for
+    (0, 4, ["compile on all cores", "barrier"]),
+    (2, 4, ["barrier", "compile on 1 thread"]),  # waits for local rank 0, then loads from the disk cache
+])
+def test_precompile_node_first_puts_local_rank_0_first(monkeypatch, local_rank, world, events):
+    """The trainer's and inference's call: in a group, local rank 0 compiles and then meets the barrier
+    the node's other ranks wait at before they compile (from Triton's disk cache, one thread)."""
+    import gafh_fast.models.generator as generator_module
+
+    seen = []
+
+    class Report:
+        def line(self):
+            return "the report's line"
+
+    def spy(passes, lr_size, *, workers):
+        seen.append("compile on all cores" if workers is None else f"compile on {workers} thread")
+        return Report()
+
+    monkeypatch.setattr(generator_module, "precompile_kernels", spy)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: seen.append("barrier"))
+    assert generator_module.precompile_node_first([], 4, local_rank, world) == "the report's line"
+    assert seen == events
+
+
 def test_report_line_says_how_the_compiles_ran(monkeypatch):
     report = pc.PrecompileReport(launches=902, variants=37, seconds=25.66, record_s=3.04, workers=2, parallel=True)
     assert report.line() == ("Triton kernels precompiled: 37 variants of 902 recorded launches (every tile candidate) "
