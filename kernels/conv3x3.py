@@ -11,6 +11,12 @@ partials from gz, then the finalize); an IDB forward is 2 and its backward 4:
     ->  dW(conv2) + db2 partials from gz2  ->  dW(conv1) + db1 partials from gz1
     ->  dx = dX(conv2)[x channels] + dX(conv1) in one GEMM, plus the finalize of dW1, db1, dW2, db2.
 No dW loop touches a mask (see conv3x3_bwd.py for why).
+Launch keys hold the 16-byte alignment (the JIT specialises on it) of the caller's tensors only:
+inputs, weights, biases, residuals and upstream gradients can be views at any offset (DeepSpeed's
+flat buffers put some parameters 8 bytes into a line). Every buffer this module allocates (outputs,
+masks, gz, partials, dW) comes fresh from torch's allocator, which aligns far beyond 16 bytes, and
+the forward's outputs come back into the backward as such; reading their pointers per launch cost
+~1/4 of the launch path's host time.
 Weights are read through their strides: a channels_last weight (ci fastest) is used in place; any
 other layout is copied to channels_last once per forward call and the copy is reused by the backward.
 (No cache across calls: DeepSpeed updates parameters through `.data.copy_`, which does not bump the
@@ -149,7 +155,9 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
 
 
 def _empty_cl(n, c, h, w, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty((n, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    """Uninitialised channels_last (N, C, H, W): torch.empty(memory_format=...) costs ~1.7 us more host
+    time per call than empty_strided with the same strides (measured on CPU: 3.9 vs 2.2 us)."""
+    return torch.empty_strided((n, c, h, w), (h * w * c, 1, w * c, c), dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +209,8 @@ def conv_forward(inputs, weight, bias, slope, residual, res_scale, residual2, re
 
 def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
     grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_out, cfg.kwargs["BLOCK_N"]))
-    FWD.launch((key, aligned(*ptrs)), grid, ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
+    # alignment of x1, x2, w, bias, r1, r2 (y and the mask are ours: see the module docstring)
+    FWD.launch((key, aligned(*ptrs[:6])), grid, ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +254,8 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split):
     co_tiles = cdiv(c_out, bco)
     tiles = (cdiv(c1, bc) + cdiv(c2, bc)) * co_tiles
     taps = 10 if flags["DO_BIAS"] else 9  # row 9: the db partials
-    DW.launch((key, aligned(*ptrs)), (max(tiles, co_tiles), taps, split), ptrs + scalars, {**flags, **cfg.kwargs},
+    # alignment of x1, x2 and gz (the caller's g for a conv without activation); the partials are ours
+    DW.launch((key, aligned(*ptrs[:3])), (max(tiles, co_tiles), taps, split), ptrs + scalars, {**flags, **cfg.kwargs},
               cfg)
 
 
@@ -271,8 +281,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
     n1 = out1.shape[1]
     n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
     cb = src_b[0].shape[1] if src_b is not None else 0
-    fa_n = cdiv(fin_a.dwp[0].numel(), configs.FIN_BLOCK) if fin_a is not None else 0
-    fb_n = cdiv(fin_b.dwp[0].numel(), configs.FIN_BLOCK) if fin_b is not None else 0
+    fa_n = cdiv(fin_a.dwp.numel() // fin_a.split, configs.FIN_BLOCK) if fin_a is not None else 0  # per split
+    fb_n = cdiv(fin_b.dwp.numel() // fin_b.split, configs.FIN_BLOCK) if fin_b is not None else 0
     key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,
            src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, a_mask is not None, gz_out is not None,
            ga.dtype, ga.device,
@@ -310,7 +320,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
 def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
     n_dx = cdiv(m, cfg.kwargs["BLOCK_M"]) * cdiv(n_tot, cfg.kwargs["BLOCK_N"])
     args = ptrs + head + (n_dx,) + tail
-    DX.launch((key, aligned(*ptrs)), (n_dx + fa_n + fb_n,), args, {**flags, **cfg.kwargs}, cfg)
+    # alignment of the gradient sources and weights (ga, wa, gb, wb); masks, outputs and the finalize's are ours
+    DX.launch((key, aligned(ptrs[0], *ptrs[3:6])), (n_dx + fa_n + fb_n,), args, {**flags, **cfg.kwargs}, cfg)
 
 
 def _grad_like(weight: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
@@ -331,7 +342,7 @@ def _finalize(fin: Finalize) -> None:
     flags = dict(HAS_BIAS=fin.db is not None, INTERP_BF16=_dtype_flags(fin.dw.dtype)["INTERP_BF16"],
                  BLOCK=configs.FIN_BLOCK)
     key = ("fin", fin.dw.shape, fin.dw.stride(), fin.dw.dtype, fin.dw.device, fin.db is not None, fin.split)
-    FIN.launch((key, aligned(*ptrs)), (cdiv(9 * c_in * c_out, configs.FIN_BLOCK),),
+    FIN.launch((key, ()), (cdiv(9 * c_in * c_out, configs.FIN_BLOCK),),
                ptrs + (fin.split, c_in, c_out, *_wstrides(fin.dw), float(fin.scale)), flags, _FIN_CONFIG)
 
 

@@ -79,6 +79,72 @@ def test_alignment_flags():
     assert launch.aligned(base, base[1:], base[2:], base[4:]) == (True, False, False, True)
 
 
+def _offset_view(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """t's values in a view that starts `elements` into a fresh buffer (8 bytes for 2 fp32: DeepSpeed's case)."""
+    flat = torch.empty(t.numel() + elements, dtype=t.dtype, device=t.device)
+    view = flat[elements:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("entry", ["idb", "conv", "conv-no-act"])
+def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entry):
+    """Launch keys carry the 16-byte alignment of the caller's tensors (any of which may sit at an odd
+    offset) and skip only the buffers conv3x3 allocates itself: every caller tensor a launch receives is
+    among the tensors whose alignment went into that launch's key."""
+    real_aligned, real_launch = conv3x3.aligned, launch.KernelLauncher.launch
+    pending, launches = [], []
+    monkeypatch.setattr(conv3x3, "aligned", lambda *ts: pending.append(ts) or real_aligned(*ts))
+
+    def spy(self, key, grid, args, constexprs, config):
+        launches.append((self.name, args, pending.pop() if key[1] else ()))
+        return real_launch(self, key, grid, args, constexprs, config)
+
+    monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
+    cl = dict(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    if entry == "idb":
+        x, x0, gy = (rand(2, 16, 3, 5).contiguous(**cl) for _ in range(3))
+        w1, w2 = rand(8, 16, 3, 3).contiguous(**cl), rand(16, 24, 3, 3).contiguous(**cl)
+        b1, b2 = rand(8), _offset_view(rand(16), 2)  # b2 8 bytes into a line
+        leaves = [x, w1, b1, w2, b2]
+        for t in leaves:
+            t.requires_grad_(True)
+        fused_idb_triton(x, x0, w1, b1, w2, b2, 0.2).backward(gy)
+        caller = [x, x0, w1, b1, w2, b2, gy]
+    else:
+        x1, x2, r1, r2, gy = (rand(2, 8, 3, 5).contiguous(**cl) for _ in range(5))
+        w, b = _offset_view(rand(8, 16, 3, 3).contiguous(**cl), 4), _offset_view(rand(8), 2)
+        w = torch.as_strided(w, (8, 16, 3, 3), (144, 1, 48, 16))  # channels_last again, still 16 bytes off
+        for t in (x1, x2, w, b):
+            t.requires_grad_(True)
+        slope = None if entry == "conv-no-act" else 0.2  # without: dW reads the caller's g itself
+        fused_conv3x3_triton([x1, x2], w, b, slope, r1, 0.2, r2, 0.5).backward(gy)
+        caller = [x1, x2, w, b, r1, r2, gy]
+    caller_ptrs = {t.data_ptr() for t in caller}
+    assert len(launches) == {"idb": 6, "conv": 4, "conv-no-act": 3}[entry]
+    for name, args, keyed in launches:
+        received = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)} & caller_ptrs
+        assert received <= {t.data_ptr() for t in keyed}, f"{name}: a caller tensor's alignment is not in its key"
+    flags = [real_aligned(*keyed) for _, _, keyed in launches]
+    assert any(False in f for f in flags)  # the offset tensors did reach a key as unaligned
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (2, 1, 3, 4), (2, 5, 1, 1), (0, 5, 3, 4), (3, 7, 1, 5), (1, 64, 32, 32)])
+def test_empty_cl_is_torch_channels_last(shape):
+    """The kernels' buffers (empty_strided, cheaper on the host) have exactly torch's channels_last strides,
+    the degenerate sizes (C = 1, H = W = 1, N = 0) included, on the input's device and dtype."""
+    like = torch.zeros(1, dtype=torch.bfloat16, device=DEVICE)
+    got = conv3x3._empty_cl(*shape, like)
+    ref = torch.empty(shape, memory_format=torch.channels_last)
+    assert (got.shape, got.stride(), got.dtype, got.device) == (ref.shape, ref.stride(), like.dtype, like.device)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_kept_compiled_kernel_gets_every_argument_in_signature_order(monkeypatch):
     """The CUDA launch path, run with the launcher swapped: the first launch of a key compiles (here: a
     stand-in returns a fake CompiledKernel) and keeps it; later launches call it with a 3-d grid and the
