@@ -86,6 +86,12 @@ def test_conv_without_activation_stays_in_bounds(bounds_checked):
     check_case([3], 17, 1, 5, 7, slope=None, r1=True)
 
 
+def test_single_channel_operands_stay_in_bounds(bounds_checked):
+    """One channel per input and out (16-wide channel blocks, 1 = 1 mod 16): the dW loop's channel masks
+    (EVEN_C1 / EVEN_C2 / EVEN_CO false here) keep its loads inside x1, x2 and g."""
+    check_case([1, 1], 1, 1, 3, 5, slope=None, r1=True)
+
+
 def test_idb_stays_in_bounds(bounds_checked):
     """nf 8 (one mask byte, K block 16) and gc 12 (two mask bytes, the second half used)."""
     assert run_idb(8, 12, 2, 3, 5, torch.float32) == 6

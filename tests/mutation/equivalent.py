@@ -256,6 +256,7 @@ EQUIVALENT += [
     ("kernels/conv3x3_bwd.py", "b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)", ", other=0.0", "",
      _UNSTORED),
     ("kernels/conv3x3_bwd.py", "tl.store(out1_ptr + pixel_rows(offs_m, N1, IDX64)", "offs_m, N1", "N1, offs_m", _COMMUTES),
+    ("kernels/conv3x3_bwd.py", "gz = tl.load(g_ptr + pixel_rows(pix, C_OUT, IDX64)", "pix, C_OUT", "C_OUT, pix", _COMMUTES),
     ("kernels/conv3x3_bwd.py", "tl.store(out2_ptr + pixel_rows(offs_m, N_TOT - N1, IDX64)", "offs_m, N_TOT - N1",
      "N_TOT - N1, offs_m", _COMMUTES),
     ("kernels/conv3x3_fwd.py", "if K2_STEPS > 0:", " > ", " >= ", "K2_STEPS = 0: the second loop would run 9 * 0 steps"),
@@ -274,7 +275,12 @@ EQUIVALENT += [
 # (file, a piece of source that CONTAINS the mutated text, original, replacement, reason), matched by
 # position: for lines where the same edit elsewhere on the line is not equivalent (a real scale next to
 # the scale of an absent residual, a live shape next to a dummy one).
+_EDGE_SENTINEL = ("the centre tap's edge sentinel (-1: 'no edge'): h and w lie in [0, H) and [0, W), so they equal "
+                  "neither -1 nor -2, and the centre row/column never leaves the image either way")
+
 EQUIVALENT_AT = [
+    ("kernels/conv3x3_bwd.py", ", -1))", "1", "2", _EDGE_SENTINEL),
+    ("kernels/conv3x3_fwd.py", ", -1))", "1", "2", _EDGE_SENTINEL),
     ("kernels/conv3x3.py", "None, 1.0, save_mask", "1.0", "2.0",
      "the scale of residual2, which is None in both IDB convs (HAS_R2 false: never read)"),
     ("kernels/conv3x3.py", "if fin_a else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
@@ -287,6 +293,10 @@ EQUIVALENT_AT = [
 
 # Lines whose mutants differ only where a CPU cannot look (matched by position as EQUIVALENT_AT).
 OUT_OF_SCOPE_AT = [
+    ("kernels/conv3x3_bwd.py", "mask=src_ok[:, None] & ci_ld[None, :], other=0.0)", ", other=0.0", "",
+     "the dW loop's x tile at padded pixels: the interpreter fills masked lanes with 0 with or without `other`; "
+     "on sm_90 Triton's pipelined load (cp.async) zero-fills them as well (src-size 0), but the language leaves "
+     "them undefined, so `other=0.0` states the padding; only the GPU kernel tests run the compiled load"),
     ("kernels/conv3x3_fwd.py", """mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)""", """,
                         other=0.0""", "",
