@@ -28,4 +28,5 @@ def test_idb_forward_backward_through_kept_compiled_kernels():
     phases = [line for line in proc.stdout.splitlines() if line.startswith("phases")]
     assert len(phases) == 1 and re.search(r"our host code \d+\.\d us, PyTorch's autograd around it -?\d+\.\d us of "
                                           r"\d+\.\d", phases[0]), proc.stdout
+    assert re.search(r"fastest rounds of our host code: forward \d+\.\d \+ backward \d+\.\d us$", phases[0]), phases
 
