@@ -138,7 +138,9 @@ def sass_loops(sass: str) -> list[dict]:
         if m and labels.get(m.group(1), i + 1) <= i:
             body = insns[labels[m.group(1)]:i + 1]
             hgmma = sum("HGMMA" in b for b in body)
-            if hgmma:
+            # a retry block placed after EXIT (an mbarrier try-wait of a TMA pipeline) branches back into
+            # the loop: that "back branch" spans the epilogue, whose final 0-pending wait is not in a loop
+            if hgmma and not any(b.split()[0] == "EXIT" for b in body):
                 waits0 = sum(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", b) is not None for b in body)
                 loops.append(dict(instructions=len(body), hgmma=hgmma, waits_0=waits0, opcodes=opcode_counts(body)))
     return loops

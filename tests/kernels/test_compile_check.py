@@ -34,3 +34,19 @@ def test_loops_with_wgmma_their_waits_and_opcodes():
 def test_opcode_counts_most_frequent_first():
     counts = opcode_counts(["@UP0 SEL R1, R2, RZ, P0", "SEL R3, RZ, 0x10, P1", "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]"])
     assert list(counts.items()) == [("SEL", 2), ("LDGSTS", 1)]
+
+
+def test_a_retry_block_after_exit_is_not_a_loop():
+    """TMA pipelines put an mbarrier try-wait retry after EXIT that branches back into the main loop; the
+    span it closes holds the epilogue's final 0-pending wait, which is not inside any loop."""
+    listing = """
+.L_x_9:
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0020*/               @P0 BRA `(.L_x_9) ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0040*/                   EXIT ;
+        /*0050*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR10], R3 ;
+        /*0060*/                   BRA `(.L_x_9) ;
+"""
+    assert [(lp["instructions"], lp["hgmma"], lp["waits_0"]) for lp in sass_loops(listing)] == [(3, 1, 0)]
