@@ -4,6 +4,7 @@ table picked by device name, and MFU printed as n/a (never guessed) on a card th
 Timings themselves are never asserted (speed is measured by bench/, not by tests).
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,19 @@ def test_smoke_run_writes_json_with_every_field(tmp_path):
     # the Triton interpreter is never timed: on CPU every triton row is a skipped row
     assert all(r["status"] == "skipped" for r in rows if r["suite"] == "model" and r["path"] == "triton")
     assert "n/a" in proc.stdout  # timed rows on a card without a known peak
+
+
+def test_tma_probe_matches_conv2d_under_the_interpreter(tmp_path):
+    """bench/tma_probe.py (the next GPU call's prepared TMA experiment): its kernel, whose padding is the
+    descriptors' out-of-bounds zero fill, equals a float64 conv2d within bf16 rounding, on whole-row
+    tiles (W = 16, 32, 64) and on a tile inside a 256-wide row."""
+    out = tmp_path / "probe.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tma_probe.py"), "--interpret", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert 0 < json.loads(out.read_text())["max_err_over_terms"] <= 2.0 ** -8
 
 
 def test_throughput_arithmetic_by_hand():
