@@ -135,7 +135,9 @@ def conv3x3_bwd_dw_kernel(
     dw_ptr,     # out: fp32 dW partials, (SPLIT, 9, C1 + C2, C_OUT) contiguous, unscaled
     db_ptr,     # out: fp32 db partials, (SPLIT, C_OUT) contiguous, unscaled; if DO_BIAS
     M, H, W, C1, C2, C_OUT, CHUNK,
-    DO_BIAS: tl.constexpr, FULL_P: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    DO_BIAS: tl.constexpr,
+    FULL_P: tl.constexpr,   # M is a multiple of 128 (so of BLOCK_P and of every chunk): no pixel-row mask
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
     EVEN_C1: tl.constexpr, EVEN_C2: tl.constexpr, EVEN_CO: tl.constexpr,   # C1, C2, C_OUT tiled exactly
 ):
