@@ -266,6 +266,10 @@ class Finalize:
     def __init__(self, dwp, dbp, dw, db, split, scale):
         self.dwp, self.dbp, self.dw, self.db, self.split, self.scale = dwp, dbp, dw, db, split, scale
 
+    def programs(self) -> int:
+        """Programs that sum the partials: one per FIN_BLOCK elements of one split's (9, C_in, C_out)."""
+        return cdiv(9 * self.dw.shape[1] * self.dw.shape[0], configs.FIN_BLOCK)
+
 
 def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize], fin_b: Optional[Finalize],
         config: Optional[triton.Config], a_mask: Optional[torch.Tensor] = None, gz_out: Optional[torch.Tensor] = None):
@@ -281,8 +285,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
     n1 = out1.shape[1]
     n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
     cb = src_b[0].shape[1] if src_b is not None else 0
-    fa_n = cdiv(fin_a.dwp.numel() // fin_a.split, configs.FIN_BLOCK) if fin_a is not None else 0  # per split
-    fb_n = cdiv(fin_b.dwp.numel() // fin_b.split, configs.FIN_BLOCK) if fin_b is not None else 0
+    fa_n = fin_a.programs() if fin_a is not None else 0
+    fb_n = fin_b.programs() if fin_b is not None else 0
     key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,
            src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, a_mask is not None, gz_out is not None,
            ga.dtype, ga.device,
@@ -342,7 +346,7 @@ def _finalize(fin: Finalize) -> None:
     flags = dict(HAS_BIAS=fin.db is not None, INTERP_BF16=_dtype_flags(fin.dw.dtype)["INTERP_BF16"],
                  BLOCK=configs.FIN_BLOCK)
     key = ("fin", fin.dw.shape, fin.dw.stride(), fin.dw.dtype, fin.dw.device, fin.db is not None, fin.split)
-    FIN.launch((key, ()), (cdiv(9 * c_in * c_out, configs.FIN_BLOCK),),
+    FIN.launch((key, ()), (fin.programs(),),
                ptrs + (fin.split, c_in, c_out, *_wstrides(fin.dw), float(fin.scale)), flags, _FIN_CONFIG)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv3x3_fwd import SHAPE_ARGS, accumulate_taps, act_grad, cast_rne, pixel_rows
+from .conv3x3_fwd import SHAPE_ARGS, accumulate_taps, act_grad, cast_rne, pixel_rows, tap_edge
 
 
 @triton.jit
@@ -63,10 +63,8 @@ def _dw_tile(
     dh = tap // 3 - 1
     dw = tap % 3 - 1
     shift = (dh * W + dw) * C_I
-    # the tap reads pixel (h + dh, w + dw): outside the image only on the edge row/column it points past
-    # (h == 0 for dh = -1, h == H-1 for dh = +1; never for 0), so one compare per axis decides it
-    h_edge = tl.where(dh < 0, 0, tl.where(dh > 0, H - 1, -1))
-    w_edge = tl.where(dw < 0, 0, tl.where(dw > 0, W - 1, -1))
+    h_edge = tap_edge(dh, H)  # the tap reads pixel (h + dh, w + dw): outside the image iff h or w is its edge
+    w_edge = tap_edge(dw, W)
     if BLOCK_CO >= 64:
         acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
     else:
@@ -79,9 +77,8 @@ def _dw_tile(
     offs_p = tl.arange(0, BLOCK_P)
     w_idx = (p_start + offs_p) % W
     h_idx = ((p_start + offs_p) // W) % H
-    step_rows = BLOCK_P // W
-    step_cols = BLOCK_P - step_rows * W
-    step_rows = step_rows % H
+    step_cols = BLOCK_P % W
+    step_rows = (BLOCK_P // W) % H
     for p0 in range(p_start, p_end, BLOCK_P):
         pix = p0 + offs_p
         p_ok = (pix < p_end) | FULL_P  # FULL_P: M is a multiple of BLOCK_P, so is every chunk

@@ -46,6 +46,14 @@ def pixel_rows(offs_m, C, IDX64: tl.constexpr):
 
 
 @triton.jit
+def tap_edge(d, n):
+    """The index (row or column) a tap offset d in {-1, 0, +1} points past the image from: 0 for -1,
+    n - 1 for +1, -1 (none) for 0. Pixel i + d is outside [0, n) exactly when i == tap_edge(d, n), so a
+    padding test is one compare per axis instead of two plus an add."""
+    return tl.where(d < 0, 0, tl.where(d > 0, n - 1, -1))
+
+
+@triton.jit
 def act_grad(g, mask_ptr, rows, row_ok, co, co_ok, C_OUT, slope, IDX64: tl.constexpr):
     """g * LeakyReLU'(z) from the forward's bit mask (fp32 in, fp32 out); rows: pixel indices (BLOCK,),
     co: channels. Byte co//8 of pixel row m sits at m*ceil(C_OUT/8) + co//8; bit co%8 is z > 0."""
@@ -82,11 +90,7 @@ def accumulate_taps(
         c0 = (step - tap * K_STEPS) * BLOCK_K
         dh = SIGN * (tap // 3 - 1)
         dw = SIGN * (tap % 3 - 1)
-        # pixel (h + dh, w + dw) leaves the image only from the edge row/column it points past (h == 0
-        # for dh = -1, h == H-1 for dh = +1, never for 0): one compare per axis, not two plus an add
-        h_edge = tl.where(dh < 0, 0, tl.where(dh > 0, H - 1, -1))
-        w_edge = tl.where(dw < 0, 0, tl.where(dw > 0, W - 1, -1))
-        pix_ok = m_ok & (h_idx != h_edge) & (w_idx != w_edge)
+        pix_ok = m_ok & (h_idx != tap_edge(dh, H)) & (w_idx != tap_edge(dw, W))
         ck = c0 + offs_k
         shift = (dh * W + dw) * C                      # same image: never crosses n when pix_ok
         if EVEN_K:

@@ -279,8 +279,7 @@ _EDGE_SENTINEL = ("the centre tap's edge sentinel (-1: 'no edge'): h and w lie i
                   "neither -1 nor -2, and the centre row/column never leaves the image either way")
 
 EQUIVALENT_AT = [
-    ("kernels/conv3x3_bwd.py", ", -1))", "1", "2", _EDGE_SENTINEL),
-    ("kernels/conv3x3_fwd.py", ", -1))", "1", "2", _EDGE_SENTINEL),
+    ("kernels/conv3x3_fwd.py", ", -1))", "1", "2", _EDGE_SENTINEL),  # tap_edge's -1 only
     ("kernels/conv3x3.py", "None, 1.0, save_mask", "1.0", "2.0",
      "the scale of residual2, which is None in both IDB convs (HAS_R2 false: never read)"),
     ("kernels/conv3x3.py", "if fin_a else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
