@@ -89,10 +89,6 @@ def tile(h: int, w: int) -> tuple[int, int]:
     raise ValueError(f"no TMA tile for {h}x{w}: W must be a power of two (>= 64 / 128, or dividing them)")
 
 
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
 def conv_tma(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The probe's y = conv3x3(x, w) + b; x, w channels_last; y channels_last in x's dtype."""
     n, c, h, wd = x.shape
@@ -104,7 +100,8 @@ def conv_tma(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the probe needs C ({c}) a multiple of 16 and C_out ({c_out}) a multiple of {bn}")
     y = torch.empty_strided((n, c_out, h, wd), (h * wd * c_out, 1, wd * c_out, c_out), dtype=x.dtype,
                             device=x.device)
-    triton.set_allocator(_scratch)
+    # the device-side descriptors' global scratch, on the input's device
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=x.device))
     conv3x3_fwd_tma_kernel[(n * (h // r) * (wd // wb), c_out // bn)](
         x, w, b, y, n, h, wd, c, c_out, R=r, WB=wb, BK=bk, BN=bn, K_STEPS=c // bk,
         INTERP_FP32=os.environ.get("TRITON_INTERPRET") == "1" and x.dtype != torch.float32)

@@ -118,8 +118,8 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entr
         caller = [x, x0, w1, b1, w2, b2, gy]
     else:
         x1, x2, r1, r2, gy = (rand(2, 8, 3, 5).contiguous(**cl) for _ in range(5))
-        w, b = _offset_view(rand(8, 16, 3, 3).contiguous(**cl), 4), _offset_view(rand(8), 2)
-        w = torch.as_strided(w, (8, 16, 3, 3), (144, 1, 48, 16))  # channels_last again, still 16 bytes off
+        # a channels_last weight 16 bytes into its buffer (aligned, at an offset); b 8 bytes in
+        w, b = _offset_view(rand(8, 3, 3, 16), 4).permute(0, 3, 1, 2), _offset_view(rand(8), 2)
         for t in (x1, x2, w, b):
             t.requires_grad_(True)
         slope = None if entry == "conv-no-act" else 0.2  # without: dW reads the caller's g itself

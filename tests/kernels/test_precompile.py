@@ -162,6 +162,13 @@ def test_default_workers_share_the_cores(monkeypatch, cores):
     assert pc.default_workers(2) == max(1, min(16, cores // 2))
 
 
+class _Report:
+    """precompile_kernels' report as the callers use it: only its log line."""
+
+    def line(self):
+        return "the report's line"
+
+
 def test_precompile_line_turns_a_failure_into_a_warning(monkeypatch):
     """Compiling up front only saves time: a failure (say, a Triton without the APIs it uses) is a warning
     line in the log, and each kernel still compiles on its first launch."""
@@ -174,11 +181,7 @@ def test_precompile_line_turns_a_failure_into_a_warning(monkeypatch):
     assert generator_module.precompile_line([], 4) == (
         "WARNING: Triton kernel precompile failed (AttributeError: no warmup here); kernels compile on first use")
 
-    class Report:
-        def line(self):
-            return "the report's line"
-
-    monkeypatch.setattr(generator_module, "precompile_kernels", lambda passes, lr_size, **kwargs: Report())
+    monkeypatch.setattr(generator_module, "precompile_kernels", lambda passes, lr_size, **kwargs: _Report())
     assert generator_module.precompile_line([], 4) == "the report's line"
 
 
@@ -195,13 +198,9 @@ def test_precompile_node_first_puts_local_rank_0_first(monkeypatch, local_rank, 
 
     seen = []
 
-    class Report:
-        def line(self):
-            return "the report's line"
-
     def spy(passes, lr_size, *, workers):
         seen.append("compile on all cores" if workers is None else f"compile on {workers} thread")
-        return Report()
+        return _Report()
 
     monkeypatch.setattr(generator_module, "precompile_kernels", spy)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: seen.append("barrier"))
