@@ -1,8 +1,9 @@
 """The one switch between the plain-PyTorch reference and the fused Triton kernels.
 
 Every 3x3 convolution of the generator trunk calls `fused_conv3x3`, every internal dense block
-`fused_idb` (its two convs in one autograd Function). Their `torch` backend below is the reference
-semantics; the `triton` backend (gafh_fast.kernels) computes the same thing in fewer passes.
+`fused_idb` (its two convs in one autograd Function), every RIDB `fused_ridb` (its IDBs and closing
+conv in one autograd Function). Their `torch` backend below is the reference semantics; the `triton`
+backend (gafh_fast.kernels) computes the same thing in fewer passes.
 
 `auto`: torch on CPU. On CUDA, per op shape (and whether a backward follows), the faster of triton
 and torch, timed once per process like cudnn.benchmark (AutoChooser below), each decision logged.
@@ -258,3 +259,48 @@ def fused_idb(x: torch.Tensor, x0: torch.Tensor, w1: torch.Tensor, b1: Optional[
     from gafh_fast.kernels import fused_idb_triton
 
     return fused_idb_triton(x, x0, w1, b1, w2, b2, negative_slope)
+
+
+def fused_ridb_reference(x0, idbs, weight, bias, res_scale: float, residual2=None, res2_scale: float = 1.0,
+                         negative_slope: float = 0.2) -> torch.Tensor:
+    """A RIDB from the spec: x = x0; x = IDB_q(x) + x0 for each q; r2 + s2*(x0 + s*conv(x))."""
+    x = x0
+    for w1, b1, w2, b2 in idbs:
+        x = fused_idb_reference(x, x0, w1, b1, w2, b2, negative_slope)
+    return fused_conv3x3_reference([x], weight, bias, None, x0, res_scale, residual2, res2_scale)
+
+
+def fused_ridb(x0: torch.Tensor, idbs: Sequence[tuple], weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+               res_scale: float, residual2: Optional[torch.Tensor] = None, res2_scale: float = 1.0,
+               negative_slope: float = 0.2, backend: str = "auto") -> torch.Tensor:
+    """One RIDB: its IDBs (idbs: [(w1, b1, w2, b2)] each) and its closing conv with the residual x0
+    (res_scale) and optionally the DNB's residual2 (res2_scale), as one op.
+
+    The triton backend runs it as one autograd Function whose backward hands each gradient straight to
+    the launch that needs it next (gafh_fast/kernels/ridb.py)."""
+    chosen = resolve_backend(backend, x0.device)
+    idbs = [tuple(p) for p in idbs]
+    if chosen == "auto":
+        from gafh_fast.kernels import fused_ridb_triton
+
+        n_idb = len(idbs)
+
+        def split(a):  # the flat argument list AutoChooser hands back -> fused_ridb's arguments
+            return a[0], [tuple(a[4 + 4 * q:8 + 4 * q]) for q in range(n_idb)], a[1], a[2], a[3]
+
+        def run_triton(*a):
+            x, ps, w, b, r2 = split(a)
+            return fused_ridb_triton(x, ps, w, b, res_scale, r2, res2_scale, negative_slope)
+
+        def run_torch(*a):
+            x, ps, w, b, r2 = split(a)
+            return fused_ridb_reference(x, ps, w, b, res_scale, r2, res2_scale, negative_slope)
+
+        tensors = (x0, weight, bias, residual2, *(t for p in idbs for t in p))
+        key = _shape_key("ridb", tensors, _needs_grad(tensors), negative_slope, res_scale, res2_scale)
+        chosen = AUTO.choose(key, {"triton": run_triton, "torch": run_torch}, tensors, key[3])
+    if chosen == "torch":
+        return fused_ridb_reference(x0, idbs, weight, bias, res_scale, residual2, res2_scale, negative_slope)
+    from gafh_fast.kernels import fused_ridb_triton
+
+    return fused_ridb_triton(x0, idbs, weight, bias, res_scale, residual2, res2_scale, negative_slope)

@@ -272,10 +272,12 @@ class Finalize:
 
 
 def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize], fin_b: Optional[Finalize],
-        config: Optional[triton.Config], a_mask: Optional[torch.Tensor] = None, gz_out: Optional[torch.Tensor] = None):
+        config: Optional[triton.Config], a_mask: Optional[torch.Tensor] = None, gz_out: Optional[torch.Tensor] = None,
+        add_sum: Optional[tuple] = None, store_out: bool = True):
     """Launch the dX kernel. src_*: (gz, kernel weight, first weight input channel of the result);
     a_mask: source A is the raw g of a conv with this activation mask (gz made on the fly), and gz_out
-    receives that gz."""
+    receives that gz. add_sum = (sum_in, sum_out, sum_scale): also write sum_out = sum_scale*sum_in +
+    the result (before omask's activation derivative); store_out=False: out1 is not written."""
     ga, wa, base_a = src_a
     n, ca, h, w = ga.shape
     m = n * h * w
@@ -291,31 +293,39 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
            src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, a_mask is not None, gz_out is not None,
            ga.dtype, ga.device,
            None if fin_a is None else (fin_a.dw.shape, fin_a.dw.stride(), fin_a.db is not None, fin_a.split),
-           None if fin_b is None else (fin_b.dw.shape, fin_b.dw.stride(), fin_b.db is not None, fin_b.split), cfg_key(config))
+           None if fin_b is None else (fin_b.dw.shape, fin_b.dw.stride(), fin_b.db is not None, fin_b.split),
+           add_sum is not None, store_out, cfg_key(config))
     plan = _PLANS.get(key)
+    if plan is None and add_sum is not None and (n_tot != n1 or add_sum[0].shape != out1.shape
+                                                 or add_sum[1].shape != out1.shape):
+        raise ValueError("the dX kernel's running sum takes one output of the result's shape")
     gb, wb, base_b = src_b if src_b is not None else (ga, wa, 0)
     fa = fin_a or Finalize(ga, ga, ga, ga, 0, 1.0)
     fb = fin_b or Finalize(ga, ga, ga, ga, 0, 1.0)
-    ptrs = (ga, a_mask if a_mask is not None else ga, gz_out if gz_out is not None else ga, wa, gb, wb, out1, out2 if out2 is not None else out1, omask if omask is not None else ga,
+    s_in, s_out, s_scale = add_sum if add_sum is not None else (ga, ga, 0.0)
+    ptrs = (ga, a_mask if a_mask is not None else ga, gz_out if gz_out is not None else ga, wa, gb, wb, out1,
+            out2 if out2 is not None else out1, omask if omask is not None else ga, s_in, s_out,
             fa.dwp, fa.dbp if fa.dbp is not None else fa.dwp, fa.dw, fa.db if fa.db is not None else fa.dw,
             fb.dwp, fb.dbp if fb.dbp is not None else fb.dwp, fb.dw, fb.db if fb.db is not None else fb.dw)
     fa_shape = (fa.split, fa.dw.shape[1], fa.dw.shape[0], *_wstrides(fa.dw)) if fin_a else (0, 1, 1, 0, 0, 0)
     fb_shape = (fb.split, fb.dw.shape[1], fb.dw.shape[0], *_wstrides(fb.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
     if plan is None:
-        flags = dict(A_ACT=a_mask is not None, WRITE_GZA=gz_out is not None, OUT_ACT=omask is not None, FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
+        flags = dict(A_ACT=a_mask is not None, WRITE_GZA=gz_out is not None, OUT_ACT=omask is not None,
+                     ADD_SUM=add_sum is not None, STORE_OUT=store_out, FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
                      FIN_B=fin_b is not None, FB_BIAS=fin_b is not None and fin_b.db is not None,
                      IDX64=m * max(ca, cb, n_tot) >= 2**31, **_dtype_flags(ga.dtype), FIN_BLOCK=configs.FIN_BLOCK)
         plan = [None, flags]
     cfg, flags = plan
     scalars_head = (m, h, w, ca, *_wstrides(wa), base_a, cb, *_wstrides(wb), base_b, n1, n_tot, *fa_shape, *fb_shape)
-    scalars_tail = (fa_n, float(slope) if slope is not None else 0.0, float(scale), float(fa.scale), float(fb.scale))
+    scalars_tail = (fa_n, float(slope) if slope is not None else 0.0, float(scale), float(fa.scale), float(fb.scale),
+                    float(s_scale))
     if cfg is None:
         def run(c):
             _launch_dx(key + (cfg_key(c),), c, flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
 
         cands = configs.dx_candidates(ca, cb, n_tot, w, m)
         plan[0] = _choose("dx", (ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags["OUT_ACT"],
-                                 flags["A_ACT"], flags["WRITE_GZA"]),
+                                 flags["A_ACT"], flags["WRITE_GZA"], flags["ADD_SUM"], flags["STORE_OUT"]),
                           cands, run, config)
         _PLANS[key] = plan
     _launch_dx(key, plan[0], flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
@@ -324,7 +334,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
 def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
     n_dx = cdiv(m, cfg.kwargs["BLOCK_M"]) * cdiv(n_tot, cfg.kwargs["BLOCK_N"])
     args = ptrs + head + (n_dx,) + tail
-    # alignment of the gradient sources and weights (ga, wa, gb, wb); masks, outputs and the finalize's are ours
+    # alignment of the gradient sources and weights (ga, wa, gb, wb); masks, outputs and the finalize's are
+    # ours, and so is the running sum's input unless it is source A itself (ridb.py: the closing conv)
     DX.launch((key, aligned(ptrs[0], *ptrs[3:6])), (n_dx + fa_n + fb_n,), args, {**flags, **cfg.kwargs}, cfg)
 
 

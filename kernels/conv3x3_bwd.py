@@ -17,7 +17,9 @@ to a dW operand in registers makes ptxas serialise every wgmma: C7515, a 0-pendi
     earlier conv (OUT_ACT: the IDB's gz1). With A_ACT source A is the raw upstream gradient g and the
     activation derivative is applied to the operand on the fly (A in registers keeps wgmma
     asynchronous); with WRITE_GZA the programs of the first channel tile also write gz = g*act'(z) of
-    their pixels, for the dW kernel. Its grid has extra programs that sum the dW/db partials of up to
+    their pixels, for the dW kernel. For a fused RIDB (ridb.py) the epilogue can also add the result
+    into a running sum of the RIDB input's gradient (ADD_SUM) and skip the output (STORE_OUT=False):
+    the result there is dL/dx of an IDB's input, which also reaches x0. Its grid has extra programs that sum the dW/db partials of up to
     two convs in a fixed order (deterministic, no atomics) into the weight's own layout and dtype.
   * `conv3x3_bwd_dw_kernel`: dW partials over pixel chunks (split-K, fp32 workspace) from gz and the
     conv's inputs; grid axis 1 is the 9 taps plus, with a bias, one more row of programs that make the
@@ -25,7 +27,8 @@ to a dW operand in registers makes ptxas serialise every wgmma: C7515, a 0-pendi
   * `conv3x3_bwd_finalize_kernel`: the dW/db reduction alone (a single conv with an activation, whose
     dX launch comes first).
 Launch order (host code: conv3x3.py): a conv without activation: dW -> dX + finalize (2); with one:
-dX + gz -> dW -> finalize (3); the IDB: gz1 (+ gz2) -> dW2 -> dW1 -> dx + finalize both (4).
+dX + gz -> dW -> finalize (3); the IDB: gz1 (+ gz2) -> dW2 -> dW1 -> dx + finalize both (4); in a fused
+RIDB each IDB's gz2 comes from the launch before (OUT_ACT), so its gz1 launch is a plain dX.
 
 What the forward saved: the inputs and W and, when there is an activation, a bit-packed mask z > 0
 (1 bit per output element). It makes the LeakyReLU derivative exact; recovering sign(z) from y would
@@ -209,6 +212,9 @@ def conv3x3_bwd_dx_kernel(
     out1_ptr,   # out: channels [0, N1) of the result, (N, N1, H, W) channels_last
     out2_ptr,   # out: channels [N1, N_TOT), (N, N_TOT - N1, H, W) channels_last; if N_TOT > N1
     omask_ptr,  # (N, H, W, ceil(N_TOT/8)) uint8 mask of the conv that produced this tensor; if OUT_ACT
+    dsum_in,    # (N, N_TOT, H, W) channels_last: a running gradient sum (or its first term); if ADD_SUM
+    dsum_out,   # out: dsum_in * sum_scale + the result before OUT_ACT, (N, N_TOT, H, W) channels_last
+                # (may be dsum_in itself: each program reads and writes only its own tile); if ADD_SUM
     fa_dwp, fa_dbp, fa_dw, fa_db,   # finalize job A: partials -> dW, db (see _finalize_dw); if FIN_A
     fb_dwp, fb_dbp, fb_dw, fb_db,   # finalize job B; if FIN_B
     M, H, W,
@@ -218,8 +224,10 @@ def conv3x3_bwd_dx_kernel(
     FA_SPLIT, FA_CIN, FA_COUT, fa_co, fa_ci, fa_tap,
     FB_SPLIT, FB_CIN, FB_COUT, fb_co, fb_ci, fb_tap,
     N_DX_PROGS, N_FA_PROGS,
-    slope, scale, fa_scale, fb_scale,
+    slope, scale, fa_scale, fb_scale, sum_scale,
     A_ACT: tl.constexpr, WRITE_GZA: tl.constexpr, OUT_ACT: tl.constexpr,
+    ADD_SUM: tl.constexpr,      # also write dsum_out = sum_scale*dsum_in + result (a fused group's residual sum)
+    STORE_OUT: tl.constexpr,    # write out1/out2 (False: the result only enters dsum_out)
     FIN_A: tl.constexpr, FA_BIAS: tl.constexpr, FIN_B: tl.constexpr, FB_BIAS: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -261,15 +269,21 @@ def conv3x3_bwd_dx_kernel(
                     tl.store(gza_ptr + a_rows[:, None] + ck[None, :], cast_rne(gz, gza_ptr.dtype.element_ty,
                                                                                INTERP_BF16), mask=ok)
         acc = acc * scale
+        if ADD_SUM:  # the gradient of a tensor that also reaches a shared residual input: add it there too
+            s_off = pixel_rows(offs_m, N_TOT, IDX64)[:, None] + offs_n[None, :]
+            s_ok = m_ok[:, None] & n_ok[None, :]
+            total = acc + sum_scale * tl.load(dsum_in + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            tl.store(dsum_out + s_off, cast_rne(total, dsum_out.dtype.element_ty, INTERP_BF16), mask=s_ok)
         if OUT_ACT:
             acc = act_grad(acc, omask_ptr, offs_m, m_ok, offs_n, n_ok, N_TOT, slope, IDX64)
-        ok1 = m_ok[:, None] & (offs_n < N1)[None, :]
-        tl.store(out1_ptr + pixel_rows(offs_m, N1, IDX64)[:, None] + offs_n[None, :],
-                 cast_rne(acc, out1_ptr.dtype.element_ty, INTERP_BF16), mask=ok1)
-        if N_TOT > N1:  # a two-input conv: channels from N1 on belong to the second input's grad
-            ok2 = m_ok[:, None] & ((offs_n >= N1) & n_ok)[None, :]
-            tl.store(out2_ptr + pixel_rows(offs_m, N_TOT - N1, IDX64)[:, None] + (offs_n - N1)[None, :],
-                     cast_rne(acc, out2_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
+        if STORE_OUT:
+            ok1 = m_ok[:, None] & (offs_n < N1)[None, :]
+            tl.store(out1_ptr + pixel_rows(offs_m, N1, IDX64)[:, None] + offs_n[None, :],
+                     cast_rne(acc, out1_ptr.dtype.element_ty, INTERP_BF16), mask=ok1)
+            if N_TOT > N1:  # a two-input conv: channels from N1 on belong to the second input's grad
+                ok2 = m_ok[:, None] & ((offs_n >= N1) & n_ok)[None, :]
+                tl.store(out2_ptr + pixel_rows(offs_m, N_TOT - N1, IDX64)[:, None] + (offs_n - N1)[None, :],
+                         cast_rne(acc, out2_ptr.dtype.element_ty, INTERP_BF16), mask=ok2)
     elif pid < N_DX_PROGS + N_FA_PROGS:
         if FIN_A:
             _finalize_dw(fa_dwp, fa_dbp, fa_dw, fa_db, pid - N_DX_PROGS, FA_SPLIT, FA_CIN, FA_COUT, fa_co, fa_ci,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gafh_fast.kernels import configs, conv3x3, fused_conv3x3_triton, fused_idb_triton, launch
+from gafh_fast.kernels import configs, conv3x3, fused_conv3x3_triton, fused_idb_triton, fused_ridb_triton, launch
 from gafh_fast.kernels.conv3x3_bwd import conv3x3_bwd_finalize_kernel
 from gafh_fast.kernels.tuning import config_to_dict, cuda_timer
 
@@ -87,7 +87,7 @@ def _offset_view(t: torch.Tensor, elements: int) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize("entry", ["idb", "conv", "conv-no-act"])
+@pytest.mark.parametrize("entry", ["idb", "conv", "conv-no-act", "ridb"])
 def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entry):
     """Launch keys carry the 16-byte alignment of the caller's tensors (any of which may sit at an odd
     offset) and skip only the buffers conv3x3 allocates itself: every caller tensor a launch receives is
@@ -116,6 +116,15 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entr
             t.requires_grad_(True)
         fused_idb_triton(x, x0, w1, b1, w2, b2, 0.2).backward(gy)
         caller = [x, x0, w1, b1, w2, b2, gy]
+    elif entry == "ridb":  # gy also starts the x0 gradient's running sum in the closing conv's dX epilogue
+        x0, r2, gy = (rand(2, 16, 3, 5).contiguous(**cl) for _ in range(3))
+        w1, w2, w = rand(8, 16, 3, 3).contiguous(**cl), rand(16, 24, 3, 3).contiguous(**cl), rand(16, 16, 3, 3)
+        b1, b2, b = rand(8), _offset_view(rand(16), 2), _offset_view(rand(16), 2)
+        leaves = [x0, w1, b1, w2, b2, w, b]
+        for t in leaves:
+            t.requires_grad_(True)
+        fused_ridb_triton(x0, [(w1, b1, w2, b2)], w, b, 0.2, r2, 0.2).backward(gy)
+        caller = [x0, r2, w1, b1, w2, b2, w, b, gy]
     else:
         x1, x2, r1, r2, gy = (rand(2, 8, 3, 5).contiguous(**cl) for _ in range(5))
         # a channels_last weight 16 bytes into its buffer (aligned, at an offset); b 8 bytes in
@@ -126,7 +135,7 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entr
         fused_conv3x3_triton([x1, x2], w, b, slope, r1, 0.2, r2, 0.5).backward(gy)
         caller = [x1, x2, w, b, r1, r2, gy]
     caller_ptrs = {t.data_ptr() for t in caller}
-    assert len(launches) == {"idb": 6, "conv": 4, "conv-no-act": 3}[entry]
+    assert len(launches) == {"idb": 6, "conv": 4, "conv-no-act": 3, "ridb": 9}[entry]
     for name, args, keyed in launches:
         received = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)} & caller_ptrs
         assert received <= {t.data_ptr() for t in keyed}, f"{name}: a caller tensor's alignment is not in its key"

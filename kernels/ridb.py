@@ -1,0 +1,142 @@
+"""The fused RIDB: its 4 IDBs and its closing conv as one autograd Function (gafh_fast.ops.fused_ridb).
+
+    x_1 = x0;  x_{q+1} = x0 + LReLU(conv2_q([x_q, LReLU(conv1_q(x_q))]))   (q = 1..Q)
+    out = r2 + s2*(x0 + s*conv(x_{Q+1}))            (r2/s2: the DNB's outer residual, when given)
+
+Why one Function per RIDB rather than one per IDB (issue 11: "one autograd Function per IDB or per
+fused group"): the group's backward knows which tensor each gradient feeds next, so
+  * the running gradient of x0 (it reaches every IDB's residual and the first IDB's input: Q + 2
+    terms) is summed in the dX launches' epilogues (ADD_SUM), not by Q + 1 autograd adds;
+  * the gradient G_{q+1} = dL/dx_{q+1} is never written as such: the launch that makes it (IDB q+1's
+    dx, or the closing conv's dX) writes gz2_q = G_{q+1} * LReLU'(z2_q) straight away (OUT_ACT), so
+    IDB q's first backward launch reads a ready gz2 instead of making it from g and a mask in its
+    GEMM loop (the A_ACT dX, ~4x the instructions per wgmma of a plain one: bench/RESULTS.md);
+  * PyTorch's autograd builds and walks one node per RIDB instead of Q + 1.
+Launches: forward 2Q + 1; backward 4Q + 2 (the closing conv: dW, then dX + finalize; each IDB: gz1 dX,
+dW2, dW1, dx + finalize), the same count as per-IDB Functions, without the autograd adds.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, check_args, conv_forward,
+                      idb_forward, kernel_weight)
+from .op import _needs_grad, check_idb_args, fused_conv3x3_triton, fused_idb_triton
+
+
+def ridb_forward(x0, idbs, w, b, res_scale: float, r2, res2_scale: float, slope: float, save_mask: bool,
+                 w_ks: Optional[list] = None):
+    """(out, xs, h1s, mask1s, mask2s): xs[q] is IDB q's input (xs[0] = x0, xs[Q] the closing conv's).
+    idbs: [(w1, b1, w2, b2)] per IDB; w_ks: kernel_weight of every weight in the order w1, w2 per IDB, w."""
+    q_n = len(idbs)
+    x0 = _cl(x0)  # once: every IDB and the closing conv read it, and the backward's dW launches need it so
+    w_ks = w_ks or [kernel_weight(t) for p in idbs for t in (p[0], p[2])] + [kernel_weight(w)]
+    xs, h1s, m1s, m2s = [x0], [], [], []
+    for q, (w1, b1, w2, b2) in enumerate(idbs):
+        y, h1, m1, m2 = idb_forward(xs[q], x0, w1, b1, w2, b2, slope, save_mask, w1_k=w_ks[2 * q],
+                                    w2_k=w_ks[2 * q + 1])
+        xs.append(y)
+        h1s.append(h1)
+        m1s.append(m1)
+        m2s.append(m2)
+    out, _ = conv_forward([xs[q_n]], w, b, None, x0, res_scale, r2, res2_scale, False, w_k=w_ks[2 * q_n])
+    return out, xs, h1s, m1s, m2s
+
+
+def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scale: float, res2_scale: float):
+    """(dx0, [(dW1, db1, dW2, db2)] per IDB, dW, db); the DNB residual's gradient is `grad` itself."""
+    g = _cl(grad)
+    x0 = xs[0]
+    n, nf, h, wd = x0.shape
+    q_n = len(idbs)
+    w_k = w_ks[2 * q_n]
+    dw, db = _grad_like(w, w_k), torch.empty((nf,), dtype=w_k.dtype, device=w_k.device)
+    idb_grads = [(_grad_like(p[0], w_ks[2 * q]), torch.empty((p[0].shape[0],), dtype=x0.dtype, device=x0.device),
+                  _grad_like(p[2], w_ks[2 * q + 1]), torch.empty((nf,), dtype=x0.dtype, device=x0.device))
+                 for q, p in enumerate(idbs)]
+    dx0 = _empty_cl(n, nf, h, wd, x0)
+    if n * h * wd == 0:
+        return dx0, [tuple(t.zero_() for t in grads) for grads in idb_grads], dw.zero_(), db.zero_()
+    # The closing conv: out = r2 + s2*(x0 + s*conv(x)). dL/dx0 starts at s2*g; its dX G = s*s2*conv^T(g)
+    # is dL/dx_{Q+1}, which the last IDB's residual also sends to x0, and whose gz2 the last IDB needs.
+    scale = res_scale * res2_scale
+    dwp, dbp, split = _dw_partials(xs[q_n], None, g, True, None, None)
+    gz2 = _empty_cl(n, nf, h, wd, x0)
+    _dx((g, w_k, 0), None, gz2, None, m2s[q_n - 1], slope, scale, Finalize(dwp, dbp, dw, db, split, scale), None,
+        None, add_sum=(g, dx0, res2_scale))
+    for q in reversed(range(q_n)):
+        w1_k, w2_k = w_ks[2 * q], w_ks[2 * q + 1]
+        dw1, db1, dw2, db2 = idb_grads[q]
+        gc = h1s[q].shape[1]
+        gz1 = _empty_cl(n, gc, h, wd, x0)  # dX2[h1 channels] * act1'
+        _dx((gz2, w2_k, nf), None, gz1, None, m1s[q], slope, 1.0, None, None, None)
+        dwp2, dbp2, split2 = _dw_partials(xs[q], h1s[q], gz2, True, None, None)
+        dwp1, dbp1, split1 = _dw_partials(xs[q], None, gz1, True, None, None)
+        # G_q = dL/dx_q: into the x0 sum, and (q > 0) as the previous IDB's gz2; IDB 0's input is x0 itself
+        prev = _empty_cl(n, nf, h, wd, x0) if q > 0 else None
+        _dx((gz2, w2_k, 0), (gz1, w1_k, 0), prev if q > 0 else dx0, None, m2s[q - 1] if q > 0 else None, slope,
+            1.0, Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None,
+            add_sum=(dx0, dx0, 1.0), store_out=q > 0)
+        gz2 = prev
+    return dx0, idb_grads, dw, db
+
+
+class _EagerFusedRIDB(torch.autograd.Function):
+    """One Function per RIDB: 2Q + 1 launches forward, 4Q + 2 backward (ridb_backward)."""
+
+    @staticmethod
+    def forward(ctx, x0, r2, w, b, res_scale, res2_scale, slope, *flat):
+        idbs = [tuple(flat[4 * q:4 * q + 4]) for q in range(len(flat) // 4)]
+        w_ks = [kernel_weight(t) for p in idbs for t in (p[0], p[2])] + [kernel_weight(w)]
+        out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, slope, True, w_ks=w_ks)
+        ctx.save_for_backward(*xs, *h1s, *m1s, *m2s, w, *flat, *w_ks)
+        ctx.meta = (len(idbs), r2 is not None, res_scale, res2_scale if r2 is not None else 1.0, slope)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_n, has_r2, s, s2, slope = ctx.meta
+        saved = ctx.saved_tensors
+        xs, h1s = saved[:q_n + 1], saved[q_n + 1:2 * q_n + 1]
+        m1s, m2s = saved[2 * q_n + 1:3 * q_n + 1], saved[3 * q_n + 1:4 * q_n + 1]
+        w = saved[4 * q_n + 1]
+        flat = saved[4 * q_n + 2:8 * q_n + 2]
+        w_ks = list(saved[8 * q_n + 2:])
+        idbs = [tuple(flat[4 * q:4 * q + 4]) for q in range(q_n)]
+        dx0, idb_grads, dw, db = ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope, s, s2)
+        return (dx0, grad if has_r2 else None, dw, db, None, None, None, *(t for gs in idb_grads for t in gs))
+
+
+_RIDB_CHECKED: set = set()
+
+
+def check_ridb_args(x0, idbs, w, b, r2) -> None:
+    if not idbs:
+        raise ValueError("fused_ridb takes at least one IDB")
+    for w1, b1, w2, b2 in idbs:
+        check_idb_args(x0, x0, w1, b1, w2, b2)
+    check_args([x0], w, b, x0, r2)
+    if b is None:
+        raise ValueError("fused_ridb takes the closing conv's bias (the RIDB's nn.Conv2d has one)")
+
+
+def fused_ridb_triton(x0: torch.Tensor, idbs: Sequence[tuple], w: torch.Tensor, b: torch.Tensor, res_scale: float,
+                      r2: Optional[torch.Tensor], res2_scale: float, negative_slope: float = 0.2) -> torch.Tensor:
+    """The same as gafh_fast.ops.fused_ridb_reference; out comes back channels_last."""
+    slope, s, s2 = float(negative_slope), float(res_scale), float(res2_scale)
+    idbs = [tuple(p) for p in idbs]
+    flat = [t for p in idbs for t in p]
+    if torch.compiler.is_compiling():  # one opaque custom op per IDB and per conv (kernels/op.py)
+        x = x0
+        for w1, b1, w2, b2 in idbs:
+            x = fused_idb_triton(x, x0, w1, b1, w2, b2, slope)
+        return fused_conv3x3_triton([x], w, b, None, x0, s, r2, s2)
+    key = (x0.shape, x0.dtype, x0.device, tuple(t.shape for t in flat), w.shape, r2 is None)
+    if key not in _RIDB_CHECKED:  # once per shape; the convs' own plans check the rest
+        check_ridb_args(x0, idbs, w, b, r2)
+        _RIDB_CHECKED.add(key)
+    if _needs_grad(x0, r2, w, b, *flat):
+        return _EagerFusedRIDB.apply(x0, r2, w, b, s, s2, slope, *flat)
+    return ridb_forward(x0, idbs, w, b, s, r2, s2, slope, False)[0]

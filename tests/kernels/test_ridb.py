@@ -1,0 +1,183 @@
+"""The fused RIDB (one autograd Function: Q IDBs and the closing conv) against the float64 reference,
+its launch count, and its torch.compile path (the per-IDB custom ops).
+
+    x_1 = x0;  x_{q+1} = x0 + IDB_q(x_q);  out = r2 + s2*(x0 + s*conv(x_{Q+1}))   (spec: RIDB, DNB)
+Every output and gradient (x0, r2, and W1, b1, W2, b2 of every IDB, W and b of the conv) is compared
+elementwise as in test_idb.py: |kernel - ref| <= rel * (the same computation on |values| and
+|grad|). What the backward does differently from per-IDB Functions is in its epilogues: the running
+gradient of x0 is summed in the dX launches (ADD_SUM) and each IDB's gz2 comes ready from the launch
+after it (OUT_ACT), so the x0 gradient and every IDB's weights are the targets here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gafh_fast import ops
+from gafh_fast.kernels import conv3x3, fused_ridb_triton, launch
+from gafh_fast.kernels.precompile import PickTuner
+from gafh_fast.ops import fused_ridb_reference
+
+from .test_conv3x3 import DEVICE, assert_within
+
+# bf16: Q IDBs and a conv deep, each rounding (h1, y, gz2, gz1, the x0 sum) relative to its own |terms|,
+# which the |values| chain bounds. 2**-6, not test_idb.py's 2**-7: at 2**-7 one db2 element of the Q = 3
+# bf16 case fails, for a chain of per-IDB Functions as for this Function (measured, same element).
+REL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6}
+
+
+def make_ridb(nf, gc, q_n, n, h, w, r2, dtype, seed):
+    """float64 masters of values representable in dtype: (tensors by name, upstream grad, names)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = {"x0": torch.randn(n, nf, h, w, generator=gen)}
+    for q in range(q_n):
+        t[f"w1_{q}"] = torch.randn(gc, nf, 3, 3, generator=gen) / (3 * nf ** 0.5)
+        t[f"b1_{q}"] = torch.randn(gc, generator=gen) / 4
+        t[f"w2_{q}"] = torch.randn(nf, nf + gc, 3, 3, generator=gen) / (3 * (nf + gc) ** 0.5)
+        t[f"b2_{q}"] = torch.randn(nf, generator=gen) / 4
+    t["w"] = torch.randn(nf, nf, 3, 3, generator=gen) / (3 * nf ** 0.5)
+    t["b"] = torch.randn(nf, generator=gen)
+    if r2:
+        t["r2"] = torch.randn(n, nf, h, w, generator=gen)
+    grad = torch.randn(n, nf, h, w, generator=gen)
+    return {k: v.to(dtype).double() for k, v in t.items()}, grad.to(dtype).double()
+
+
+def call_ridb(fn, leaves, q_n, s=0.2, s2=0.2):
+    idbs = [tuple(leaves[f"{p}_{q}"] for p in ("w1", "b1", "w2", "b2")) for q in range(q_n)]
+    r2 = leaves.get("r2")
+    return fn(leaves["x0"], idbs, leaves["w"], leaves["b"], s, r2, s2 if r2 is not None else 1.0, 0.2)
+
+
+def ridb_reference(t, grad, q_n):
+    out = []
+    for absolute in (False, True):
+        leaves = {k: (v.abs() if absolute else v).clone().requires_grad_(True) for k, v in t.items()}
+        y = call_ridb(fused_ridb_reference, leaves, q_n)
+        grads = torch.autograd.grad(y, list(leaves.values()), grad.abs() if absolute else grad)
+        out.append((y.detach(), dict(zip(leaves, grads))))
+    return out
+
+
+def run_ridb(nf, gc, q_n, n, h, w, r2, dtype, weight_layout="channels_last", seed=0, fn=fused_ridb_triton,
+             input_layout="channels_last"):
+    """Compare fn with the reference; return the launches of one forward + backward. input_layout
+    "nchw": x0, r2 and the upstream gradient come contiguous (the generator's first RIDB gets the
+    9x9 input conv's output)."""
+    t, grad = make_ridb(nf, gc, q_n, n, h, w, r2, dtype, seed)
+    (y_ref, g_ref), (y_abs, g_abs) = ridb_reference(t, grad, q_n)
+    leaves = {}
+    for k, v in t.items():
+        v = v.to(dtype).to(DEVICE)
+        if v.dim() == 4 and ((k in ("x0", "r2") and input_layout == "channels_last")
+                             or (k not in ("x0", "r2") and weight_layout == "channels_last")):
+            v = v.contiguous(memory_format=torch.channels_last)
+        leaves[k] = v.requires_grad_(True)
+    launch.LAUNCHES.clear()
+    y = call_ridb(fn, leaves, q_n)
+    upstream = grad.to(dtype).to(DEVICE)
+    if input_layout == "channels_last":
+        upstream = upstream.contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(y, list(leaves.values()), upstream)
+    launches = sum(launch.LAUNCHES.values())
+    rel = REL[dtype]
+    assert y.dtype == dtype
+    assert_within("y", y, y_ref, y_abs, rel)
+    for k, g in zip(leaves, grads):
+        assert g.shape == leaves[k].shape and g.dtype == dtype, k
+        assert_within(f"d{k}", g, g_ref[k], g_abs[k], rel)
+    return launches
+
+
+@pytest.mark.parametrize("nf, gc, q_n, n, h, w, r2, dtype, weight_layout, input_layout", [
+    (16, 8, 2, 2, 5, 7, True, torch.float32, "nchw", "nchw"),  # odd H and W, NCHW everything, the DNB residual
+    (12, 20, 3, 1, 3, 5, False, torch.bfloat16, "channels_last", "channels_last"),  # gc > nf, bf16
+    (72, 8, 1, 1, 2, 3, True, torch.float32, "channels_last", "nchw"),  # nf 72: two K blocks (64 + 8) per dX
+    (64, 32, 2, 1, 3, 4, True, torch.bfloat16, "nchw", "channels_last"),  # the trunk's channels
+    (8, 8, 1, 1, 1, 1, False, torch.float32, "channels_last", "channels_last"),  # 1x1: every tap but one pads
+])
+def test_ridb_matches_float64_reference(nf, gc, q_n, n, h, w, r2, dtype, weight_layout, input_layout):
+    launches = run_ridb(nf, gc, q_n, n, h, w, r2, dtype, weight_layout, input_layout=input_layout)
+    assert launches == (2 * q_n + 1) + (4 * q_n + 2)
+
+
+def test_ridb_second_candidate_configs():
+    """The other heuristic candidate of every kernel, with the running sum and the chained gz2."""
+    old = conv3x3.set_tuner(PickTuner(1))
+    try:
+        run_ridb(64, 32, 2, 1, 3, 5, True, torch.float32, seed=5)
+    finally:
+        conv3x3.set_tuner(old)
+
+
+def test_launch_count_per_ridb():
+    """The paper's RIDB (4 IDBs): 9 launches forward, 18 backward; 9 for a forward without grad. No
+    launch goes to torch: the x0 gradient's 5 terms are summed in the dX epilogues."""
+    t, _ = make_ridb(8, 4, 4, 1, 3, 3, True, torch.float32, seed=1)
+    leaves = {k: v.float().to(DEVICE).requires_grad_(True) for k, v in t.items()}
+    for _ in range(2):  # the second call runs from the kept plans
+        for v in leaves.values():
+            v.grad = None  # (accumulating into .grad would be an add of its own)
+        launch.LAUNCHES.clear()
+        y = call_ridb(fused_ridb_triton, leaves, 4)
+        assert dict(launch.LAUNCHES) == {"fwd": 9}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y.sum().backward()
+        assert dict(launch.LAUNCHES) == {"fwd": 9, "dx": 9, "dw": 9}
+        adds = [e.key for e in prof.key_averages() if e.key in ("aten::add", "aten::add_")]
+        assert adds == [], f"the backward added gradients in torch: {adds}"
+    launch.LAUNCHES.clear()
+    with torch.no_grad():
+        call_ridb(fused_ridb_triton, leaves, 4)
+    assert dict(launch.LAUNCHES) == {"fwd": 9}
+
+
+def test_ridb_compile_path_composes_the_custom_ops(monkeypatch):
+    """Under torch.compile the RIDB is its IDBs' and conv's custom ops (each one opaque node): run that
+    branch eagerly (is_compiling patched) against the reference."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    run_ridb(8, 8, 2, 2, 3, 4, True, torch.float32, seed=7)
+
+
+def test_ridb_bad_arguments_raise_clear_errors():
+    t, _ = make_ridb(8, 4, 1, 1, 4, 4, False, torch.float32, seed=2)
+    leaves = {k: v.float().to(DEVICE) for k, v in t.items()}
+    leaves["w"] = torch.randn(8, 6, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="does not fit"):
+        call_ridb(fused_ridb_triton, leaves, 1)
+    leaves["w"], leaves["b"] = torch.randn(8, 8, 3, 3, device=DEVICE), None
+    with pytest.raises(ValueError, match="bias"):
+        call_ridb(fused_ridb_triton, leaves, 1)
+    with pytest.raises(ValueError, match="at least one IDB"):
+        fused_ridb_triton(leaves["x0"], [], leaves["w"], torch.zeros(8, device=DEVICE), 0.2, None, 1.0)
+
+
+def test_ops_fused_ridb_backends_agree():
+    """gafh_fast.ops.fused_ridb: backend torch is the reference itself; backend triton matches it."""
+    t, grad = make_ridb(8, 4, 2, 1, 3, 4, True, torch.float32, seed=4)
+    idbs = [tuple(t[f"{p}_{q}"].float() for p in ("w1", "b1", "w2", "b2")) for q in range(2)]
+    args = (t["x0"].float(), idbs, t["w"].float(), t["b"].float())
+    kw = dict(res_scale=0.2, residual2=t["r2"].float(), res2_scale=0.2)
+    ref = fused_ridb_reference(*args, 0.2, t["r2"].float(), 0.2)
+    torch.testing.assert_close(ops.fused_ridb(*args, **kw, backend="torch"), ref, rtol=0, atol=0)
+    torch.testing.assert_close(ops.fused_ridb(*args, **kw, backend="triton"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_times_triton_and_torch_per_ridb_shape(monkeypatch, caplog):
+    """kernels=auto's CUDA path for the RIDB (AutoChooser over both backends), the device swapped:
+    CPU tensors, Triton interpreted (far slower, so torch wins); logged once; the reference's result."""
+    import logging
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "auto")
+    monkeypatch.setattr(ops, "AUTO", ops.AutoChooser(lambda fn, dev: ops.median_ms_per_call(fn, dev, 1, 1)))
+    t, _ = make_ridb(4, 4, 1, 1, 2, 3, False, torch.float32, seed=9)
+    leaves = {k: v.float().requires_grad_(True) for k, v in t.items()}
+    idbs = [tuple(leaves[f"{p}_0"] for p in ("w1", "b1", "w2", "b2"))]
+    with caplog.at_level(logging.INFO, logger="gafh_fast"):
+        y = ops.fused_ridb(leaves["x0"], idbs, leaves["w"], leaves["b"], res_scale=0.2, backend="auto")
+        ops.fused_ridb(leaves["x0"], idbs, leaves["w"], leaves["b"], res_scale=0.2, backend="auto")
+    (key, times), = ops.AUTO.timings.items()
+    assert key[0] == "ridb" and set(times) == {"triton", "torch"} and ops.AUTO.decisions[key] == "torch"
+    assert sum("kernels=auto" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(y, fused_ridb_reference(leaves["x0"], idbs, leaves["w"], leaves["b"], 0.2),
+                               rtol=0, atol=0)
