@@ -1,8 +1,9 @@
 """GAFH-RIDN generator in plain PyTorch, exactly as ../shared/spec/GAFH_RIDN.md (section Generator G).
 
-Every trunk 3x3 conv goes through `gafh_fast.ops.fused_conv3x3`, each IDB's two through
-`gafh_fast.ops.fused_idb` (one fused op); the `nn.Conv2d` modules only hold parameters, so the
-state-dict keys are the same whichever backend runs.
+Every RIDB (its IDBs and its closing conv) goes through `gafh_fast.ops.fused_ridb` (one fused op),
+the other trunk 3x3 convs through `gafh_fast.ops.fused_conv3x3`; an IDB on its own (IDB.forward) is
+`gafh_fast.ops.fused_idb`. The `nn.Conv2d` modules only hold parameters, so the state-dict keys are
+the same whichever backend runs.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gafh_fast.config import GeneratorConfig
-from gafh_fast.ops import fused_conv3x3, fused_idb, unlogged_choice
+from gafh_fast.ops import fused_conv3x3, fused_idb, fused_ridb, unlogged_choice
 
 
 def _kaiming_(module: nn.Module, scale: float) -> None:
@@ -53,13 +54,11 @@ class RIDB(nn.Module):
         self.kernels = "torch"
 
     def forward(self, x0: torch.Tensor, dnb_input: torch.Tensor | None = None) -> torch.Tensor:
-        x = x0
-        for idb in self.idbs:
-            x = idb(x, x0)
-        # The last RIDB of a DNB also carries the DNB's residual: z + s * RIDB_out (r2 = z, s2 = s).
-        return fused_conv3x3(
-            [x], self.conv.weight, self.conv.bias, negative_slope=None,
-            residual=x0, res_scale=self.res_scale,
+        # One op for the whole block (its IDBs, then conv -> scale -> add x0). The last RIDB of a DNB
+        # also carries the DNB's residual: z + s * RIDB_out (r2 = z, s2 = s).
+        idbs = [(m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias) for m in self.idbs]
+        return fused_ridb(
+            x0, idbs, self.conv.weight, self.conv.bias, res_scale=self.res_scale,
             residual2=dnb_input, res2_scale=self.res_scale if dnb_input is not None else 1.0,
             backend=self.kernels,
         )
