@@ -123,15 +123,16 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
 
     def recording(name, real):
         def call(*args, backend="auto", **kwargs):
-            calls.append((name, backend))
+            calls.append((name, backend, len(args[1]) if name == "ridb" else 0))  # ridb: its IDB count
             return real(*args, backend="torch", **kwargs)
         return call
 
     monkeypatch.setattr(generator_module, "fused_conv3x3", recording("conv", ops.fused_conv3x3))
-    monkeypatch.setattr(generator_module, "fused_idb", recording("idb", ops.fused_idb))
-    # (variant, IDB calls, other fused calls): defaults = BN fusion + nearest up-convs, 2 x 3 RIDBs x 2
-    # IDBs; the other = fusion without BN (its residual fused) + pixel-shuffle up-convs, 1 RIDB x 3 IDBs
-    for variant, idbs, convs in (("defaults", 12, 6 + 1 + 3), ("pixel_shuffle-no_norm-k3k5", 3, 1 + 1 + 3)):
+    monkeypatch.setattr(generator_module, "fused_ridb", recording("ridb", ops.fused_ridb))
+    # (variant, RIDB calls, IDBs per RIDB, other fused calls): defaults = BN fusion + nearest up-convs,
+    # 2 x 3 RIDBs of 2 IDBs; the other = fusion without BN (its residual fused) + pixel-shuffle up-convs,
+    # 1 RIDB of 3 IDBs
+    for variant, ridbs, idbs, convs in (("defaults", 6, 2, 1 + 3), ("pixel_shuffle-no_norm-k3k5", 1, 3, 1 + 3)):
         model = build_generator(load_config(None, TINY_G + G_VARIANTS[variant] + ("kernels=triton",)))
         for kernels in ("triton", "torch"):
             if kernels == "torch":
@@ -139,8 +140,9 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
             calls.clear()
             with torch.no_grad():
                 model(lr_input(dtype=torch.float32))
-            assert sorted(set(calls)) == [("conv", kernels), ("idb", kernels)], variant
-            assert [name for name, _ in calls].count("idb") == idbs and len(calls) == idbs + convs, variant
+            assert sorted({c[:2] for c in calls}) == [("conv", kernels), ("ridb", kernels)], variant
+            assert [c for c in calls if c[0] == "ridb"] == [("ridb", kernels, idbs)] * ridbs, variant
+            assert len(calls) == ridbs + convs, variant
 
 
 def test_generator_defaults_are_the_spec_constants():
