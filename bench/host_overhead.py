@@ -1,6 +1,6 @@
 """Host overhead of the fused kernels' launch path, on CPU, with a stand-in launcher.
 
-    python bench/host_overhead.py [--batch 1] [--rounds 5] [--iters 200] [--json out.json]
+    python bench/host_overhead.py [--batch 1] [--rounds 5] [--iters 200] [--json out.json] [--phases] [--ridb]
 
 Times the Python around the kernels for one IDB forward + backward (nf 64, gc 32, 32x32, bf16,
 channels_last activations) with every Triton launch replaced by a stand-in that only counts: the
@@ -201,6 +201,55 @@ def phases(batch: int, rounds: int, iters: int) -> dict:
     return {k: round(v, 1) for k, v in rows.items()}
 
 
+def ridb_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
+    """This tree only: one RIDB (4 IDBs + its conv, nf 64, gc 32, bf16, channels_last) forward +
+    backward as 5 Functions (fused_idb_triton x 4 + fused_conv3x3_triton: autograd sums x0's 5 gradient
+    terms with its own adds) and as one (fused_ridb_triton: the sum is in the dX epilogues). The images
+    are side x side (8 by default) so that the CPU adds of the first path cost ~what their launch would
+    on a GPU, not a 32x32 tensor's CPU arithmetic."""
+    from gafh_fast import kernels
+
+    counter, _ = _install_standin()
+    fmt = dict(dtype=torch.bfloat16)
+    cl = torch.channels_last
+    x0 = torch.randn(1, 64, side, side, **fmt).contiguous(memory_format=cl).requires_grad_()
+    idbs = [(torch.randn(32, 64, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_(),
+             torch.zeros(32, **fmt, requires_grad=True),
+             torch.randn(64, 96, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_(),
+             torch.zeros(64, **fmt, requires_grad=True)) for _ in range(4)]
+    w = torch.randn(64, 64, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
+    b = torch.zeros(64, **fmt, requires_grad=True)
+    gy = torch.randn(1, 64, side, side, **fmt).contiguous(memory_format=cl)
+    params = [x0, w, b, *(t for p in idbs for t in p)]
+
+    def per_idb():
+        x = x0
+        for p in idbs:
+            x = kernels.fused_idb_triton(x, x0, *p, 0.2)
+        return kernels.fused_conv3x3_triton([x], w, b, None, x0, 0.2, None, 1.0)
+
+    def one_function():
+        return kernels.fused_ridb_triton(x0, idbs, w, b, 0.2, None, 1.0, 0.2)
+
+    rows = []
+    for name, fwd in (("5 Functions (per IDB + conv)", per_idb), ("1 Function (fused_ridb)", one_function)):
+        def call(fwd=fwd):
+            fwd().backward(gy)
+            for t in params:
+                t.grad = None
+        for _ in range(5):
+            call()
+        counter[0] = 0
+        call()
+        launches = counter[0]
+        per_round = _per_round_us(call, rounds, iters)
+        rows.append(dict(ridb=name, side=side, launches=launches, host_us=round(statistics.median(per_round), 1),
+                         host_min_us=round(min(per_round), 1)))
+        print(f"RIDB fwd+bwd, {name:30s}: {launches} Triton launches, host {rows[-1]['host_us']:7.1f} us "
+              f"(fastest round {rows[-1]['host_min_us']:.1f})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -210,9 +259,13 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--phases", action="store_true",
                         help="also split this tree's time: our host code vs PyTorch's autograd around it")
+    parser.add_argument("--ridb", action="store_true",
+                        help="also time one RIDB as 5 Functions against the one fused_ridb Function")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = measure(args.batch, args.rounds, args.iters)
+    if args.ridb:
+        rows.append({"ridb": ridb_rows(args.rounds, args.iters)})
     if args.phases:
         rows.append({"phases": phases(args.batch, args.rounds, args.iters)})
     if args.json:

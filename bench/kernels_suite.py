@@ -3,6 +3,8 @@
 On a CUDA GPU, at LR 32x32, nf 64, gc 32, bf16, channels_last, for each batch it times
     idb_fwd      one IDB forward (inference: no autograd state)
     idb_fwd_bwd  one IDB forward + backward
+    ridb_fwd_bwd one RIDB (4 IDBs + its conv, with the DNB residual) forward + backward: the generator's
+                 unit of fusion (one autograd Function on the triton path); eager and triton only
     gen_fwd_bwd  the whole paper generator forward + backward (32x32 -> 256x256)
 three ways: `triton` (kernels=triton), `eager` (kernels=torch, cudnn.benchmark on), `compile`
 (torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 
 from gafh_fast.config import load_config
-from gafh_fast.models.generator import IDB, Generator, precompile_kernels
+from gafh_fast.models.generator import IDB, RIDB, Generator, precompile_kernels
 
 NF, GC, LR_SIZE = 64, 32, 32
 PATHS = ("triton", "eager", "compile")
@@ -57,6 +59,10 @@ def conv_flops(c_in: int, c_out: int, k: int, h: int, w: int) -> int:
 
 def idb_forward_flops(batch: int) -> int:
     return batch * (conv_flops(NF, GC, 3, LR_SIZE, LR_SIZE) + conv_flops(NF + GC, NF, 3, LR_SIZE, LR_SIZE))
+
+
+def ridb_forward_flops(cfg, batch: int) -> int:
+    return cfg.model.generator.idb_per_ridb * idb_forward_flops(batch) + batch * conv_flops(NF, NF, 3, LR_SIZE, LR_SIZE)
 
 
 def generator_forward_flops(cfg, batch: int) -> int:
@@ -80,6 +86,8 @@ def _workloads(cfg, batch: int, device: torch.device):
     x = torch.randn(batch, NF, LR_SIZE, LR_SIZE, **fmt).contiguous(memory_format=torch.channels_last)
     lr = torch.rand(batch, 3, LR_SIZE, LR_SIZE, **fmt).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
     idb = IDB(NF, GC).to(**fmt).to(memory_format=torch.channels_last)
+    ridb = RIDB(NF, GC, cfg.model.generator.idb_per_ridb, cfg.model.generator.res_scale).to(**fmt).to(
+        memory_format=torch.channels_last)
     gen = Generator(cfg.model.generator, kernels="torch").to(**fmt).to(memory_format=torch.channels_last)
     x_leaf = x.clone().requires_grad_(True)
 
@@ -94,6 +102,11 @@ def _workloads(cfg, batch: int, device: torch.device):
             module(x_leaf, x_leaf).sum().backward()
         return fn
 
+    def ridb_fwd_bwd(module):
+        def fn():
+            module(x_leaf, x_leaf).sum().backward()  # x0 and the DNB residual: the DNB's last RIDB
+        return fn
+
     def gen_fwd_bwd(module):
         def fn():
             module(lr).float().mean().backward()
@@ -102,6 +115,7 @@ def _workloads(cfg, batch: int, device: torch.device):
     return {
         "idb_fwd": (idb, idb_fwd, idb_forward_flops(batch), []),
         "idb_fwd_bwd": (idb, idb_fwd_bwd, 3 * idb_forward_flops(batch), [x_leaf, *idb.parameters()]),
+        "ridb_fwd_bwd": (ridb, ridb_fwd_bwd, 3 * ridb_forward_flops(cfg, batch), [x_leaf, *ridb.parameters()]),
         "gen_fwd_bwd": (gen, gen_fwd_bwd, 3 * generator_forward_flops(cfg, batch), list(gen.parameters())),
     }
 
@@ -380,6 +394,8 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
             for path in ("eager", "triton", "compile"):
                 if smoke and path == "compile" and name == "gen_fwd_bwd":
                     continue  # compiling the whole generator takes minutes: not in a smoke run
+                if path == "compile" and name == "ridb_fwd_bwd":
+                    continue  # its compile row is the IDB's and the generator's: device minutes are scarce
                 row = {"suite": "kernels", "name": name, "path": path, "batch": batch, "card": card}
                 try:
                     ms, peak_mb = _time_one(module, make_fn, path, grads, rep_ms)

@@ -3,8 +3,9 @@
     python -m gafh_fast.kernels.compile_check [--batch 64] [--dtype bf16] [--json out.json]
 
 It runs the real host path (an IDB forward + backward, nf 64, gc 32, 32x32; the RIDB's last conv with
-two residuals; the first upsampling conv, nf -> nf with LeakyReLU at 64x64) with a stand-in launcher that records every launch (arguments, constexprs, grid,
-options), once per tile candidate of the heuristic. Each launch is specialised exactly as the JIT
+two residuals; the first upsampling conv, nf -> nf with LeakyReLU at 64x64; a fused RIDB of 2 IDBs,
+whose rows are only the kernel variants the others do not launch) with a stand-in launcher that
+records every launch (arguments, constexprs, grid, options), once per tile candidate of the heuristic. Each launch is specialised exactly as the JIT
 would (Triton's own binder on a cuda:90 target) and compiled; per kernel and config it prints:
 registers, spills, shared memory, SASS instructions per wgmma (HGMMA) in the main loop, wgmma waits
 with 0 pending inside loops (a serialised wgmma pipeline), ptxas warnings, and waves on 132 SMs (at
@@ -41,9 +42,10 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
-    """Every launch of one IDB forward + backward, one two-residual conv forward + backward and one
-    activated (upsampling) conv forward + backward."""
+    """Every launch of one IDB forward + backward, one two-residual conv forward + backward, one
+    activated (upsampling) conv forward + backward and one fused RIDB (2 IDBs) forward + backward."""
     from .op import fused_conv3x3_triton, fused_idb_triton
+    from .ridb import fused_ridb_triton
 
     nf, gc, s = 64, 32, 32
     fmt = dict(dtype=dtype)
@@ -58,6 +60,7 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
         ("idb", lambda: fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).backward(torch.ones_like(x))),
         ("ridb_conv", lambda: fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2).backward(torch.ones_like(x))),
         ("up_conv", lambda: fused_conv3x3_triton([up], w3, b3, 0.2, None, 1.0, None, 1.0).backward(torch.ones_like(up))),
+        ("ridb", lambda: fused_ridb_triton(x, [(w1, b1, w2, b2)] * 2, w3, b3, 0.2, x, 0.2).backward(torch.ones_like(x))),
     ]
     old_sms = conv3x3._sms
     conv3x3._sms = lambda device: SMS  # the dW split the H100 would get
@@ -175,14 +178,18 @@ def _config_label(rec: dict) -> str:
 
 
 def report(arch: int, dtype: torch.dtype, batch: int, opcodes: bool = False) -> list[dict]:
-    rows, seen = [], set()
+    rows, seen, variants = [], set(), set()
     for candidate in (0, 1):
         for i, rec in enumerate(record_launches(batch, dtype, candidate)):
             role = f"{rec['label']}#{i}:{rec['name']}"
             cfg = _config_label(rec)
-            if (role, cfg) in seen:
+            # the RIDB's launches repeat the IDB's and the conv's kernels: report only the variants that
+            # are its own (the dX epilogues that chain gz2 and sum the x0 gradient)
+            variant = (rec["name"], tuple(sorted(rec["constexprs"].items())), tuple(sorted(rec["options"].items())))
+            if (role, cfg) in seen or (rec["label"] == "ridb" and variant in variants):
                 continue
             seen.add((role, cfg))
+            variants.add(variant)
             programs = rec["grid"][0] * (rec["grid"][1] if len(rec["grid"]) > 1 else 1) * \
                 (rec["grid"][2] if len(rec["grid"]) > 2 else 1)
             try:

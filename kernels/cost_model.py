@@ -1,6 +1,6 @@
 """FLOP and byte floor per kernel launch of one IDB forward + backward (the time no version beats).
 
-    python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0]
+    python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0] [--ridb]
 
 Per launch of conv3x3.idb_forward / idb_backward (nf 64, gc 32, 32x32, bf16): the matmul FLOPs, and
 the fewest bytes it must move through device memory (each tensor it reads once, each it writes
@@ -36,23 +36,69 @@ def idb_launches(batch: int, nf: int = 64, gc: int = 32, side: int = 32, sms: in
     ]
 
 
+def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int = 32, side: int = 32,
+                  sms: int = 132) -> list[dict]:
+    """Per launch of one RIDB forward + backward (n_idb IDBs and the closing conv, with the DNB residual).
+    fused=False: per-IDB Functions (idb_launches per IDB, the conv's 3 launches, and autograd's adds of
+    x0's gradient terms, each reading two tensors and writing one); fused=True: kernels/ridb.py (each
+    IDB's gz2 written by the launch before it, x0's gradient summed in the dX epilogues)."""
+    m = batch * side * side
+    act = lambda c: m * c * BF16  # noqa: E731
+    bits = lambda c: m * c // 8  # noqa: E731
+    wc = 9 * nf * nf
+    sc = dw_split(m, nf, nf, sms)
+    rows = [dict(launch=f"IDB {q} {r['launch']}", flops=r["flops"], bytes=r["bytes"])
+            for q in range(n_idb) for r in idb_launches(batch, nf, gc, side, sms)]
+    rows += [dict(launch="conv fwd", flops=2 * m * wc, bytes=3 * act(nf) + act(nf) + wc * BF16),  # x, x0, r2 in
+             dict(launch="conv bwd dW + db", flops=2 * m * wc, bytes=2 * act(nf) + sc * wc * FP32)]
+    if not fused:
+        rows.append(dict(launch="conv bwd dX + finalize", flops=2 * m * wc, bytes=2 * act(nf) + sc * wc * FP32))
+        rows += [dict(launch=f"autograd add {i} (x0's gradient)", flops=0, bytes=3 * act(nf)) for i in range(n_idb + 1)]
+        return rows
+    # the conv's dX also writes gz2 of the last IDB (its mask read) and starts x0's sum (g read once)
+    rows.append(dict(launch="conv bwd dX + finalize (+ gz2, sum)", flops=2 * m * wc,
+                     bytes=2 * act(nf) + bits(nf) + act(nf) + sc * wc * FP32))
+    for q in range(n_idb):
+        i1 = next(i for i, r in enumerate(rows) if r["launch"] == f"IDB {q} bwd gz1 (+ gz2 written)")
+        rows[i1] = dict(launch=f"IDB {q} bwd gz1 (gz2 ready)", flops=rows[i1]["flops"],
+                        bytes=act(nf) + bits(gc) + act(gc))  # gz2, mask1 in; gz1 out
+        i4 = next(i for i, r in enumerate(rows) if r["launch"] == f"IDB {q} bwd dx + finalize")
+        prev = bits(nf) + act(nf) if q > 0 else -act(nf)  # the previous IDB's gz2 (mask in) or no output at all
+        rows[i4] = dict(launch=f"IDB {q} bwd dx + finalize (+ sum)", flops=rows[i4]["flops"],
+                        bytes=rows[i4]["bytes"] + prev + 2 * act(nf))  # x0's running sum in and out
+    return rows
+
+
+def _print(rows, tflops, tbps, title) -> float:
+    total_us = total_f = total_b = 0.0
+    print(title)
+    for r in rows:
+        t_f = r["flops"] / (tflops * 1e12) * 1e6
+        t_b = r["bytes"] / (tbps * 1e12) * 1e6
+        total_us += max(t_f, t_b)
+        total_f += r["flops"]
+        total_b += r["bytes"]
+        print(f"  {r['launch']:40s} {r['flops'] / 1e9:6.2f} GFLOP {r['bytes'] / 1e6:7.2f} MB  "
+              f"compute {t_f:6.2f} us  memory {t_b:6.2f} us  floor {max(t_f, t_b):6.2f} us")
+    print(f"  {'total (sum of launch floors)':40s} {total_f / 1e9:6.2f} GFLOP {total_b / 1e6:7.2f} MB  "
+          f"floor {total_us:6.2f} us  ({len(rows)} launches)")
+    return total_us
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tflops", type=float, default=800.0)
     parser.add_argument("--tbps", type=float, default=3.0)
+    parser.add_argument("--ridb", action="store_true", help="also one RIDB: per-IDB Functions against fused_ridb")
     args = parser.parse_args()
-    total_us = total_f = total_b = 0.0
-    print(f"IDB nf 64 gc 32 32x32 batch {args.batch} bf16; floor = max(FLOP/{args.tflops:g}T, bytes/{args.tbps:g}TB/s)")
-    for r in idb_launches(args.batch):
-        t_f = r["flops"] / (args.tflops * 1e12) * 1e6
-        t_b = r["bytes"] / (args.tbps * 1e12) * 1e6
-        total_us += max(t_f, t_b)
-        total_f += r["flops"]
-        total_b += r["bytes"]
-        print(f"  {r['launch']:28s} {r['flops'] / 1e9:6.2f} GFLOP {r['bytes'] / 1e6:7.2f} MB  "
-              f"compute {t_f:6.2f} us  memory {t_b:6.2f} us  floor {max(t_f, t_b):6.2f} us")
-    print(f"  {'total (sum of launch floors)':28s} {total_f / 1e9:6.2f} GFLOP {total_b / 1e6:7.2f} MB  floor {total_us:6.2f} us")
+    _print(idb_launches(args.batch), args.tflops, args.tbps,
+           f"IDB nf 64 gc 32 32x32 batch {args.batch} bf16; floor = max(FLOP/{args.tflops:g}T, bytes/{args.tbps:g}TB/s)")
+    if args.ridb:
+        for fused in (False, True):
+            _print(ridb_launches(args.batch, fused), args.tflops, args.tbps,
+                   f"RIDB (4 IDBs + conv, DNB residual) batch {args.batch}, "
+                   + ("fused_ridb (kernels/ridb.py)" if fused else "per-IDB Functions + autograd adds"))
 
 
 if __name__ == "__main__":

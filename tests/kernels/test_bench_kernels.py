@@ -30,3 +30,26 @@ def test_kernel_sequence_falls_back_to_names_when_calls_differ():
     assert not matched
     assert seq == [{"index": 0, "name": "fwd", "us": 11.0}, {"index": 1, "name": "dx", "us": 5.0},
                    {"index": 2, "name": "copy", "us": 1.0}]
+
+
+def test_workloads_run_with_the_device_swapped_and_count_their_flops():
+    """The suite's timed workloads (CUDA only) built and run on CPU, eager: each calls its module the way
+    the module takes it, and the analytic FLOPs of the IDB and RIDB rows equal torch's FlopCounterMode
+    count of the same forward (the fused RIDB row is new: a wrong count would misstate its TFLOP/s)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gafh_fast.config import load_config
+
+    cfg = load_config(None, [f"data.hr_size={kernels_suite.LR_SIZE * 8}"])
+    work = kernels_suite._workloads(cfg, 1, torch.device("cpu"))
+    assert set(work) == {"idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "gen_fwd_bwd"}
+    for name in ("idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd"):
+        module, make_fn, flops, grads = work[name]
+        kernels_suite._set_kernels(module, "torch")
+        counter = FlopCounterMode(display=False)
+        with counter:
+            make_fn(module)()
+        # forward-only rows count the forward; fwd_bwd rows the x3 convention (backward = 2x forward)
+        assert counter.get_total_flops() == flops, name
+        assert all(t.grad is not None for t in grads), name
