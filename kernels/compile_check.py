@@ -5,8 +5,9 @@
 It runs the real host path (an IDB forward + backward, nf 64, gc 32, 32x32; the RIDB's last conv with
 two residuals; the first upsampling conv, nf -> nf with LeakyReLU at 64x64; a fused RIDB of 2 IDBs,
 whose rows are only the kernel variants the others do not launch) with a stand-in launcher that
-records every launch (arguments, constexprs, grid, options), once per tile candidate of the heuristic. Each launch is specialised exactly as the JIT
-would (Triton's own binder on a cuda:90 target) and compiled; per kernel and config it prints:
+records every launch (arguments, constexprs, grid, options), once per tile candidate of the heuristic.
+Each launch is specialised exactly as the JIT would (Triton's own binder on a cuda:90 target) and
+compiled; per kernel and config it prints:
 registers, spills, shared memory, SASS instructions per wgmma (HGMMA) in the main loop, wgmma waits
 with 0 pending inside loops (a serialised wgmma pipeline), ptxas warnings, and waves on 132 SMs (at
 the occupancy the registers and shared memory allow).

@@ -311,7 +311,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
     fb_shape = (fb.split, fb.dw.shape[1], fb.dw.shape[0], *_wstrides(fb.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
     if plan is None:
         flags = dict(A_ACT=a_mask is not None, WRITE_GZA=gz_out is not None, OUT_ACT=omask is not None,
-                     ADD_SUM=add_sum is not None, STORE_OUT=store_out, FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
+                     ADD_SUM=add_sum is not None, STORE_OUT=store_out,
+                     FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
                      FIN_B=fin_b is not None, FB_BIAS=fin_b is not None and fin_b.db is not None,
                      IDX64=m * max(ca, cb, n_tot) >= 2**31, **_dtype_flags(ga.dtype), FIN_BLOCK=configs.FIN_BLOCK)
         plan = [None, flags]
