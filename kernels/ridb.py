@@ -14,6 +14,9 @@ fused group"): the group's backward knows which tensor each gradient feeds next,
   * PyTorch's autograd builds and walks one node per RIDB instead of Q + 1.
 Launches: forward 2Q + 1; backward 4Q + 2 (the closing conv: dW, then dX + finalize; each IDB: gz1 dX,
 dW2, dW1, dx + finalize), the same count as per-IDB Functions, without the autograd adds.
+Eager calls go through the autograd Function; under torch.compile (the trainer compiles G's DNBs on
+CUDA) the same host code runs as the custom ops gafh_fast::fused_ridb_fwd / fused_ridb_bwd, one opaque
+node per RIDB.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import torch
 
 from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, check_args, conv_forward,
                       idb_forward, kernel_weight)
-from .op import _needs_grad, check_idb_args, fused_conv3x3_triton, fused_idb_triton
+from .conv3x3_fwd import mask_shape
+from .op import _needs_grad, check_idb_args
 
 
 def ridb_forward(x0, idbs, w, b, res_scale: float, r2, res2_scale: float, slope: float, save_mask: bool,
@@ -109,7 +113,83 @@ class _EagerFusedRIDB(torch.autograd.Function):
         return (dx0, grad if has_r2 else None, dw, db, None, None, None, *(t for gs in idb_grads for t in gs))
 
 
-_RIDB_CHECKED: set = set()
+# ------------------------------------------------------------------------------------------------
+# The same as torch custom ops (torch.compile: one opaque node per RIDB, no graph break)
+# ------------------------------------------------------------------------------------------------
+def _group(idb_params: Sequence[torch.Tensor]) -> list[tuple]:
+    """[w1, b1, w2, b2, w1, ...] -> [(w1, b1, w2, b2), ...]"""
+    return [tuple(idb_params[4 * q:4 * q + 4]) for q in range(len(idb_params) // 4)]
+
+
+@torch.library.custom_op("gafh_fast::fused_ridb_fwd", mutates_args=())
+def fused_ridb_fwd(x0: torch.Tensor, r2: Optional[torch.Tensor], w: torch.Tensor, b: torch.Tensor,
+                   idb_params: list[torch.Tensor], res_scale: float, res2_scale: float, negative_slope: float,
+                   save_mask: bool) -> list[torch.Tensor]:
+    """[out, x_2 .. x_{Q+1}, h1 per IDB, mask1 per IDB, mask2 per IDB] (idb_params: w1, b1, w2, b2 per IDB);
+    activations channels_last, masks bit-packed (empty without save_mask)."""
+    idbs = _group(idb_params)
+    _check_once(x0, idbs, w, b, r2)
+    out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, negative_slope, save_mask)
+    return [out, *xs[1:], *h1s, *m1s, *m2s]
+
+
+@fused_ridb_fwd.register_fake
+def _(x0, r2, w, b, idb_params, res_scale, res2_scale, negative_slope, save_mask):
+    idbs = _group(idb_params)
+    check_ridb_args(x0, idbs, w, b, r2)
+    n, nf, h, wd = x0.shape
+
+    def act(c):
+        return _empty_cl(n, c, h, wd, x0)
+
+    def mask(c):
+        return torch.empty(mask_shape(n, h, wd, c) if save_mask else (0,), dtype=torch.uint8, device=x0.device)
+
+    return [act(nf), *(act(nf) for _ in idbs), *(act(p[0].shape[0]) for p in idbs),
+            *(mask(p[0].shape[0]) for p in idbs), *(mask(nf) for _ in idbs)]
+
+
+@torch.library.custom_op("gafh_fast::fused_ridb_bwd", mutates_args=())
+def fused_ridb_bwd(grad: torch.Tensor, x0: torch.Tensor, saved: list[torch.Tensor], w: torch.Tensor,
+                   idb_weights: list[torch.Tensor], res_scale: float, res2_scale: float,
+                   negative_slope: float) -> list[torch.Tensor]:
+    """[dx0, dW, db, then dW1, db1, dW2, db2 per IDB]; saved: fused_ridb_fwd's outputs after out;
+    idb_weights: w1, w2 per IDB. dW come back contiguous (as the fake says)."""
+    q_n = len(idb_weights) // 2
+    xs = [_cl(x0), *saved[:q_n]]
+    h1s, m1s, m2s = saved[q_n:2 * q_n], saved[2 * q_n:3 * q_n], saved[3 * q_n:4 * q_n]
+    idbs = [(idb_weights[2 * q], None, idb_weights[2 * q + 1], None) for q in range(q_n)]
+    w_ks = [kernel_weight(t) for t in idb_weights] + [kernel_weight(w)]
+    dx0, idb_grads, dw, db = ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, negative_slope, res_scale,
+                                           res2_scale)
+    return [dx0, dw.contiguous(), db, *(t.contiguous() for gs in idb_grads for t in gs)]
+
+
+@fused_ridb_bwd.register_fake
+def _(grad, x0, saved, w, idb_weights, res_scale, res2_scale, negative_slope):
+    n, nf, h, wd = x0.shape
+
+    def weight_grads(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format), t.new_empty(t.shape[0])
+
+    return [_empty_cl(n, nf, h, wd, x0), *weight_grads(w), *(g for t in idb_weights for g in weight_grads(t))]
+
+
+def _ridb_setup_context(ctx, inputs, output):
+    x0, r2, w, _b, idb_params, s, s2, slope, _save = inputs
+    ctx.save_for_backward(x0, w, *output[1:], *(t for p in _group(idb_params) for t in (p[0], p[2])))
+    ctx.meta = (len(idb_params) // 4, r2 is not None, s, s2 if r2 is not None else 1.0, slope)
+
+
+def _ridb_backward(ctx, grads):
+    q_n, has_r2, s, s2, slope = ctx.meta
+    x0, w, *rest = ctx.saved_tensors
+    saved, idb_weights = rest[:4 * q_n], rest[4 * q_n:]
+    out = fused_ridb_bwd(grads[0], x0, saved, w, idb_weights, s, s2, slope)
+    return out[0], grads[0] if has_r2 else None, out[1], out[2], list(out[3:]), None, None, None, None
+
+
+fused_ridb_fwd.register_autograd(_ridb_backward, setup_context=_ridb_setup_context)
 
 
 def check_ridb_args(x0, idbs, w, b, r2) -> None:
@@ -122,21 +202,27 @@ def check_ridb_args(x0, idbs, w, b, r2) -> None:
         raise ValueError("fused_ridb takes the closing conv's bias (the RIDB's nn.Conv2d has one)")
 
 
+_RIDB_CHECKED: set = set()
+
+
+def _check_once(x0, idbs, w, b, r2) -> None:
+    """check_ridb_args once per shape (the convs' own plans check the rest on their first call)."""
+    key = (x0.shape, x0.dtype, x0.device, tuple(t.shape if t is not None else None for p in idbs for t in p),
+           w.shape, b is None, None if r2 is None else r2.shape)
+    if key not in _RIDB_CHECKED:
+        check_ridb_args(x0, idbs, w, b, r2)
+        _RIDB_CHECKED.add(key)
+
+
 def fused_ridb_triton(x0: torch.Tensor, idbs: Sequence[tuple], w: torch.Tensor, b: torch.Tensor, res_scale: float,
                       r2: Optional[torch.Tensor], res2_scale: float, negative_slope: float = 0.2) -> torch.Tensor:
     """The same as gafh_fast.ops.fused_ridb_reference; out comes back channels_last."""
     slope, s, s2 = float(negative_slope), float(res_scale), float(res2_scale)
     idbs = [tuple(p) for p in idbs]
     flat = [t for p in idbs for t in p]
-    if torch.compiler.is_compiling():  # one opaque custom op per IDB and per conv (kernels/op.py)
-        x = x0
-        for w1, b1, w2, b2 in idbs:
-            x = fused_idb_triton(x, x0, w1, b1, w2, b2, slope)
-        return fused_conv3x3_triton([x], w, b, None, x0, s, r2, s2)
-    key = (x0.shape, x0.dtype, x0.device, tuple(t.shape for t in flat), w.shape, r2 is None)
-    if key not in _RIDB_CHECKED:  # once per shape; the convs' own plans check the rest
-        check_ridb_args(x0, idbs, w, b, r2)
-        _RIDB_CHECKED.add(key)
+    if torch.compiler.is_compiling():  # one opaque custom op per RIDB
+        return fused_ridb_fwd(x0, r2, w, b, flat, s, s2, slope, _needs_grad(x0, r2, w, b, *flat))[0]
+    _check_once(x0, idbs, w, b, r2)
     if _needs_grad(x0, r2, w, b, *flat):
         return _EagerFusedRIDB.apply(x0, r2, w, b, s, s2, slope, *flat)
     return ridb_forward(x0, idbs, w, b, s, r2, s2, slope, False)[0]

@@ -1,6 +1,6 @@
 """G's repeated block (a DNB) compiled as the trainer compiles it (gafh_fast.train.compile.compile_region:
-inductor, fullgraph=True, static shapes) with the fused Triton ops inside: the custom ops of kernels/op.py
-trace as opaque nodes (no graph break: fullgraph would raise), run their kernels, and the block's output
+inductor, fullgraph=True, static shapes) with the fused Triton ops inside: the RIDB custom ops of
+kernels/ridb.py trace as opaque nodes (no graph break: fullgraph would raise), run their kernels, and the block's output
 and every gradient match the float64 torch reference within rel 1e-5 of each tensor's largest entry (the
 bound of test_conv3x3.py's whole-generator test).
 
@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-import gafh_fast.kernels.op as op
+import gafh_fast.kernels.ridb as ridb
 import gafh_fast.ops as ops
 from gafh_fast.config import load_config
 from gafh_fast.models.generator import Generator
@@ -50,13 +50,13 @@ def test_compiled_dnb_region_runs_the_fused_ops_fullgraph_after_auto_decided(mon
 
     compile_region(block, "g", compile_kwargs("g", cfg.train.compile))
     launches = []
-    real_idb_forward = op.idb_forward
-    monkeypatch.setattr(op, "idb_forward", lambda *a, **k: launches.append(1) or real_idb_forward(*a, **k))
+    real_ridb_forward = ridb.ridb_forward
+    monkeypatch.setattr(ridb, "ridb_forward", lambda *a, **k: launches.append(len(a[1])) or real_ridb_forward(*a, **k))
     breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
     leaf = x.clone().requires_grad_()
     y = block(leaf)
     y.backward(upstream)
-    assert len(launches) == 4, f"{len(launches)} fused IDB forwards ran in the compiled block (4 IDBs in it)"
+    assert launches == [2, 2], f"fused RIDB forwards (their IDB counts) in the compiled block: {launches}; want 2 of 2"
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks_before
 
     ref_leaf = x.double().requires_grad_()

@@ -1,5 +1,5 @@
 """The fused RIDB (one autograd Function: Q IDBs and the closing conv) against the float64 reference,
-its launch count, and its torch.compile path (the per-IDB custom ops).
+its launch count, and its torch.compile path (the RIDB custom ops).
 
     x_1 = x0;  x_{q+1} = x0 + IDB_q(x_q);  out = r2 + s2*(x0 + s*conv(x_{Q+1}))   (spec: RIDB, DNB)
 Every output and gradient (x0, r2, and W1, b1, W2, b2 of every IDB, W and b of the conv) is compared
@@ -132,11 +132,40 @@ def test_launch_count_per_ridb():
     assert dict(launch.LAUNCHES) == {"fwd": 9}
 
 
-def test_ridb_compile_path_composes_the_custom_ops(monkeypatch):
-    """Under torch.compile the RIDB is its IDBs' and conv's custom ops (each one opaque node): run that
-    branch eagerly (is_compiling patched) against the reference."""
+def test_ridb_custom_op_autograd_path(monkeypatch):
+    """torch.compile's path: the registered fused_ridb ops (one opaque node per RIDB) and their
+    register_autograd backward, run eagerly (is_compiling patched) against the reference, with NCHW
+    inputs (the op makes its own channels_last copy of x0 for the backward)."""
+    from gafh_fast.kernels import ridb
+
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    run_ridb(8, 8, 2, 2, 3, 4, True, torch.float32, seed=7)
+    calls = []
+    real = ridb.fused_ridb_fwd
+    monkeypatch.setattr(ridb, "fused_ridb_fwd", lambda *a: calls.append(a[-1]) or real(*a))
+    launches = run_ridb(8, 8, 2, 2, 3, 4, True, torch.float32, "nchw", seed=7, input_layout="nchw")
+    assert calls == [True]  # the custom op ran, asked to keep the masks for the backward
+    assert launches == (2 * 2 + 1) + (4 * 2 + 2)
+
+
+def test_opcheck_ridb_ops_bfloat16():
+    """The RIDB ops' fake implementations (what torch.compile plans with) against the real ones: shapes,
+    strides and dtypes of every output, in bf16, gc != nf, with and without the DNB residual."""
+    for r2 in (True, False):
+        t, grad = make_ridb(8, 4, 2, 1, 3, 4, r2, torch.bfloat16, seed=11)
+        t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
+        for k in t:
+            if t[k].dim() == 4:
+                t[k] = t[k].contiguous(memory_format=torch.channels_last)
+        params = [t[f"{p}_{q}"] for q in range(2) for p in ("w1", "b1", "w2", "b2")]
+        leaves = [v.clone().requires_grad_(True) for v in params]
+        args = (t["x0"].clone().requires_grad_(True), t.get("r2"), t["w"].clone().requires_grad_(True),
+                t["b"].clone().requires_grad_(True), leaves, 0.2, 0.2 if r2 else 1.0, 0.2, True)
+        torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_fwd.default, args)
+        saved = torch.ops.gafh_fast.fused_ridb_fwd(t["x0"], t.get("r2"), t["w"], t["b"], params, 0.2, 0.2, 0.2,
+                                                   True)[1:]
+        weights = [t[f"{p}_{q}"] for q in range(2) for p in ("w1", "w2")]
+        torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_bwd.default,
+                              (grad.to(torch.bfloat16).to(DEVICE), t["x0"], saved, t["w"], weights, 0.2, 0.2, 0.2))
 
 
 def test_ridb_bad_arguments_raise_clear_errors():
@@ -165,19 +194,37 @@ def test_ops_fused_ridb_backends_agree():
 
 def test_auto_times_triton_and_torch_per_ridb_shape(monkeypatch, caplog):
     """kernels=auto's CUDA path for the RIDB (AutoChooser over both backends), the device swapped:
-    CPU tensors, Triton interpreted (far slower, so torch wins); logged once; the reference's result."""
+    CPU tensors, Triton interpreted (far slower, so torch wins); logged once; the reference's result.
+    The chooser times each backend on fresh tensors of the call's shapes: both timed calls must get them
+    in the call's order (2 IDBs and the DNB residual, so that a shifted argument shows)."""
     import logging
+
+    import gafh_fast.kernels as kernels
 
     monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "auto")
     monkeypatch.setattr(ops, "AUTO", ops.AutoChooser(lambda fn, dev: ops.median_ms_per_call(fn, dev, 1, 1)))
-    t, _ = make_ridb(4, 4, 1, 1, 2, 3, False, torch.float32, seed=9)
+    seen = []
+
+    def spying(fn):
+        def call(x0, idbs, w, b, s, r2, s2, slope=0.2):
+            seen.append((x0.shape, [tuple(t.shape for t in p) for p in idbs], w.shape, b.shape, s, r2.shape, s2))
+            return fn(x0, idbs, w, b, s, r2, s2, slope)
+        return call
+
+    monkeypatch.setattr(ops, "fused_ridb_reference", spying(fused_ridb_reference))
+    monkeypatch.setattr(kernels, "fused_ridb_triton", spying(fused_ridb_triton))
+    t, _ = make_ridb(4, 2, 2, 1, 2, 3, True, torch.float32, seed=9)
     leaves = {k: v.float().requires_grad_(True) for k, v in t.items()}
-    idbs = [tuple(leaves[f"{p}_0"] for p in ("w1", "b1", "w2", "b2"))]
+    idbs = [tuple(leaves[f"{p}_{q}"] for p in ("w1", "b1", "w2", "b2")) for q in range(2)]
+    args = (leaves["x0"], idbs, leaves["w"], leaves["b"])
+    kw = dict(res_scale=0.2, residual2=leaves["r2"], res2_scale=0.5, backend="auto")
     with caplog.at_level(logging.INFO, logger="gafh_fast"):
-        y = ops.fused_ridb(leaves["x0"], idbs, leaves["w"], leaves["b"], res_scale=0.2, backend="auto")
-        ops.fused_ridb(leaves["x0"], idbs, leaves["w"], leaves["b"], res_scale=0.2, backend="auto")
+        y = ops.fused_ridb(*args, **kw)
+        ops.fused_ridb(*args, **kw)
     (key, times), = ops.AUTO.timings.items()
     assert key[0] == "ridb" and set(times) == {"triton", "torch"} and ops.AUTO.decisions[key] == "torch"
     assert sum("kernels=auto" in r.getMessage() for r in caplog.records) == 1
-    torch.testing.assert_close(y, fused_ridb_reference(leaves["x0"], idbs, leaves["w"], leaves["b"], 0.2),
-                               rtol=0, atol=0)
+    want = (t["x0"].shape, [tuple(t[f"{p}_{q}"].shape for p in ("w1", "b1", "w2", "b2")) for q in range(2)],
+            t["w"].shape, t["b"].shape, 0.2, t["r2"].shape, 0.5)
+    assert len(seen) > 2 and all(call == want for call in seen), seen  # timed calls of both, then the real one
+    torch.testing.assert_close(y, fused_ridb_reference(*args, 0.2, leaves["r2"], 0.5), rtol=0, atol=0)
