@@ -50,16 +50,16 @@ def ridb_forward(x0, idbs, w, b, res_scale: float, r2, res2_scale: float, slope:
 
 
 def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scale: float, res2_scale: float):
-    """(dx0, [(dW1, db1, dW2, db2)] per IDB, dW, db); the DNB residual's gradient is `grad` itself."""
+    """(dx0, [(dW1, db1, dW2, db2)] per IDB, dW, db); the DNB residual's gradient is `grad` itself.
+    idbs: (w1, _, w2, _) per IDB (the biases are not needed); xs etc. as ridb_forward returns them."""
     g = _cl(grad)
     x0 = xs[0]
     n, nf, h, wd = x0.shape
     q_n = len(idbs)
     w_k = w_ks[2 * q_n]
     dw, db = _grad_like(w, w_k), torch.empty((nf,), dtype=w_k.dtype, device=w_k.device)
-    idb_grads = [(_grad_like(p[0], w_ks[2 * q]), torch.empty((p[0].shape[0],), dtype=x0.dtype, device=x0.device),
-                  _grad_like(p[2], w_ks[2 * q + 1]), torch.empty((nf,), dtype=x0.dtype, device=x0.device))
-                 for q, p in enumerate(idbs)]
+    idb_grads = [(_grad_like(p[0], w_ks[2 * q]), p[0].new_empty((p[0].shape[0],)),
+                  _grad_like(p[2], w_ks[2 * q + 1]), p[2].new_empty((nf,))) for q, p in enumerate(idbs)]
     dx0 = _empty_cl(n, nf, h, wd, x0)
     if n * h * wd == 0:
         return dx0, [tuple(t.zero_() for t in grads) for grads in idb_grads], dw.zero_(), db.zero_()
@@ -87,15 +87,21 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
     return dx0, idb_grads, dw, db
 
 
+def _group(idb_params: Sequence[torch.Tensor]) -> list[tuple]:
+    """[w1, b1, w2, b2, w1, ...] -> [(w1, b1, w2, b2), ...]"""
+    return [tuple(idb_params[4 * q:4 * q + 4]) for q in range(len(idb_params) // 4)]
+
+
 class _EagerFusedRIDB(torch.autograd.Function):
     """One Function per RIDB: 2Q + 1 launches forward, 4Q + 2 backward (ridb_backward)."""
 
     @staticmethod
     def forward(ctx, x0, r2, w, b, res_scale, res2_scale, slope, *flat):
-        idbs = [tuple(flat[4 * q:4 * q + 4]) for q in range(len(flat) // 4)]
-        w_ks = [kernel_weight(t) for p in idbs for t in (p[0], p[2])] + [kernel_weight(w)]
+        idbs = _group(flat)
+        weights = [t for p in idbs for t in (p[0], p[2])]  # w1, w2 per IDB
+        w_ks = [kernel_weight(t) for t in weights] + [kernel_weight(w)]
         out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, slope, True, w_ks=w_ks)
-        ctx.save_for_backward(*xs, *h1s, *m1s, *m2s, w, *flat, *w_ks)
+        ctx.save_for_backward(*xs, *h1s, *m1s, *m2s, w, *weights, *w_ks)
         ctx.meta = (len(idbs), r2 is not None, res_scale, res2_scale if r2 is not None else 1.0, slope)
         return out
 
@@ -105,10 +111,8 @@ class _EagerFusedRIDB(torch.autograd.Function):
         saved = ctx.saved_tensors
         xs, h1s = saved[:q_n + 1], saved[q_n + 1:2 * q_n + 1]
         m1s, m2s = saved[2 * q_n + 1:3 * q_n + 1], saved[3 * q_n + 1:4 * q_n + 1]
-        w = saved[4 * q_n + 1]
-        flat = saved[4 * q_n + 2:8 * q_n + 2]
-        w_ks = list(saved[8 * q_n + 2:])
-        idbs = [tuple(flat[4 * q:4 * q + 4]) for q in range(q_n)]
+        w, weights, w_ks = saved[4 * q_n + 1], saved[4 * q_n + 2:6 * q_n + 2], list(saved[6 * q_n + 2:])
+        idbs = [(weights[2 * q], None, weights[2 * q + 1], None) for q in range(q_n)]
         dx0, idb_grads, dw, db = ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope, s, s2)
         return (dx0, grad if has_r2 else None, dw, db, None, None, None, *(t for gs in idb_grads for t in gs))
 
@@ -116,11 +120,6 @@ class _EagerFusedRIDB(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # The same as torch custom ops (torch.compile: one opaque node per RIDB, no graph break)
 # ------------------------------------------------------------------------------------------------
-def _group(idb_params: Sequence[torch.Tensor]) -> list[tuple]:
-    """[w1, b1, w2, b2, w1, ...] -> [(w1, b1, w2, b2), ...]"""
-    return [tuple(idb_params[4 * q:4 * q + 4]) for q in range(len(idb_params) // 4)]
-
-
 @torch.library.custom_op("gafh_fast::fused_ridb_fwd", mutates_args=())
 def fused_ridb_fwd(x0: torch.Tensor, r2: Optional[torch.Tensor], w: torch.Tensor, b: torch.Tensor,
                    idb_params: list[torch.Tensor], res_scale: float, res2_scale: float, negative_slope: float,

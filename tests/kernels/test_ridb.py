@@ -101,6 +101,19 @@ def test_ridb_matches_float64_reference(nf, gc, q_n, n, h, w, r2, dtype, weight_
     assert launches == (2 * q_n + 1) + (4 * q_n + 2)
 
 
+def test_ridb_empty_batch():
+    """N = 0: an empty output and zero parameter gradients, without a launch."""
+    t, grad = make_ridb(8, 4, 2, 0, 3, 4, True, torch.float32, seed=6)
+    (y_ref, g_ref), _ = ridb_reference(t, grad, 2)
+    leaves = {k: v.float().to(DEVICE).requires_grad_(True) for k, v in t.items()}
+    launch.LAUNCHES.clear()
+    y = call_ridb(fused_ridb_triton, leaves, 2)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad.float().to(DEVICE))
+    assert y.shape == y_ref.shape and not launch.LAUNCHES
+    for k, g in zip(leaves, grads):
+        assert g.shape == g_ref[k].shape and torch.equal(g, g_ref[k].float()), k
+
+
 def test_ridb_second_candidate_configs():
     """The other heuristic candidate of every kernel, with the running sum and the chained gz2."""
     old = conv3x3.set_tuner(PickTuner(1))
@@ -228,3 +241,20 @@ def test_auto_times_triton_and_torch_per_ridb_shape(monkeypatch, caplog):
             t["w"].shape, t["b"].shape, 0.2, t["r2"].shape, 0.5)
     assert len(seen) > 2 and all(call == want for call in seen), seen  # timed calls of both, then the real one
     torch.testing.assert_close(y, fused_ridb_reference(*args, 0.2, leaves["r2"], 0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["sum_in", "sum_out", "two_outputs"])
+def test_dx_running_sum_takes_one_output_of_the_results_shape(which):
+    """The dX kernel's running sum (ADD_SUM) is read and written at the result's own offsets: a sum of
+    another shape, or a result split over two outputs, is refused before any launch."""
+    cl = dict(memory_format=torch.channels_last)
+    g = torch.randn(1, 8, 3, 3, device=DEVICE).contiguous(**cl)
+    w = torch.randn(8, 8, 3, 3, device=DEVICE).contiguous(**cl)
+    out = torch.empty(1, 8, 3, 3, device=DEVICE).contiguous(**cl)
+    other = torch.empty(1, 4, 3, 3, device=DEVICE).contiguous(**cl)
+    sums = {"sum_in": (other, out), "sum_out": (out, other), "two_outputs": (out, out)}[which]
+    outs = (other, other) if which == "two_outputs" else (out, None)
+    launch.LAUNCHES.clear()
+    with pytest.raises(ValueError, match="running sum"):
+        conv3x3._dx((g, w, 0), None, *outs, None, None, 1.0, None, None, None, add_sum=(*sums, 1.0))
+    assert not launch.LAUNCHES
