@@ -258,3 +258,48 @@ def test_dx_running_sum_takes_one_output_of_the_results_shape(which):
     with pytest.raises(ValueError, match="running sum"):
         conv3x3._dx((g, w, 0), None, *outs, None, None, 1.0, None, None, None, add_sum=(*sums, 1.0))
     assert not launch.LAUNCHES
+
+
+def test_ridb_copies_each_nchw_weight_once_per_call(monkeypatch):
+    """NCHW weights are copied to the kernels' channels_last layout once per forward, and the backward
+    reuses the copies (the Function saves them): 2Q + 1 copies per forward + backward."""
+    from gafh_fast.kernels import conv3x3, ridb
+
+    copies = []
+    real = conv3x3.kernel_weight
+
+    def counting(weight):
+        out = real(weight)
+        if out is not weight:
+            copies.append(tuple(weight.shape))
+        return out
+
+    monkeypatch.setattr(ridb, "kernel_weight", counting)
+    monkeypatch.setattr(conv3x3, "kernel_weight", counting)
+    t, grad = make_ridb(8, 4, 2, 1, 3, 4, True, torch.float32, seed=12)
+    leaves = {k: v.float().to(DEVICE).requires_grad_(True) for k, v in t.items()}  # weights NCHW
+    call_ridb(fused_ridb_triton, leaves, 2).backward(grad.float().to(DEVICE))
+    assert sorted(copies) == sorted([(4, 8, 3, 3), (8, 12, 3, 3)] * 2 + [(8, 8, 3, 3)])
+
+
+def test_ridb_buffers_follow_the_inputs_device_not_the_default():
+    """On a GPU a buffer made on the default device would hand a kernel a host pointer. The CPU twin
+    (as test_host_code.py's for the conv and the IDB): the default device is 'meta' while the inputs stay
+    put, so a buffer allocated without naming their device is a meta tensor, which the launch refuses."""
+    from gafh_fast.kernels import ridb
+
+    t, grad = make_ridb(8, 4, 2, 1, 3, 4, True, torch.float32, seed=13)
+    (y_ref, g_ref), (y_abs, g_abs) = ridb_reference(t, grad, 2)
+    v = {k: x.float().to(DEVICE) for k, x in t.items()}
+    idbs = [tuple(v[f"{p}_{q}"] for p in ("w1", "b1", "w2", "b2")) for q in range(2)]
+    with torch.device("meta"):
+        w_ks = [conv3x3.kernel_weight(x) for p in idbs for x in (p[0], p[2])] + [conv3x3.kernel_weight(v["w"])]
+        y, xs, h1s, m1s, m2s = ridb.ridb_forward(v["x0"], idbs, v["w"], v["b"], 0.2, v["r2"], 0.2, 0.2, True, w_ks)
+        dx0, idb_grads, dw, db = ridb.ridb_backward(grad.float().to(DEVICE), xs, h1s, m1s, m2s, idbs, v["w"], w_ks,
+                                                    0.2, 0.2, 0.2)
+    assert_within("y", y, y_ref, y_abs, REL[torch.float32])
+    got = {"x0": dx0, "w": dw, "b": db}
+    for q, grads in enumerate(idb_grads):
+        got.update(zip((f"w1_{q}", f"b1_{q}", f"w2_{q}", f"b2_{q}"), grads))
+    for k, g in got.items():
+        assert_within(f"d{k}", g, g_ref[k], g_abs[k], REL[torch.float32])
