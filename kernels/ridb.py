@@ -87,6 +87,17 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
     return dx0, idb_grads, dw, db
 
 
+def _split(seq: Sequence, *sizes: int) -> list:
+    """seq cut into consecutive runs of these lengths, which must use it up exactly."""
+    runs, start = [], 0
+    for size in sizes:
+        runs.append(list(seq[start:start + size]))
+        start += size
+    if start != len(seq):
+        raise RuntimeError(f"fused_ridb: {len(seq)} saved tensors, expected {start}")
+    return runs
+
+
 def _group(idb_params: Sequence[torch.Tensor]) -> list[tuple]:
     """[w1, b1, w2, b2, w1, ...] -> [(w1, b1, w2, b2), ...]"""
     return [tuple(idb_params[4 * q:4 * q + 4]) for q in range(len(idb_params) // 4)]
@@ -108,10 +119,8 @@ class _EagerFusedRIDB(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q_n, has_r2, s, s2, slope = ctx.meta
-        saved = ctx.saved_tensors
-        xs, h1s = saved[:q_n + 1], saved[q_n + 1:2 * q_n + 1]
-        m1s, m2s = saved[2 * q_n + 1:3 * q_n + 1], saved[3 * q_n + 1:4 * q_n + 1]
-        w, weights, w_ks = saved[4 * q_n + 1], saved[4 * q_n + 2:6 * q_n + 2], list(saved[6 * q_n + 2:])
+        xs, h1s, m1s, m2s, (w,), weights, w_ks = _split(ctx.saved_tensors, q_n + 1, q_n, q_n, q_n, 1, 2 * q_n,
+                                                        2 * q_n + 1)
         idbs = [(weights[2 * q], None, weights[2 * q + 1], None) for q in range(q_n)]
         dx0, idb_grads, dw, db = ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope, s, s2)
         return (dx0, grad if has_r2 else None, dw, db, None, None, None, *(t for gs in idb_grads for t in gs))
@@ -155,8 +164,8 @@ def fused_ridb_bwd(grad: torch.Tensor, x0: torch.Tensor, saved: list[torch.Tenso
     """[dx0, dW, db, then dW1, db1, dW2, db2 per IDB]; saved: fused_ridb_fwd's outputs after out;
     idb_weights: w1, w2 per IDB. dW come back contiguous (as the fake says)."""
     q_n = len(idb_weights) // 2
-    xs = [_cl(x0), *saved[:q_n]]
-    h1s, m1s, m2s = saved[q_n:2 * q_n], saved[2 * q_n:3 * q_n], saved[3 * q_n:4 * q_n]
+    x_rest, h1s, m1s, m2s = _split(saved, q_n, q_n, q_n, q_n)
+    xs = [_cl(x0), *x_rest]
     idbs = [(idb_weights[2 * q], None, idb_weights[2 * q + 1], None) for q in range(q_n)]
     w_ks = [kernel_weight(t) for t in idb_weights] + [kernel_weight(w)]
     dx0, idb_grads, dw, db = ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, negative_slope, res_scale,
@@ -182,8 +191,7 @@ def _ridb_setup_context(ctx, inputs, output):
 
 def _ridb_backward(ctx, grads):
     q_n, has_r2, s, s2, slope = ctx.meta
-    x0, w, *rest = ctx.saved_tensors
-    saved, idb_weights = rest[:4 * q_n], rest[4 * q_n:]
+    (x0, w), saved, idb_weights = _split(ctx.saved_tensors, 2, 4 * q_n, 2 * q_n)
     out = fused_ridb_bwd(grads[0], x0, saved, w, idb_weights, s, s2, slope)
     return out[0], grads[0] if has_r2 else None, out[1], out[2], list(out[3:]), None, None, None, None
 
