@@ -162,7 +162,13 @@ def test_ridb_custom_op_autograd_path(monkeypatch):
 
 def test_opcheck_ridb_ops_bfloat16():
     """The RIDB ops' fake implementations (what torch.compile plans with) against the real ones: shapes,
-    strides and dtypes of every output, in bf16, gc != nf, with and without the DNB residual."""
+    strides and dtypes of every output, in bf16, gc != nf, with and without the DNB residual, and the
+    forward without masks (inference under torch.compile)."""
+    t, _ = make_ridb(8, 4, 1, 1, 3, 4, False, torch.bfloat16, seed=14)
+    t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
+    params = [t[f"{p}_0"] for p in ("w1", "b1", "w2", "b2")]
+    torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_fwd.default,
+                          (t["x0"], None, t["w"], t["b"], params, 0.2, 1.0, 0.2, False))
     for r2 in (True, False):
         t, grad = make_ridb(8, 4, 2, 1, 3, 4, r2, torch.bfloat16, seed=11)
         t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
@@ -192,6 +198,20 @@ def test_ridb_bad_arguments_raise_clear_errors():
         call_ridb(fused_ridb_triton, leaves, 1)
     with pytest.raises(ValueError, match="at least one IDB"):
         fused_ridb_triton(leaves["x0"], [], leaves["w"], torch.zeros(8, device=DEVICE), 0.2, None, 1.0)
+
+
+def test_ridb_fake_refuses_bad_arguments_at_trace_time():
+    """torch.compile plans with the op's fake: a mis-shaped weight must fail there with the same clear
+    error as an eager call, not later inside the compiled graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x0 = torch.empty(1, 8, 4, 4, device=DEVICE)
+        params = [torch.empty(4, 8, 3, 3, device=DEVICE), torch.empty(4, device=DEVICE),
+                  torch.empty(8, 12, 3, 3, device=DEVICE), torch.empty(8, device=DEVICE)]
+        with pytest.raises(ValueError, match="does not fit"):
+            torch.ops.gafh_fast.fused_ridb_fwd(x0, None, torch.empty(8, 6, 3, 3, device=DEVICE),
+                                               torch.empty(8, device=DEVICE), params, 0.2, 1.0, 0.2, True)
 
 
 def test_ops_fused_ridb_backends_agree():

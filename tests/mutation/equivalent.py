@@ -336,3 +336,22 @@ EQUIVALENT += [
     ("gafh_fast/models/generator.py", "lr = torch.zeros(batch, 3, lr_size, lr_size, dtype=like.dtype, device=like.device)",
      ", device=like.device", "", _CUDA + " (test_precompile_kernels_of_a_generator_on_gpu runs it on a GPU)"),
 ]
+
+# Issue 11 round 5: the fused RIDB's dX epilogue (ADD_SUM / STORE_OUT) and its host code
+EQUIVALENT += [
+    ("kernels/conv3x3.py", "s_in, s_out, s_scale = add_sum if add_sum is not None else (ga, ga, 0.0)", "0.0", "1.0",
+     _ABSENT),
+    ("kernels/conv3x3.py", "scalars_tail = (fa_n, float(slope) if slope is not None else 0.0", "0.0", "1.0",
+     "the slope is read only with A_ACT or OUT_ACT, and both come with one: without a slope it is never read"),
+    ("kernels/conv3x3.py", "plan[0] = _choose(\"dx\", (ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags[\"OUT_ACT\"],",
+     "\"dx\", (ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags[\"OUT_ACT\"],\n"
+     "                                 flags[\"A_ACT\"], flags[\"WRITE_GZA\"], flags[\"ADD_SUM\"], flags[\"STORE_OUT\"])",
+     "(ca, cb, n_tot, w, configs.m_bucket(m), str(ga.dtype), flags[\"OUT_ACT\"],\n"
+     "                                 flags[\"A_ACT\"], flags[\"WRITE_GZA\"], flags[\"ADD_SUM\"], flags[\"STORE_OUT\"]), \"dx\"",
+     "the tuner's kernel name and shape key swapped: every dX plan still gets its own cache entry, and the "
+     "interpreter takes the first candidate either way"),
+    ("kernels/conv3x3.py", "None if fin_b is None else (fin_b.dw.shape, fin_b.dw.stride(), fin_b.db is not None, fin_b.split),",
+     " is not ", " is ", _KEY_FLAG),
+    ("kernels/conv3x3.py", "add_sum is not None, store_out, cfg_key(config))", " is not ", " is ", _KEY_FLAG),
+    ("kernels/conv3x3_bwd.py", "s_off = pixel_rows(offs_m, N_TOT, IDX64)", "offs_m, N_TOT", "N_TOT, offs_m", _COMMUTES),
+]
