@@ -169,8 +169,8 @@ def test_opcheck_ridb_ops_bfloat16():
     params = [t[f"{p}_0"] for p in ("w1", "b1", "w2", "b2")]
     torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_fwd.default,
                           (t["x0"], None, t["w"], t["b"], params, 0.2, 1.0, 0.2, False))
-    for r2 in (True, False):
-        t, grad = make_ridb(8, 4, 2, 1, 3, 4, r2, torch.bfloat16, seed=11)
+    for r2 in (True, False):  # gc 12 > 8: conv1's mask has 2 bytes per pixel, conv2's (nf 8) 1
+        t, grad = make_ridb(8, 12, 2, 1, 3, 4, r2, torch.bfloat16, seed=11)
         t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
         for k in t:
             if t[k].dim() == 4:
@@ -278,6 +278,21 @@ def test_dx_running_sum_takes_one_output_of_the_results_shape(which):
     with pytest.raises(ValueError, match="running sum"):
         conv3x3._dx((g, w, 0), None, *outs, None, None, 1.0, None, None, None, add_sum=(*sums, 1.0))
     assert not launch.LAUNCHES
+
+
+def test_ridb_forward_without_grad_keeps_no_mask(monkeypatch):
+    """Without autograd (inference) no LeakyReLU mask is written: they are only for a backward."""
+    from gafh_fast.kernels import ridb
+
+    asked = []
+    real = ridb.idb_forward
+    monkeypatch.setattr(ridb, "idb_forward", lambda *a, **k: asked.append(a[7]) or real(*a, **k))
+    t, _ = make_ridb(8, 4, 2, 1, 3, 4, True, torch.float32, seed=15)
+    leaves = {k: v.float().to(DEVICE).requires_grad_(True) for k, v in t.items()}
+    with torch.no_grad():
+        call_ridb(fused_ridb_triton, leaves, 2)
+    call_ridb(fused_ridb_triton, leaves, 2)
+    assert asked == [False, False, True, True]  # (slope at a[6], save_mask at a[7])
 
 
 def test_ridb_copies_each_nchw_weight_once_per_call(monkeypatch):

@@ -279,6 +279,10 @@ _EDGE_SENTINEL = ("the centre tap's edge sentinel (-1: 'no edge'): h and w lie i
                   "neither -1 nor -2, and the centre row/column never leaves the image either way")
 
 EQUIVALENT_AT = [
+    ("kernels/ridb.py", "act(p[0].shape", "0", "1",
+     "the RIDB fake's h1 channels read off b1 instead of W1: check_ridb_args makes them equal"),
+    ("kernels/ridb.py", "mask(p[0].shape", "0", "1",
+     "the RIDB fake's mask1 channels read off b1 instead of W1: check_ridb_args makes them equal"),
     ("kernels/conv3x3_fwd.py", ", -1))", "1", "2", _EDGE_SENTINEL),  # tap_edge's -1 only
     ("kernels/conv3x3.py", "None, 1.0, save_mask", "1.0", "2.0",
      "the scale of residual2, which is None in both IDB convs (HAS_R2 false: never read)"),
@@ -354,4 +358,12 @@ EQUIVALENT += [
      " is not ", " is ", _KEY_FLAG),
     ("kernels/conv3x3.py", "add_sum is not None, store_out, cfg_key(config))", " is not ", " is ", _KEY_FLAG),
     ("kernels/conv3x3_bwd.py", "s_off = pixel_rows(offs_m, N_TOT, IDX64)", "offs_m, N_TOT", "N_TOT, offs_m", _COMMUTES),
+    ("kernels/conv3x3_bwd.py", "total = acc + sum_scale * tl.load(dsum_in + s_off, mask=s_ok, other=0.0)",
+     ", other=0.0", "", _UNSTORED),
+    ("kernels/conv3x3_bwd.py", "total = acc + sum_scale * tl.load(dsum_in + s_off, mask=s_ok, other=0.0)",
+     "0.0", "1.0", _UNSTORED),
+    ("kernels/conv3x3_bwd.py", "if N_TOT > N1:  # a two-input conv", " > ", " >= ",
+     "with N_TOT == N1 the second output's store mask (offs_n >= N1) is all false: nothing is stored"),
+    ("kernels/ridb.py", "return torch.empty(mask_shape(n, h, wd, c) if save_mask else (0,), dtype=torch.uint8, "
+     "device=x0.device)", ", device=x0.device", "", _CUDA),
 ]
