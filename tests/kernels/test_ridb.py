@@ -72,6 +72,10 @@ def run_ridb(nf, gc, q_n, n, h, w, r2, dtype, weight_layout="channels_last", see
         if v.dim() == 4 and ((k in ("x0", "r2") and input_layout == "channels_last")
                              or (k not in ("x0", "r2") and weight_layout == "channels_last")):
             v = v.contiguous(memory_format=torch.channels_last)
+        if v.dim() == 4 and k not in ("x0", "r2") and weight_layout == "strided":  # every other input channel
+            wide = torch.zeros(v.shape[0], 2 * v.shape[1], 3, 3, dtype=dtype, device=DEVICE)
+            wide[:, ::2] = v
+            v = wide[:, ::2]
         leaves[k] = v.requires_grad_(True)
     launch.LAUNCHES.clear()
     y = call_ridb(fn, leaves, q_n)
@@ -85,6 +89,10 @@ def run_ridb(nf, gc, q_n, n, h, w, r2, dtype, weight_layout="channels_last", see
     assert_within("y", y, y_ref, y_abs, rel)
     for k, g in zip(leaves, grads):
         assert g.shape == leaves[k].shape and g.dtype == dtype, k
+        if k.startswith("w") and weight_layout != "strided" and fn is fused_ridb_triton:
+            # dW in the parameter's own layout (AccumulateGrad keeps it without a copy); the custom ops
+            # return contiguous dW, as their fake says
+            assert g.stride() == leaves[k].stride(), (k, g.stride(), leaves[k].stride())
         assert_within(f"d{k}", g, g_ref[k], g_abs[k], rel)
     return launches
 
@@ -95,6 +103,7 @@ def run_ridb(nf, gc, q_n, n, h, w, r2, dtype, weight_layout="channels_last", see
     (72, 8, 1, 1, 2, 3, True, torch.float32, "channels_last", "nchw"),  # nf 72: two K blocks (64 + 8) per dX
     (64, 32, 2, 1, 3, 4, True, torch.bfloat16, "nchw", "channels_last"),  # the trunk's channels
     (8, 8, 1, 1, 1, 1, False, torch.float32, "channels_last", "channels_last"),  # 1x1: every tap but one pads
+    (8, 4, 2, 1, 3, 4, True, torch.float32, "strided", "channels_last"),  # weights neither NCHW nor CL: copied
 ])
 def test_ridb_matches_float64_reference(nf, gc, q_n, n, h, w, r2, dtype, weight_layout, input_layout):
     launches = run_ridb(nf, gc, q_n, n, h, w, r2, dtype, weight_layout, input_layout=input_layout)
