@@ -238,7 +238,7 @@ def test_auto_times_triton_and_torch_per_ridb_shape(monkeypatch, caplog):
     """kernels=auto's CUDA path for the RIDB (AutoChooser over both backends), the device swapped:
     CPU tensors, Triton interpreted (far slower, so torch wins); logged once; the reference's result.
     The chooser times each backend on fresh tensors of the call's shapes: both timed calls must get them
-    in the call's order (2 IDBs and the DNB residual, so that a shifted argument shows)."""
+    in the call's order (3 IDBs, so that a misplaced slice shows in a middle one, and the DNB residual)."""
     import logging
 
     import gafh_fast.kernels as kernels
@@ -255,9 +255,9 @@ def test_auto_times_triton_and_torch_per_ridb_shape(monkeypatch, caplog):
 
     monkeypatch.setattr(ops, "fused_ridb_reference", spying(fused_ridb_reference))
     monkeypatch.setattr(kernels, "fused_ridb_triton", spying(fused_ridb_triton))
-    t, _ = make_ridb(4, 2, 2, 1, 2, 3, True, torch.float32, seed=9)
+    t, _ = make_ridb(4, 2, 3, 1, 2, 3, True, torch.float32, seed=9)
     leaves = {k: v.float().requires_grad_(True) for k, v in t.items()}
-    idbs = [tuple(leaves[f"{p}_{q}"] for p in ("w1", "b1", "w2", "b2")) for q in range(2)]
+    idbs = [tuple(leaves[f"{p}_{q}"] for p in ("w1", "b1", "w2", "b2")) for q in range(3)]
     args = (leaves["x0"], idbs, leaves["w"], leaves["b"])
     kw = dict(res_scale=0.2, residual2=leaves["r2"], res2_scale=0.5, backend="auto")
     with caplog.at_level(logging.INFO, logger="gafh_fast"):
@@ -266,7 +266,7 @@ def test_auto_times_triton_and_torch_per_ridb_shape(monkeypatch, caplog):
     (key, times), = ops.AUTO.timings.items()
     assert key[0] == "ridb" and set(times) == {"triton", "torch"} and ops.AUTO.decisions[key] == "torch"
     assert sum("kernels=auto" in r.getMessage() for r in caplog.records) == 1
-    want = (t["x0"].shape, [tuple(t[f"{p}_{q}"].shape for p in ("w1", "b1", "w2", "b2")) for q in range(2)],
+    want = (t["x0"].shape, [tuple(t[f"{p}_{q}"].shape for p in ("w1", "b1", "w2", "b2")) for q in range(3)],
             t["w"].shape, t["b"].shape, 0.2, t["r2"].shape, 0.5)
     assert len(seen) > 2 and all(call == want for call in seen), seen  # timed calls of both, then the real one
     torch.testing.assert_close(y, fused_ridb_reference(*args, 0.2, leaves["r2"], 0.5), rtol=0, atol=0)

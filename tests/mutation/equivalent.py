@@ -279,6 +279,9 @@ _EDGE_SENTINEL = ("the centre tap's edge sentinel (-1: 'no edge'): h and w lie i
                   "neither -1 nor -2, and the centre row/column never leaves the image either way")
 
 EQUIVALENT_AT = [
+    ("kernels/ridb.py", "weights[2 * q + 1], None)", " + ", " - ",
+     "ridb_backward reads only the shape, dtype and layout of these weights (the kernels read w_ks), and "
+     "every IDB's W2 has the same ones: another IDB's W2 gives the same buffers"),
     ("kernels/ridb.py", "act(p[0].shape", "0", "1",
      "the RIDB fake's h1 channels read off b1 instead of W1: check_ridb_args makes them equal"),
     ("kernels/ridb.py", "mask(p[0].shape", "0", "1",
