@@ -400,23 +400,39 @@ def idb_forward(x, x0, w1, b1, w2, b2, slope: float, save_mask: bool, w1_k=None,
     return y, h1, mask1, mask2
 
 
-def idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
-    """(dx, dW1, db1, dW2, db2); dx0 is the upstream gradient itself (residual scale 1)."""
-    g = _cl(grad)
-    x = _cl(x)
+def idb_grad_buffers(w1, w1_k, w2, w2_k) -> tuple:
+    """(dW1, db1, dW2, db2) of one IDB: dW in the parameter's own layout (_grad_like), db in its dtype."""
+    return (_grad_like(w1, w1_k), w1_k.new_empty((w1_k.shape[0],)),
+            _grad_like(w2, w2_k), w2_k.new_empty((w2_k.shape[0],)))
+
+
+def idb_backward_launches(g, a_mask, x, h1, w1_k, w2_k, mask1, slope: float, grads: tuple, out,
+                          omask=None, add_sum=None, store_out: bool = True) -> None:
+    """The IDB's 4 backward launches into grads = idb_grad_buffers(...) and out (dL/dx).
+    g: gz2 itself (a_mask None), or the raw upstream gradient with conv2's mask a_mask, from which the
+    first launch makes gz2 on the fly and writes it. omask / add_sum / store_out: the dx launch's
+    epilogue (_dx; a fused RIDB hands the result on with them, ridb.py)."""
     n, nf, h, w = x.shape
-    gc = h1.shape[1]
-    dw1, dw2 = _grad_like(w1, w1_k), _grad_like(w2, w2_k)
-    db1 = torch.empty((gc,), dtype=w1_k.dtype, device=w1_k.device)
-    db2 = torch.empty((nf,), dtype=w2_k.dtype, device=w2_k.device)
-    dx = _empty_cl(n, nf, h, w, x)
-    if n * h * w == 0:
-        return dx, dw1.zero_(), db1.zero_(), dw2.zero_(), db2.zero_()
-    gz1, gz2 = _empty_cl(n, gc, h, w, x), _empty_cl(n, nf, h, w, x)
-    # gz1 = dX2[h1 channels] * act1', with gz2 = g * act2' made on the fly and written out for dW2 and dx
-    _dx((g, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, None, a_mask=mask2, gz_out=gz2)
+    dw1, db1, dw2, db2 = grads
+    gz1 = _empty_cl(n, h1.shape[1], h, w, x)
+    gz2 = g if a_mask is None else _empty_cl(n, nf, h, w, x)
+    # gz1 = dX2[h1 channels] * act1' (with a_mask, gz2 = g * act2' made on the fly and written out)
+    _dx((g, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, None, a_mask=a_mask,
+        gz_out=gz2 if a_mask is not None else None)
     dwp2, dbp2, split2 = _dw_partials(x, h1, gz2, True, None, None)
     dwp1, dbp1, split1 = _dw_partials(x, None, gz1, True, None, None)
-    _dx((gz2, w2_k, 0), (gz1, w1_k, 0), dx, None, None, None, 1.0,
-        Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None)
-    return dx, dw1, db1, dw2, db2
+    _dx((gz2, w2_k, 0), (gz1, w1_k, 0), out, None, omask, slope, 1.0,
+        Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None,
+        add_sum=add_sum, store_out=store_out)
+
+
+def idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
+    """(dx, dW1, db1, dW2, db2); dx0 is the upstream gradient itself (residual scale 1)."""
+    x = _cl(x)
+    n, nf, h, w = x.shape
+    grads = idb_grad_buffers(w1, w1_k, w2, w2_k)
+    dx = _empty_cl(n, nf, h, w, x)
+    if n * h * w == 0:
+        return (dx, *(t.zero_() for t in grads))
+    idb_backward_launches(_cl(grad), mask2, x, h1, w1_k, w2_k, mask1, slope, grads, dx)
+    return (dx, *grads)

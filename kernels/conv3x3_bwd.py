@@ -19,8 +19,9 @@ to a dW operand in registers makes ptxas serialise every wgmma: C7515, a 0-pendi
     asynchronous); with WRITE_GZA the programs of the first channel tile also write gz = g*act'(z) of
     their pixels, for the dW kernel. For a fused RIDB (ridb.py) the epilogue can also add the result
     into a running sum of the RIDB input's gradient (ADD_SUM) and skip the output (STORE_OUT=False):
-    the result there is dL/dx of an IDB's input, which also reaches x0. Its grid has extra programs that sum the dW/db partials of up to
-    two convs in a fixed order (deterministic, no atomics) into the weight's own layout and dtype.
+    the result there is dL/dx of an IDB's input, which also reaches x0. Its grid has extra programs
+    that sum the dW/db partials of up to two convs in a fixed order (deterministic, no atomics) into
+    the weight's own layout and dtype.
   * `conv3x3_bwd_dw_kernel`: dW partials over pixel chunks (split-K, fp32 workspace) from gz and the
     conv's inputs; grid axis 1 is the 9 taps plus, with a bias, one more row of programs that make the
     db partials.

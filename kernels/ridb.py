@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, check_args, conv_forward,
-                      idb_forward, kernel_weight)
+                      idb_backward_launches, idb_forward, idb_grad_buffers, kernel_weight)
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad, check_idb_args
 
@@ -58,8 +58,7 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
     q_n = len(idbs)
     w_k = w_ks[2 * q_n]
     dw, db = _grad_like(w, w_k), torch.empty((nf,), dtype=w_k.dtype, device=w_k.device)
-    idb_grads = [(_grad_like(p[0], w_ks[2 * q]), p[0].new_empty((p[0].shape[0],)),
-                  _grad_like(p[2], w_ks[2 * q + 1]), p[2].new_empty((nf,))) for q, p in enumerate(idbs)]
+    idb_grads = [idb_grad_buffers(p[0], w_ks[2 * q], p[2], w_ks[2 * q + 1]) for q, p in enumerate(idbs)]
     dx0 = _empty_cl(n, nf, h, wd, x0)
     if n * h * wd == 0:
         return dx0, [tuple(t.zero_() for t in grads) for grads in idb_grads], dw.zero_(), db.zero_()
@@ -71,18 +70,12 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
     _dx((g, w_k, 0), None, gz2, None, m2s[q_n - 1], slope, scale, Finalize(dwp, dbp, dw, db, split, scale), None,
         None, add_sum=(g, dx0, res2_scale))
     for q in reversed(range(q_n)):
-        w1_k, w2_k = w_ks[2 * q], w_ks[2 * q + 1]
-        dw1, db1, dw2, db2 = idb_grads[q]
-        gc = h1s[q].shape[1]
-        gz1 = _empty_cl(n, gc, h, wd, x0)  # dX2[h1 channels] * act1'
-        _dx((gz2, w2_k, nf), None, gz1, None, m1s[q], slope, 1.0, None, None, None)
-        dwp2, dbp2, split2 = _dw_partials(xs[q], h1s[q], gz2, True, None, None)
-        dwp1, dbp1, split1 = _dw_partials(xs[q], None, gz1, True, None, None)
-        # G_q = dL/dx_q: into the x0 sum, and (q > 0) as the previous IDB's gz2; IDB 0's input is x0 itself
+        # gz2 is ready, so the IDB's first launch is a plain dX. G_q = dL/dx_q goes into the x0 sum and
+        # (q > 0) on as the previous IDB's gz2; IDB 0's input is x0 itself, so only the sum is written.
         prev = _empty_cl(n, nf, h, wd, x0) if q > 0 else None
-        _dx((gz2, w2_k, 0), (gz1, w1_k, 0), prev if q > 0 else dx0, None, m2s[q - 1] if q > 0 else None, slope,
-            1.0, Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None,
-            add_sum=(dx0, dx0, 1.0), store_out=q > 0)
+        idb_backward_launches(gz2, None, xs[q], h1s[q], w_ks[2 * q], w_ks[2 * q + 1], m1s[q], slope, idb_grads[q],
+                              prev if q > 0 else dx0, omask=m2s[q - 1] if q > 0 else None, add_sum=(dx0, dx0, 1.0),
+                              store_out=q > 0)
         gz2 = prev
     return dx0, idb_grads, dw, db
 

@@ -248,7 +248,7 @@ EQUIVALENT += [
      "the scale of a residual that is None (HAS_R1 / HAS_R2 false: never read)"),
     ("kernels/conv3x3.py", "y, mask2 = conv_forward([x, h1], w2, b2, slope, x0, 1.0, None, 1.0, save_mask, w_k=w2_k)",
      ", w_k=w2_k", "", "conv_forward then makes kernel_weight(w2) itself: the same values as the caller's w2_k"),
-    ("kernels/conv3x3.py", "_dx((gz2, w2_k, 0), (gz1, w1_k, 0), dx,", "(gz2, w2_k, 0), (gz1, w1_k, 0)",
+    ("kernels/conv3x3.py", "_dx((gz2, w2_k, 0), (gz1, w1_k, 0), out,", "(gz2, w2_k, 0), (gz1, w1_k, 0)",
      "(gz1, w1_k, 0), (gz2, w2_k, 0)",
      "the dX GEMM sums its two sources into one accumulator: swapping them changes only the fp32 summation order"),
     ("kernels/conv3x3_bwd.py", "acc += tl.load(dwp_ptr + s * per_split + offs, mask=ok, other=0.0)", ", other=0.0", "",
