@@ -24,6 +24,7 @@ tensor's version counter, so a version-keyed cache would serve stale weights.)
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -45,7 +46,10 @@ FIN = KernelLauncher(conv3x3_bwd_finalize_kernel, "fin")
 # every test but one, so that stage stays within its time budget). Never true under the interpreter.
 AUTOTUNE = not INTERPRETING
 _TUNER: Optional[Tuner] = None
+# Plans per exact call signature. Each holds an int id, the launch key of its steady-state launches: a
+# shape key tuple hashed again for every launch costs ~1 us of host time (tuples do not cache their hash).
 _PLANS: dict = {}
+_PLAN_IDS = itertools.count()
 _SMS: dict = {}
 
 
@@ -76,6 +80,11 @@ def plan_configs() -> list[dict]:
 
     return [{"kernel": key[0], "plan": repr(tuple(plain(k) for k in key[1:] if not isinstance(k, torch.device))),
              "config": config_to_dict(plan[0])} for key, plan in _PLANS.items() if plan[0] is not None]
+
+
+def kept_partials() -> list[torch.Tensor]:
+    """The dW/db partial buffers kept with this process's dW plans (see _dw_partials)."""
+    return [t for key, plan in _PLANS.items() if key[0] == "dw" for t in plan[4:6] if t is not None]
 
 
 def _sms(device: torch.device) -> int:
@@ -201,16 +210,16 @@ def conv_forward(inputs, weight, bias, slope, residual, res_scale, residual2, re
         cands = configs.fwd_candidates(c1, scalars[4], c_out, w, m)
         cfg = _choose("fwd", (c1, scalars[4], c_out, w, configs.m_bucket(m), str(x1.dtype), tuple(flags.items())),
                       cands, run, config)
-        plan = _PLANS[key] = (cfg, flags)
-    cfg, flags = plan
-    _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out)
+        plan = _PLANS[key] = (cfg, flags, next(_PLAN_IDS))
+    cfg, flags, plan_id = plan
+    _launch_fwd(plan_id, cfg, flags, ptrs, scalars, m, c_out)
     return y, mask
 
 
 def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
-    grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_out, cfg.kwargs["BLOCK_N"]))
+    grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_out, cfg.kwargs["BLOCK_N"]), 1)
     # alignment of x1, x2, w, bias, r1, r2 (y and the mask are ours: see the module docstring)
-    FWD.launch((key, aligned(*ptrs[:6])), grid, ptrs + scalars, {**flags, **cfg.kwargs}, cfg)
+    FWD.launch((key, aligned(*ptrs[:6])), grid, ptrs + scalars, flags, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,7 +227,12 @@ def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
 # ------------------------------------------------------------------------------------------------
 def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optional[triton.Config]):
     """Launch the dW kernel on gz (activation derivative already applied): (dW partials, db partials or
-    None, split)."""
+    None, split).
+    The partials (fp32, a few MB: configs.dw_split) are allocated once per plan and kept with it, not
+    per call: each backward launch sequence reduces them (the finalize) before the next dW launch of the
+    same plan, in stream order. Two dW launches pending together (the IDB's dW2 and dW1) have different
+    plans; _dx refuses two finalize jobs on one buffer. Backward passes of one shape running at the same
+    time on two CUDA streams would share them: this module assumes one stream per device."""
     n, c_out, h, w = gz.shape
     m = n * h * w
     c1 = x1.shape[1]
@@ -230,10 +244,10 @@ def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optio
         chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
         s = cdiv(m, chunk)
         flags = dict(DO_BIAS=has_bias, FULL_P=m % configs.DW_CHUNK_MULTIPLE == 0, IDX64=m * max(c1, c2, c_out) >= 2**31, **_dtype_flags(gz.dtype))
-        plan = [None, flags, s, chunk]
-    cfg, flags, s, chunk = plan
-    dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=gz.device)
-    dbp = torch.empty((s, c_out), dtype=torch.float32, device=gz.device) if has_bias else None
+        dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=gz.device)
+        dbp = torch.empty((s, c_out), dtype=torch.float32, device=gz.device) if has_bias else None
+        plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS)]
+    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
     ptrs = (x1, x2 if x2 is not None else x1, gz, dwp, dbp if has_bias else dwp)
     scalars = (m, h, w, c1, c2, c_out, chunk)
     if cfg is None:
@@ -244,7 +258,7 @@ def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optio
         plan[0] = _choose("dw", (c1, c2, c_out, w, configs.m_bucket(m), str(gz.dtype), tuple(flags.items())),
                           cands, run, config)
         _PLANS[key] = plan
-    _launch_dw(key, plan[0], flags, ptrs, scalars, s)
+    _launch_dw(plan_id, plan[0], flags, ptrs, scalars, s)
     return dwp, dbp, s
 
 
@@ -255,8 +269,7 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split):
     tiles = (cdiv(c1, bc) + cdiv(c2, bc)) * co_tiles
     taps = 10 if flags["DO_BIAS"] else 9  # row 9: the db partials
     # alignment of x1, x2 and gz (the caller's g for a conv without activation); the partials are ours
-    DW.launch((key, aligned(*ptrs[:3])), (max(tiles, co_tiles), taps, split), ptrs + scalars, {**flags, **cfg.kwargs},
-              cfg)
+    DW.launch((key, aligned(*ptrs[:3])), (max(tiles, co_tiles), taps, split), ptrs + scalars, flags, cfg)
 
 
 class Finalize:
@@ -286,9 +299,6 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
                            "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
     n1 = out1.shape[1]
     n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
-    cb = src_b[0].shape[1] if src_b is not None else 0
-    fa_n = fin_a.programs() if fin_a is not None else 0
-    fb_n = fin_b.programs() if fin_b is not None else 0
     key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,
            src_b[1].stride(), src_b[2]), n1, n_tot, omask is not None, a_mask is not None, gz_out is not None,
            ga.dtype, ga.device,
@@ -296,29 +306,34 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
            None if fin_b is None else (fin_b.dw.shape, fin_b.dw.stride(), fin_b.db is not None, fin_b.split),
            add_sum is not None, store_out, cfg_key(config))
     plan = _PLANS.get(key)
-    if plan is None and add_sum is not None and (n_tot != n1 or add_sum[0].shape != out1.shape
-                                                 or add_sum[1].shape != out1.shape):
-        raise ValueError("the dX kernel's running sum takes one output of the result's shape")
-    gb, wb, base_b = src_b if src_b is not None else (ga, wa, 0)
-    fa = fin_a or Finalize(ga, ga, ga, ga, 0, 1.0)
-    fb = fin_b or Finalize(ga, ga, ga, ga, 0, 1.0)
-    s_in, s_out, s_scale = add_sum if add_sum is not None else (ga, ga, 0.0)
-    ptrs = (ga, a_mask if a_mask is not None else ga, gz_out if gz_out is not None else ga, wa, gb, wb, out1,
-            out2 if out2 is not None else out1, omask if omask is not None else ga, s_in, s_out,
-            fa.dwp, fa.dbp if fa.dbp is not None else fa.dwp, fa.dw, fa.db if fa.db is not None else fa.dw,
-            fb.dwp, fb.dbp if fb.dbp is not None else fb.dwp, fb.dw, fb.db if fb.db is not None else fb.dw)
-    fa_shape = (fa.split, fa.dw.shape[1], fa.dw.shape[0], *_wstrides(fa.dw)) if fin_a else (0, 1, 1, 0, 0, 0)
-    fb_shape = (fb.split, fb.dw.shape[1], fb.dw.shape[0], *_wstrides(fb.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
     if plan is None:
+        if add_sum is not None and (n_tot != n1 or add_sum[0].shape != out1.shape or add_sum[1].shape != out1.shape):
+            raise ValueError("the dX kernel's running sum takes one output of the result's shape")
+        cb = src_b[0].shape[1] if src_b is not None else 0
         flags = dict(A_ACT=a_mask is not None, WRITE_GZA=gz_out is not None, OUT_ACT=omask is not None,
                      ADD_SUM=add_sum is not None, STORE_OUT=store_out,
                      FIN_A=fin_a is not None, FA_BIAS=fin_a is not None and fin_a.db is not None,
                      FIN_B=fin_b is not None, FB_BIAS=fin_b is not None and fin_b.db is not None,
                      IDX64=m * max(ca, cb, n_tot) >= 2**31, **_dtype_flags(ga.dtype), FIN_BLOCK=configs.FIN_BLOCK)
-        plan = [None, flags]
-    cfg, flags = plan
-    scalars_head = (m, h, w, ca, *_wstrides(wa), base_a, cb, *_wstrides(wb), base_b, n1, n_tot, *fa_shape, *fb_shape)
-    scalars_tail = (fa_n, float(slope) if slope is not None else 0.0, float(scale), float(fa.scale), float(fb.scale),
+        # the finalize's shape scalars and program counts are the plan's (its key holds the dW shapes)
+        fa_shape = (fin_a.split, fin_a.dw.shape[1], fin_a.dw.shape[0], *_wstrides(fin_a.dw)) if fin_a else (0, 1, 1, 0, 0, 0)
+        fb_shape = (fin_b.split, fin_b.dw.shape[1], fin_b.dw.shape[0], *_wstrides(fin_b.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
+        plan = [None, flags, cb, fa_shape + fb_shape, fin_a.programs() if fin_a else 0,
+                fin_b.programs() if fin_b else 0, next(_PLAN_IDS)]
+    cfg, flags, cb, fin_shapes, fa_n, fb_n, plan_id = plan
+    if fin_a is not None and fin_b is not None and fin_a.dwp is fin_b.dwp:
+        raise RuntimeError("the dX launch's two finalize jobs share one partials buffer (_dw_partials' plans)")
+    gb, wb, base_b = src_b if src_b is not None else (ga, wa, 0)
+    s_in, s_out, s_scale = add_sum if add_sum is not None else (ga, ga, 0.0)
+    fin_ptrs = ((fin_a.dwp, fin_a.dbp if fin_a.dbp is not None else fin_a.dwp, fin_a.dw,
+                 fin_a.db if fin_a.db is not None else fin_a.dw) if fin_a is not None else (ga, ga, ga, ga)) + \
+               ((fin_b.dwp, fin_b.dbp if fin_b.dbp is not None else fin_b.dwp, fin_b.dw,
+                 fin_b.db if fin_b.db is not None else fin_b.dw) if fin_b is not None else (ga, ga, ga, ga))
+    ptrs = (ga, a_mask if a_mask is not None else ga, gz_out if gz_out is not None else ga, wa, gb, wb, out1,
+            out2 if out2 is not None else out1, omask if omask is not None else ga, s_in, s_out) + fin_ptrs
+    scalars_head = (m, h, w, ca, *_wstrides(wa), base_a, cb, *_wstrides(wb), base_b, n1, n_tot) + fin_shapes
+    scalars_tail = (fa_n, float(slope) if slope is not None else 0.0, float(scale),
+                    float(fin_a.scale) if fin_a is not None else 1.0, float(fin_b.scale) if fin_b is not None else 1.0,
                     float(s_scale))
     if cfg is None:
         def run(c):
@@ -329,7 +344,7 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
                                  flags["A_ACT"], flags["WRITE_GZA"], flags["ADD_SUM"], flags["STORE_OUT"]),
                           cands, run, config)
         _PLANS[key] = plan
-    _launch_dx(key, plan[0], flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
+    _launch_dx(plan_id, plan[0], flags, ptrs, scalars_head, scalars_tail, m, n_tot, fa_n, fb_n)
 
 
 def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
@@ -337,7 +352,7 @@ def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
     args = ptrs + head + (n_dx,) + tail
     # alignment of the gradient sources and weights (ga, wa, gb, wb); masks, outputs and the finalize's are
     # ours, and so is the running sum's input unless it is source A itself (ridb.py: the closing conv)
-    DX.launch((key, aligned(ptrs[0], *ptrs[3:6])), (n_dx + fa_n + fb_n,), args, {**flags, **cfg.kwargs}, cfg)
+    DX.launch((key, aligned(ptrs[0], *ptrs[3:6])), (n_dx + fa_n + fb_n, 1, 1), args, flags, cfg)
 
 
 def _grad_like(weight: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
@@ -358,7 +373,7 @@ def _finalize(fin: Finalize) -> None:
     flags = dict(HAS_BIAS=fin.db is not None, INTERP_BF16=_dtype_flags(fin.dw.dtype)["INTERP_BF16"],
                  BLOCK=configs.FIN_BLOCK)
     key = ("fin", fin.dw.shape, fin.dw.stride(), fin.dw.dtype, fin.dw.device, fin.db is not None, fin.split)
-    FIN.launch((key, ()), (fin.programs(),),
+    FIN.launch((key, ()), (fin.programs(), 1, 1),
                ptrs + (fin.split, c_in, c_out, *_wstrides(fin.dw), float(fin.scale)), flags, _FIN_CONFIG)
 
 

@@ -47,7 +47,7 @@ def _is_constexpr(annotation) -> bool:
 
 
 class KernelLauncher:
-    """One per JIT kernel. launch(key, grid, args, constexprs, config)."""
+    """One per JIT kernel. launch(key, grid, args, flags, config)."""
 
     def __init__(self, kernel, name: str):
         self.kernel = kernel
@@ -60,16 +60,19 @@ class KernelLauncher:
         if params[n_rt:] != self._constexpr_names:
             raise TypeError(f"{name}: constexpr parameters must come last (direct launch passes them in order)")
 
-    def launch(self, key, grid: tuple, args: tuple, constexprs: dict, config: triton.Config) -> None:
+    def launch(self, key, grid: tuple, args: tuple, flags: dict, config: triton.Config) -> None:
+        """args: the runtime arguments in signature order; flags + config.kwargs: the constexprs (merged
+        only when the key has no kept kernel yet)."""
         LAUNCHES[self.name] += 1
         # A CompiledKernel's runner reads grid[0], grid[1] and grid[2] (Triton 3.3 to 3.9); kernel[grid]
         # pads a shorter grid itself. A 1-d grid crashed the first H100 run of this path.
-        grid = tuple(grid) + (1,) * (3 - len(grid))
+        if len(grid) != 3:
+            grid = (*grid, *(1,) * (3 - len(grid)))
         hit = self._compiled.get(key)
         if hit is not None:
-            compiled, tail = hit
-            compiled[grid](*args, *tail)
+            hit[0][grid](*args, *hit[1])
             return
+        constexprs = {**flags, **config.kwargs}
         unknown = set(constexprs) - set(self._constexpr_names)
         if unknown:  # the interpreter would ignore them; the compiler refuses: fail the same on CPU
             raise TypeError(f"{self.name}: unknown constexpr arguments {sorted(unknown)}")
@@ -86,6 +89,13 @@ class KernelLauncher:
         self._compiled.clear()
 
 
-def aligned(*tensors) -> tuple:
-    """Whether each tensor's data pointer is 16-byte aligned (the JIT specialises on it)."""
+def aligned(*tensors):
+    """The 16-byte alignment of these tensors' data pointers (the JIT specialises on it), as a launch key
+    part: True when every one is aligned (the common case, one OR of the pointers), else a tuple saying
+    which is."""
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    if not ptrs & 15:
+        return True
     return tuple(t.data_ptr() % 16 == 0 for t in tensors)

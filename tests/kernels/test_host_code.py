@@ -87,6 +87,16 @@ def _offset_view(t: torch.Tensor, elements: int) -> torch.Tensor:
     return view
 
 
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (0, 2, 0), (1, 0, 3), (4, 4, 4)])
+def test_aligned_is_true_only_when_every_pointer_is(offsets):
+    """The launch keys' alignment part: True when all tensors are 16-byte aligned (one OR of the
+    pointers), else which ones are, in order; fp32 elements at these offsets are 0, 8, 4, 12 or 16 bytes in."""
+    tensors = [_offset_view(torch.zeros(8, device=DEVICE), k) for k in offsets]
+    each = tuple(t.data_ptr() % 16 == 0 for t in tensors)
+    assert each == tuple(k % 4 == 0 for k in offsets)  # torch's own buffers are 16-byte aligned
+    assert launch.aligned(*tensors) == (True if all(each) else each)
+
+
 @pytest.mark.parametrize("entry", ["idb", "conv", "conv-no-act", "ridb"])
 def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entry):
     """Launch keys carry the 16-byte alignment of the caller's tensors (any of which may sit at an odd
@@ -96,9 +106,9 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entr
     pending, launches = [], []
     monkeypatch.setattr(conv3x3, "aligned", lambda *ts: pending.append(ts) or real_aligned(*ts))
 
-    def spy(self, key, grid, args, constexprs, config):
+    def spy(self, key, grid, args, flags, config):
         launches.append((self.name, args, pending.pop() if key[1] else ()))
-        return real_launch(self, key, grid, args, constexprs, config)
+        return real_launch(self, key, grid, args, flags, config)
 
     monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
     cl = dict(memory_format=torch.channels_last)
@@ -140,7 +150,8 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch, entr
         received = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)} & caller_ptrs
         assert received <= {t.data_ptr() for t in keyed}, f"{name}: a caller tensor's alignment is not in its key"
     flags = [real_aligned(*keyed) for _, _, keyed in launches]
-    assert any(False in f for f in flags)  # the offset tensors did reach a key as unaligned
+    assert all(f is True or isinstance(f, tuple) and False in f for f in flags)  # True: every tensor aligned
+    assert any(f is not True for f in flags)  # the offset tensors did reach a key as unaligned
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4), (2, 1, 3, 4), (2, 5, 1, 1), (0, 5, 3, 4), (3, 7, 1, 5), (1, 64, 32, 32)])
@@ -233,9 +244,9 @@ def test_fp32_launches_ask_for_ieee_dots(monkeypatch):
     seen = []
     real_launch = launch.KernelLauncher.launch
 
-    def recording(self, key, grid, args, constexprs, config):
-        seen.append((self.name, constexprs.get("PRECISION")))
-        return real_launch(self, key, grid, args, constexprs, config)
+    def recording(self, key, grid, args, flags, config):
+        seen.append((self.name, flags.get("PRECISION")))
+        return real_launch(self, key, grid, args, flags, config)
 
     monkeypatch.setattr(launch.KernelLauncher, "launch", recording)
     t, grad = make_idb(8, 4, 1, 3, 3, torch.float32, seed=2)

@@ -36,11 +36,11 @@ def bounds_checked(monkeypatch):
     state = {"kernel": None, "ranges": [], "lanes": 0, "violations": []}
     real_launch = launch.KernelLauncher.launch
 
-    def checked_launch(self, key, grid, args, constexprs, config):
+    def checked_launch(self, key, grid, args, flags, config):
         state["kernel"] = self.name
         state["ranges"] = [_byte_range(a) for a in args if isinstance(a, torch.Tensor) and a.numel() > 0]
         try:
-            return real_launch(self, key, grid, args, constexprs, config)
+            return real_launch(self, key, grid, args, flags, config)
         finally:
             state["kernel"], state["ranges"] = None, []
 

@@ -90,11 +90,11 @@ def test_records_are_the_launches_a_real_call_makes(monkeypatch):
     seen = []
     real_launch = launch.KernelLauncher.launch
 
-    def spy(self, key, grid, args, constexprs, config):
+    def spy(self, key, grid, args, flags, config):
         seen.append(dict(name=self.name, grid=tuple(grid) + (1,) * (3 - len(grid)), args=args,
-                         constexprs=dict(constexprs), options={"num_warps": config.num_warps,
-                                                               "num_stages": config.num_stages}))
-        return real_launch(self, key, grid, args, constexprs, config)
+                         constexprs={**flags, **config.kwargs}, options={"num_warps": config.num_warps,
+                                                                         "num_stages": config.num_stages}))
+        return real_launch(self, key, grid, args, flags, config)
 
     monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
     run()  # the interpreter takes each kernel's first candidate

@@ -132,6 +132,30 @@ def test_ridb_second_candidate_configs():
         conv3x3.set_tuner(old)
 
 
+@pytest.mark.parametrize("slope", ["ridb", 0.2, None])
+def test_kept_dw_partials_need_no_clearing(slope):
+    """The dW/db partials are kept with their plan, not allocated per call: a second backward of the same
+    shape reuses them, and every element it reads it has written first, so NaN left in them by anything
+    before cannot reach a gradient. "ridb": 2 IDBs (each with two dW launches pending at once) and the
+    closing conv; 0.2 / None: one conv with / without its activation (finalize on its own / in dX)."""
+    from .test_conv3x3 import check_case
+
+    def run(seed):
+        if slope == "ridb":
+            run_ridb(16, 8, 2, 2, 3, 5, True, torch.float32, seed=seed)
+        else:
+            check_case([8, 4], 16, 2, 3, 5, slope=slope, r1=True, seed=seed)
+
+    run(seed=11)  # makes the plans and their partials
+    kept = conv3x3.kept_partials()
+    assert kept
+    for t in kept:
+        t.fill_(float("nan"))
+    before = {t.data_ptr() for t in kept}
+    run(seed=12)
+    assert {t.data_ptr() for t in conv3x3.kept_partials()} == before  # no new partials at this shape
+
+
 def test_launch_count_per_ridb():
     """The paper's RIDB (4 IDBs): 9 launches forward, 18 backward; 9 for a forward without grad. No
     launch goes to torch: the x0 gradient's 5 terms are summed in the dX epilogues."""
