@@ -139,13 +139,35 @@ def check_args(inputs, weight, bias, residual, residual2) -> None:
                              f"expected {(n, c_out, h, w)} {x0.dtype} on {x0.device}")
 
 
-def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight as the kernels read it: as is when (kh, kw) fold into one tap stride and ci is
-    contiguous (channels_last), else a channels_last copy."""
+def cl_strides(n: int, c: int, h: int, w: int) -> tuple:
+    """torch's channels_last strides of an (n, c, h, w) tensor."""
+    return h * w * c, 1, w * c, c
+
+
+def reads_in_place(weight: torch.Tensor) -> bool:
+    """Whether the kernels read this weight as it is: (kh, kw) fold into one tap stride and ci is
+    contiguous (channels_last)."""
     s_co, s_ci, s_kh, s_kw = weight.stride()
-    if s_ci == 1 and s_kh == 3 * s_kw:
+    return s_ci == 1 and s_kh == 3 * s_kw
+
+
+def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the kernels read it: itself (reads_in_place), else a fresh copy with cl_strides
+    (never an alias: torch's .contiguous() returns the weight itself when a size-1 C_in already makes it
+    "channels_last", and the custom ops return the copies as outputs)."""
+    if reads_in_place(weight):
         return weight
-    return weight.detach().contiguous(memory_format=torch.channels_last)
+    copy = torch.empty_strided(weight.shape, cl_strides(*weight.shape), dtype=weight.dtype, device=weight.device)
+    return copy.copy_(weight.detach())
+
+
+def dw_strides(weight: torch.Tensor) -> tuple:
+    """The strides dW is written with (_grad_like; the custom ops' fakes say the same): the parameter's
+    own when it is dense (AccumulateGrad then keeps dW without a copy) or read in place, else those of
+    its channels_last copy."""
+    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last) or reads_in_place(weight):
+        return weight.stride()
+    return cl_strides(*weight.shape)
 
 
 def _wstrides(w: torch.Tensor) -> tuple[int, int, int]:
@@ -166,7 +188,7 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
 def _empty_cl(n, c, h, w, like: torch.Tensor) -> torch.Tensor:
     """Uninitialised channels_last (N, C, H, W): torch.empty(memory_format=...) costs ~1.7 us more host
     time per call than empty_strided with the same strides (measured on CPU: 3.9 vs 2.2 us)."""
-    return torch.empty_strided((n, c, h, w), (h * w * c, 1, w * c, c), dtype=like.dtype, device=like.device)
+    return torch.empty_strided((n, c, h, w), cl_strides(n, c, h, w), dtype=like.dtype, device=like.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,11 +378,8 @@ def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
 
 
 def _grad_like(weight: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
-    """dW in the parameter's own layout when it has one the finalize can write (AccumulateGrad then
-    keeps it without a copy), else in the kernel weight's layout."""
-    dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
-    src = weight if dense else w_k
-    return torch.empty_strided(src.shape, src.stride(), dtype=w_k.dtype, device=w_k.device)
+    """dW laid out as dw_strides(weight) says, on the kernel weight's device."""
+    return torch.empty_strided(weight.shape, dw_strides(weight), dtype=w_k.dtype, device=w_k.device)
 
 
 _FIN_CONFIG = triton.Config({}, num_warps=4, num_stages=1)  # a plain reduction: nothing to tune

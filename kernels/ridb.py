@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, check_args, conv_forward,
-                      idb_backward_launches, idb_forward, idb_grad_buffers, kernel_weight)
+from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, check_args, cl_strides, conv_forward,
+                      dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kernel_weight, reads_in_place)
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad, check_idb_args
 
@@ -122,16 +122,23 @@ class _EagerFusedRIDB(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 # The same as torch custom ops (torch.compile: one opaque node per RIDB, no graph break)
 # ------------------------------------------------------------------------------------------------
+# The weights' channels_last copies (kernel_weight) travel from the forward op to the backward op as extra
+# outputs, as the eager Function saves them: the trainer's parameters are NCHW (train/layout.py), and
+# copying the 2Q + 1 weights again in the backward would be 2Q + 1 more launches per RIDB.
 @torch.library.custom_op("gafh_fast::fused_ridb_fwd", mutates_args=())
 def fused_ridb_fwd(x0: torch.Tensor, r2: Optional[torch.Tensor], w: torch.Tensor, b: torch.Tensor,
                    idb_params: list[torch.Tensor], res_scale: float, res2_scale: float, negative_slope: float,
                    save_mask: bool) -> list[torch.Tensor]:
-    """[out, x_2 .. x_{Q+1}, h1 per IDB, mask1 per IDB, mask2 per IDB] (idb_params: w1, b1, w2, b2 per IDB);
-    activations channels_last, masks bit-packed (empty without save_mask)."""
+    """[out, x_2 .. x_{Q+1}, h1 per IDB, mask1 per IDB, mask2 per IDB, then the channels_last copy of each
+    weight the kernels cannot read in place (w1, w2 per IDB, w; reads_in_place order)] (idb_params: w1,
+    b1, w2, b2 per IDB); activations channels_last, masks bit-packed (empty without save_mask)."""
     idbs = _group(idb_params)
     _check_once(x0, idbs, w, b, r2)
-    out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, negative_slope, save_mask)
-    return [out, *xs[1:], *h1s, *m1s, *m2s]
+    weights = [t for p in idbs for t in (p[0], p[2])] + [w]
+    w_ks = [kernel_weight(t) for t in weights]
+    out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, negative_slope, save_mask,
+                                          w_ks=w_ks)
+    return [out, *xs[1:], *h1s, *m1s, *m2s, *(k for k, t in zip(w_ks, weights) if k is not t)]
 
 
 @fused_ridb_fwd.register_fake
@@ -146,46 +153,55 @@ def _(x0, r2, w, b, idb_params, res_scale, res2_scale, negative_slope, save_mask
     def mask(c):
         return torch.empty(mask_shape(n, h, wd, c) if save_mask else (0,), dtype=torch.uint8, device=x0.device)
 
+    copies = [torch.empty_strided(t.shape, cl_strides(*t.shape), dtype=t.dtype, device=t.device)
+              for t in [t for p in idbs for t in (p[0], p[2])] + [w] if not reads_in_place(t)]
     return [act(nf), *(act(nf) for _ in idbs), *(act(p[0].shape[0]) for p in idbs),
-            *(mask(p[0].shape[0]) for p in idbs), *(mask(nf) for _ in idbs)]
+            *(mask(p[0].shape[0]) for p in idbs), *(mask(nf) for _ in idbs), *copies]
 
 
 @torch.library.custom_op("gafh_fast::fused_ridb_bwd", mutates_args=())
 def fused_ridb_bwd(grad: torch.Tensor, x0: torch.Tensor, saved: list[torch.Tensor], w: torch.Tensor,
-                   idb_weights: list[torch.Tensor], res_scale: float, res2_scale: float,
-                   negative_slope: float) -> list[torch.Tensor]:
-    """[dx0, dW, db, then dW1, db1, dW2, db2 per IDB]; saved: fused_ridb_fwd's outputs after out;
-    idb_weights: w1, w2 per IDB. dW come back contiguous (as the fake says)."""
+                   idb_weights: list[torch.Tensor], kernel_weights: list[torch.Tensor], res_scale: float,
+                   res2_scale: float, negative_slope: float) -> list[torch.Tensor]:
+    """[dx0, dW, db, then dW1, db1, dW2, db2 per IDB]; saved: fused_ridb_fwd's activations and masks
+    (its outputs after out); idb_weights: w1, w2 per IDB; kernel_weights: what the kernels read for
+    w1, w2 per IDB and w (the forward's copies, or the weights themselves). dW come back laid out as
+    dw_strides says (the parameter's own layout when dense)."""
     q_n = len(idb_weights) // 2
     x_rest, h1s, m1s, m2s = _split(saved, q_n, q_n, q_n, q_n)
     xs = [_cl(x0), *x_rest]
     idbs = [(idb_weights[2 * q], None, idb_weights[2 * q + 1], None) for q in range(q_n)]
-    w_ks = [kernel_weight(t) for t in idb_weights] + [kernel_weight(w)]
+    w_ks = [kernel_weight(t) for t in kernel_weights]  # each is already one: no copy
     dx0, idb_grads, dw, db = ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, negative_slope, res_scale,
                                            res2_scale)
-    return [dx0, dw.contiguous(), db, *(t.contiguous() for gs in idb_grads for t in gs)]
+    return [dx0, dw, db, *(t for gs in idb_grads for t in gs)]
 
 
 @fused_ridb_bwd.register_fake
-def _(grad, x0, saved, w, idb_weights, res_scale, res2_scale, negative_slope):
+def _(grad, x0, saved, w, idb_weights, kernel_weights, res_scale, res2_scale, negative_slope):
     n, nf, h, wd = x0.shape
 
     def weight_grads(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format), t.new_empty(t.shape[0])
+        return torch.empty_strided(t.shape, dw_strides(t), dtype=t.dtype, device=t.device), t.new_empty(t.shape[0])
 
     return [_empty_cl(n, nf, h, wd, x0), *weight_grads(w), *(g for t in idb_weights for g in weight_grads(t))]
 
 
 def _ridb_setup_context(ctx, inputs, output):
     x0, r2, w, _b, idb_params, s, s2, slope, _save = inputs
-    ctx.save_for_backward(x0, w, *output[1:], *(t for p in _group(idb_params) for t in (p[0], p[2])))
-    ctx.meta = (len(idb_params) // 4, r2 is not None, s, s2 if r2 is not None else 1.0, slope)
+    q_n = len(idb_params) // 4
+    weights = [t for p in _group(idb_params) for t in (p[0], p[2])]
+    ctx.save_for_backward(x0, w, *output[1:1 + 4 * q_n], *weights, *output[1 + 4 * q_n:])
+    ctx.meta = (q_n, r2 is not None, s, s2 if r2 is not None else 1.0, slope,
+                [not reads_in_place(t) for t in weights + [w]])
 
 
 def _ridb_backward(ctx, grads):
-    q_n, has_r2, s, s2, slope = ctx.meta
-    (x0, w), saved, idb_weights = _split(ctx.saved_tensors, 2, 4 * q_n, 2 * q_n)
-    out = fused_ridb_bwd(grads[0], x0, saved, w, idb_weights, s, s2, slope)
+    q_n, has_r2, s, s2, slope, copied = ctx.meta
+    (x0, w), saved, idb_weights, copies = _split(ctx.saved_tensors, 2, 4 * q_n, 2 * q_n, sum(copied))
+    copies = iter(copies)
+    kernel_weights = [next(copies) if c else t for c, t in zip(copied, idb_weights + [w])]
+    out = fused_ridb_bwd(grads[0], x0, saved, w, idb_weights, kernel_weights, s, s2, slope)
     return out[0], grads[0] if has_r2 else None, out[1], out[2], list(out[3:]), None, None, None, None
 
 

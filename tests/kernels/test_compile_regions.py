@@ -70,3 +70,18 @@ def test_compiled_dnb_region_runs_the_fused_ops_fullgraph_after_auto_decided(mon
         want = ref_params[name].grad
         assert p.grad is not None, f"{name}: no gradient through the compiled block"
         assert_within(f"grad {name}", p.grad, want, torch.full_like(want, want.abs().max().item()), 1e-5)
+
+
+def test_compile_caches_are_keyed_on_the_ops_source():
+    """torch.compile's caches key a graph on our custom ops' names and schemas, not on their autograd
+    formulas or fakes; importing the kernels adds the hash of the files that define the ops to the cache
+    key tag, so that a changed op is never served a graph traced for the old one (see kernels/__init__.py)."""
+    import hashlib
+    import os
+
+    import gafh_fast.kernels as kernels
+
+    here = os.path.dirname(kernels.__file__)
+    digest = hashlib.sha256(b"".join(open(os.path.join(here, f), "rb").read() for f in ("op.py", "ridb.py")))
+    assert kernels.OPS_SOURCE_HASH == digest.hexdigest()[:16]
+    assert f"gafh_fast-ops-{kernels.OPS_SOURCE_HASH}" in torch.compiler.config.cache_key_tag.split("|")

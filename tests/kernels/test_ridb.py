@@ -193,10 +193,12 @@ def test_ridb_custom_op_autograd_path(monkeypatch):
     assert launches == (2 * 2 + 1) + (4 * 2 + 2)
 
 
-def test_opcheck_ridb_ops_bfloat16():
+@pytest.mark.parametrize("weights_layout", ["channels_last", "nchw"])
+def test_opcheck_ridb_ops_bfloat16(weights_layout):
     """The RIDB ops' fake implementations (what torch.compile plans with) against the real ones: shapes,
     strides and dtypes of every output, in bf16, gc != nf, with and without the DNB residual, and the
-    forward without masks (inference under torch.compile)."""
+    forward without masks (inference under torch.compile). NCHW weights (the trainer's): the forward
+    also returns their channels_last copies, which the backward reads, and dW comes back NCHW."""
     t, _ = make_ridb(8, 4, 1, 1, 3, 4, False, torch.bfloat16, seed=14)
     t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
     params = [t[f"{p}_0"] for p in ("w1", "b1", "w2", "b2")]
@@ -206,18 +208,23 @@ def test_opcheck_ridb_ops_bfloat16():
         t, grad = make_ridb(8, 12, 2, 1, 3, 4, r2, torch.bfloat16, seed=11)
         t = {k: v.to(torch.bfloat16).to(DEVICE) for k, v in t.items()}
         for k in t:
-            if t[k].dim() == 4:
+            if t[k].dim() == 4 and (k in ("x0", "r2") or weights_layout == "channels_last"):
                 t[k] = t[k].contiguous(memory_format=torch.channels_last)
         params = [t[f"{p}_{q}"] for q in range(2) for p in ("w1", "b1", "w2", "b2")]
         leaves = [v.clone().requires_grad_(True) for v in params]
         args = (t["x0"].clone().requires_grad_(True), t.get("r2"), t["w"].clone().requires_grad_(True),
                 t["b"].clone().requires_grad_(True), leaves, 0.2, 0.2 if r2 else 1.0, 0.2, True)
         torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_fwd.default, args)
-        saved = torch.ops.gafh_fast.fused_ridb_fwd(t["x0"], t.get("r2"), t["w"], t["b"], params, 0.2, 0.2, 0.2,
-                                                   True)[1:]
+        out = torch.ops.gafh_fast.fused_ridb_fwd(t["x0"], t.get("r2"), t["w"], t["b"], params, 0.2, 0.2, 0.2, True)
+        saved, copies = out[1:1 + 4 * 2], out[1 + 4 * 2:]
         weights = [t[f"{p}_{q}"] for q in range(2) for p in ("w1", "w2")]
-        torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_bwd.default,
-                              (grad.to(torch.bfloat16).to(DEVICE), t["x0"], saved, t["w"], weights, 0.2, 0.2, 0.2))
+        assert len(copies) == (5 if weights_layout == "nchw" else 0)
+        kernel_weights = copies if copies else weights + [t["w"]]
+        bwd_args = (grad.to(torch.bfloat16).to(DEVICE), t["x0"], saved, t["w"], weights, kernel_weights, 0.2, 0.2, 0.2)
+        torch.library.opcheck(torch.ops.gafh_fast.fused_ridb_bwd.default, bwd_args)
+        dws = torch.ops.gafh_fast.fused_ridb_bwd(*bwd_args)
+        for dw, weight in zip([dws[1]] + dws[3::2], [t["w"]] + weights):  # dW in the parameter's own layout
+            assert dw.stride() == weight.stride()
 
 
 def test_ridb_bad_arguments_raise_clear_errors():
@@ -328,10 +335,15 @@ def test_ridb_forward_without_grad_keeps_no_mask(monkeypatch):
     assert asked == [False, False, True, True]  # (slope at a[6], save_mask at a[7])
 
 
-def test_ridb_copies_each_nchw_weight_once_per_call(monkeypatch):
-    """NCHW weights are copied to the kernels' channels_last layout once per forward, and the backward
-    reuses the copies (the Function saves them): 2Q + 1 copies per forward + backward."""
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_ridb_copies_each_nchw_weight_once_per_call(monkeypatch, path):
+    """NCHW weights (the trainer's) are copied to the kernels' channels_last layout once per forward, and
+    the backward reuses the copies (the Function saves them; the custom op returns them to its backward):
+    2Q + 1 copies per forward + backward."""
     from gafh_fast.kernels import conv3x3, ridb
+
+    if path == "custom op":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
     copies = []
     real = conv3x3.kernel_weight
