@@ -56,7 +56,7 @@ def _install_standin():
 
         compiled = _Compiled()
 
-        def standin(name, grid, args, constexprs, options):
+        def standin(name, grid, args, constexprs, options, key):
             counter[0] += 1
             return compiled
 
@@ -256,6 +256,60 @@ def ridb_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
     return rows
 
 
+def ridb_op_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
+    """One RIDB forward + backward the way torch.compile's graphs run it (the trainer compiles G's DNBs
+    on CUDA): the custom ops gafh_fast::fused_ridb_fwd then fused_ridb_bwd, called as the compiled
+    forward and backward call them, with NCHW weights (the trainer's: train/layout.py) and with
+    channels_last ones. Their host time includes the op dispatch and the weights' channels_last copies
+    (real copies on this CPU; launches on a GPU). Works on trees whose backward op takes the forward's
+    weight copies (kernel_weights) and on those before, which copied the weights again."""
+    from gafh_fast import kernels  # noqa: F401  registers the ops
+
+    counter, _ = _install_standin()
+    fmt = dict(dtype=torch.bfloat16)
+    cl = torch.channels_last
+    bwd_op = torch.ops.gafh_fast.fused_ridb_bwd.default
+    takes_copies = "kernel_weights" in str(bwd_op._schema)
+    rows = []
+    calls = {}
+    for layout in ("nchw", "channels_last"):
+        def weight(*shape):
+            t = torch.randn(*shape, **fmt)
+            return t.contiguous(memory_format=cl) if layout == "channels_last" else t
+        x0 = torch.randn(1, 64, side, side, **fmt).contiguous(memory_format=cl)
+        flat = [t for _ in range(4) for t in (weight(32, 64, 3, 3), torch.zeros(32, **fmt), weight(64, 96, 3, 3),
+                                              torch.zeros(64, **fmt))]
+        w, b = weight(64, 64, 3, 3), torch.zeros(64, **fmt)
+        gy = torch.randn_like(x0)
+        weights = [flat[4 * q + k] for q in range(4) for k in (0, 2)]
+
+        def call(x0=x0, flat=flat, w=w, b=b, gy=gy, weights=weights):
+            out = torch.ops.gafh_fast.fused_ridb_fwd.default(x0, None, w, b, flat, 0.2, 1.0, 0.2, True)
+            saved = out[1:17]
+            if takes_copies:
+                copies = iter(out[17:])
+                kernel_weights = [t if t.stride(1) == 1 else next(copies) for t in weights + [w]]
+                bwd_op(gy, x0, saved, w, weights, kernel_weights, 0.2, 1.0, 0.2)
+            else:
+                bwd_op(gy, x0, saved, w, weights, 0.2, 1.0, 0.2)
+        for _ in range(5):
+            call()
+        counter[0] = 0
+        call()
+        calls[layout] = (call, counter[0])
+    per_round = {name: [] for name in calls}
+    for _ in range(rounds):  # alternating, as in ridb_rows
+        for name, (call, _) in calls.items():
+            per_round[name] += _per_round_us(call, 1, iters)
+    for name, (_, launches) in calls.items():
+        rows.append(dict(ridb_ops=name, side=side, launches=launches, backward_takes_copies=takes_copies,
+                         host_us=round(statistics.median(per_round[name]), 1),
+                         host_min_us=round(min(per_round[name]), 1)))
+        print(f"RIDB custom ops fwd+bwd, {name} weights: {launches} Triton launches, host {rows[-1]['host_us']:7.1f} us "
+              f"(fastest round {rows[-1]['host_min_us']:.1f})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -267,8 +321,17 @@ def main() -> None:
                         help="also split this tree's time: our host code vs PyTorch's autograd around it")
     parser.add_argument("--ridb", action="store_true",
                         help="also time one RIDB as 5 Functions against the one fused_ridb Function")
+    parser.add_argument("--ridb-ops", action="store_true",
+                        help="only time one RIDB through its custom ops (torch.compile's path), NCHW and "
+                             "channels_last weights")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.ridb_ops:
+        rows = ridb_op_rows(args.rounds, args.iters)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = measure(args.batch, args.rounds, args.iters)
     if args.ridb:
         rows.append({"ridb": ridb_rows(args.rounds, args.iters)})

@@ -28,7 +28,8 @@ import triton.language as tl
 from .conv3x3_fwd import INTERPRETING
 
 LAUNCHES: Counter = Counter()
-# bench/host_overhead.py sets this to a callable(name, grid, args, constexprs, options) -> compiled-like
+# bench/host_overhead.py and precompile.record set this to a callable(name, grid, args, constexprs, options,
+# key) -> compiled-like (or None: keep nothing)
 STANDIN: Optional[Callable] = None
 
 _MIN_DIRECT = (3, 3)  # CompiledKernel[grid](*all args) is the convention from Triton 3.3 on
@@ -78,7 +79,7 @@ class KernelLauncher:
             raise TypeError(f"{self.name}: unknown constexpr arguments {sorted(unknown)}")
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         if STANDIN is not None:
-            compiled = STANDIN(self.name, grid, args, constexprs, options)
+            compiled = STANDIN(self.name, grid, args, constexprs, options, key)
         else:
             compiled = self.kernel[grid](*args, **constexprs, **options)
         if compiled is not None and (DIRECT_LAUNCH or STANDIN is not None) and not INTERPRETING:

@@ -47,12 +47,13 @@ class PickTuner:
 
 def record(run: Callable[[], None], picks: Iterable[int] = range(N_CANDIDATES)) -> list[dict]:
     """Every fused-kernel launch `run()` makes, once per tile candidate index in `picks`: dicts with the
-    launcher name, grid, runtime args, constexprs and options. Leaves no plan, kept kernel or launch
-    count behind."""
+    launcher name, grid, runtime args, constexprs, options and launch key. Leaves no plan, kept kernel or
+    launch count behind."""
     records: list[dict] = []
 
-    def standin(name, grid, args, constexprs, options):
-        records.append(dict(name=name, grid=grid, args=args, constexprs=dict(constexprs), options=dict(options)))
+    def standin(name, grid, args, constexprs, options, key):
+        records.append(dict(name=name, grid=grid, args=args, constexprs=dict(constexprs), options=dict(options),
+                            key=key))
         return None  # keep no compiled kernel: every launch of the run comes back here
 
     counts = launch.LAUNCHES.copy()
@@ -73,6 +74,14 @@ def record(run: Callable[[], None], picks: Iterable[int] = range(N_CANDIDATES)) 
 def launcher(name: str) -> launch.KernelLauncher:
     """The KernelLauncher of conv3x3.py a record names (FWD, DW, DX or FIN)."""
     return getattr(conv3x3, name.upper())
+
+
+def distinct(records: list[dict]) -> list[dict]:
+    """One record per launcher and launch key. A launch key pins everything the JIT specialises on
+    (launch.py), so the records left name every variant; the JIT would find the others in its cache, but
+    binding a launch's ~45 arguments to compute that costs host time (the paper G: ~900 launches
+    recorded, ~45 variants)."""
+    return list({(r["name"], r["key"]): r for r in records}.values())
 
 
 def compile_records(records: list[dict], workers: int) -> tuple[int, bool]:
@@ -98,6 +107,7 @@ def _warmup(rec: dict):
 @dataclass
 class PrecompileReport:
     launches: int      # launches recorded (all candidates)
+    warmups: int       # of which compiled or loaded: one per launcher and launch key (distinct)
     variants: int      # distinct kernel binaries among them
     seconds: float     # recording + compiling (or loading from Triton's disk cache)
     record_s: float    # of which recording: the workload's host code and its other (torch) ops
@@ -109,7 +119,7 @@ class PrecompileReport:
             "one at a time" + ("" if hasattr(triton, "AsyncCompileMode") else
                                f" (triton {triton.__version__} has no AsyncCompileMode)")
         return (f"Triton kernels precompiled: {self.variants} variants of {self.launches} recorded launches "
-                f"(every tile candidate) in {self.seconds:.1f} s ({self.record_s:.1f} s recording), {how}")
+                f"(every tile candidate; {self.warmups} distinct launch keys) in {self.seconds:.1f} s ({self.record_s:.1f} s recording), {how}")
 
 
 def default_workers(processes_per_node: int = 1) -> int:
@@ -126,5 +136,6 @@ def precompile(run: Callable[[], None], workers: Optional[int] = None) -> Precom
     t0 = time.perf_counter()
     records = record(run)
     recorded = time.perf_counter() - t0
-    variants, parallel = compile_records(records, workers)
-    return PrecompileReport(len(records), variants, time.perf_counter() - t0, recorded, workers, parallel)
+    keyed = distinct(records)
+    variants, parallel = compile_records(keyed, workers)
+    return PrecompileReport(len(records), len(keyed), variants, time.perf_counter() - t0, recorded, workers, parallel)

@@ -30,3 +30,19 @@ def test_idb_forward_backward_through_kept_compiled_kernels():
                                           r"\d+\.\d", phases[0]), proc.stdout
     assert re.search(r"fastest rounds of our host code: forward \d+\.\d \+ backward \d+\.\d us$", phases[0]), phases
 
+
+
+def test_ridb_custom_ops_through_kept_compiled_kernels(tmp_path):
+    """The compiled trainer's calls (the RIDB forward op, then its backward op with the forward's weight
+    copies), NCHW and channels_last weights, every launch after the warm-up through a kept kernel."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    out = tmp_path / "ops.json"
+    proc = subprocess.run([sys.executable, "bench/host_overhead.py", "--ridb-ops", "--rounds", "1", "--iters", "2",
+                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["ridb_ops"] for r in rows] == ["nchw", "channels_last"]
+    assert all(r["launches"] == 9 + 18 and r["backward_takes_copies"] and r["host_us"] > 0 for r in rows), rows

@@ -175,7 +175,7 @@ def test_kept_compiled_kernel_gets_every_argument_in_signature_order(monkeypatch
         def __getitem__(self, grid):
             return lambda *args: calls.append((grid, args))
 
-    def standin(name, grid, args, constexprs, options):
+    def standin(name, grid, args, constexprs, options, key):
         calls.append(("compile", name, grid, args, dict(constexprs), options))
         return FakeCompiled()
 

@@ -108,6 +108,28 @@ def test_records_are_the_launches_a_real_call_makes(monkeypatch):
         assert all(_same_argument(a, b) for a, b in zip(rec["args"], real["args"])), rec["name"]
 
 
+def test_distinct_keeps_one_record_per_launch_key_and_every_variant():
+    """precompile warms one record per launch key: a second pass over the same plans adds nothing, a new
+    batch size adds its plans, and no kernel/constexprs/options combination recorded is ever dropped."""
+    run, _ = _workload()
+    run2, _ = _workload(batch=3)
+    once = pc.record(run)
+    twice = pc.record(lambda: (run(), run()))
+    mixed = pc.record(lambda: (run(), run2(), run()))
+    assert len(twice) == 2 * len(once)
+    # the finalize's key (no tile candidates, so no plan id) is the same for both candidates' passes
+    assert len(pc.distinct(twice)) == len(pc.distinct(once)) == len(once) - 1
+    assert len(pc.distinct(mixed)) > len(pc.distinct(once))
+
+    def variant(r):
+        return r["name"], tuple(sorted(r["constexprs"].items())), tuple(sorted(r["options"].items()))
+
+    for recs in (once, twice, mixed):
+        kept = pc.distinct(recs)
+        assert len({(r["name"], r["key"]) for r in kept}) == len(kept)
+        assert {variant(r) for r in kept} == {variant(r) for r in recs}
+
+
 def test_pick_tuner_takes_the_indexed_candidate_or_the_last():
     assert pc.PickTuner(1).choose("k", (), ["a", "b"]) == "b"
     assert pc.PickTuner(0).choose("k", (), ["a", "b"]) == "a"
@@ -209,10 +231,11 @@ def test_precompile_node_first_puts_local_rank_0_first(monkeypatch, local_rank, 
 
 
 def test_report_line_says_how_the_compiles_ran(monkeypatch):
-    report = pc.PrecompileReport(launches=902, variants=37, seconds=25.66, record_s=3.04, workers=2, parallel=True)
-    assert report.line() == ("Triton kernels precompiled: 37 variants of 902 recorded launches (every tile candidate) "
-                             "in 25.7 s (3.0 s recording), 2 compile threads")
-    serial = pc.PrecompileReport(902, 37, 43.1, 3.0, 1, False)
+    report = pc.PrecompileReport(launches=902, warmups=90, variants=37, seconds=25.66, record_s=3.04, workers=2,
+                                 parallel=True)
+    assert report.line() == ("Triton kernels precompiled: 37 variants of 902 recorded launches (every tile candidate; "
+                             "90 distinct launch keys) in 25.7 s (3.0 s recording), 2 compile threads")
+    serial = pc.PrecompileReport(902, 90, 37, 43.1, 3.0, 1, False)
     assert serial.line().endswith("in 43.1 s (3.0 s recording), one at a time")
     monkeypatch.delattr(pc.triton, "AsyncCompileMode")
     assert serial.line().endswith(f"one at a time (triton {pc.triton.__version__} has no AsyncCompileMode)")
@@ -237,7 +260,7 @@ def test_precompile_for_sm90_fills_the_jit_cache(tmp_path):
     assert r["backend_log"] == []  # the twins' kernels=triton stays out of the run's log
     # each distinct variant compiled exactly once (a cold cache), and nothing counted as a launch
     assert par["compiles"] == par["variants"] > 0
-    assert par["launches"] > par["variants"]
+    assert par["launches"] > par["warmups"] >= par["variants"]  # one warmup per launch key, not per launch
     assert r["launches_after"] == r["launches_before"]
     rep = r["replay"]
     assert rep["records"] == par["launches"] and rep["reached"] == rep["records"] and rep["compiles"] == 0
