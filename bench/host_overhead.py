@@ -56,7 +56,7 @@ def _install_standin():
 
         compiled = _Compiled()
 
-        def standin(name, grid, args, constexprs, options, key):
+        def standin(name, grid, args, constexprs, options, key=None):  # key: trees before 38333e1 pass none
             counter[0] += 1
             return compiled
 

@@ -14,9 +14,11 @@ No dW loop touches a mask (see conv3x3_bwd.py for why).
 Launch keys hold the 16-byte alignment (the JIT specialises on it) of the caller's tensors only:
 inputs, weights, biases, residuals and upstream gradients can be views at any offset (DeepSpeed's
 flat buffers put some parameters 8 bytes into a line). Every buffer this module allocates (outputs,
-masks, gz, partials, dW) comes fresh from torch's allocator, which aligns far beyond 16 bytes, and
-the forward's outputs come back into the backward as such; reading their pointers per launch cost
-~1/4 of the launch path's host time.
+masks, gz, dW; the dW partials, kept with their plan) comes from torch's allocator, which aligns far
+beyond 16 bytes, and the forward's outputs come back into the backward as such; reading their
+pointers per launch cost ~1/4 of the launch path's host time. A steady-state launch key is the plan's
+id and launch.aligned's one bit (all aligned) rather than the plan's shape tuple, which Python would
+hash again at every launch.
 Weights are read through their strides: a channels_last weight (ci fastest) is used in place; any
 other layout is copied to channels_last once per forward call and the copy is reused by the backward.
 (No cache across calls: DeepSpeed updates parameters through `.data.copy_`, which does not bump the
