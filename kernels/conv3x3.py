@@ -164,12 +164,10 @@ def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def dw_strides(weight: torch.Tensor) -> tuple:
-    """The strides dW is written with (_grad_like; the custom ops' fakes say the same): the parameter's
-    own when it is dense (AccumulateGrad then keeps dW without a copy) or read in place, else those of
-    its channels_last copy."""
-    if weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last) or reads_in_place(weight):
-        return weight.stride()
-    return cl_strides(*weight.shape)
+    """The strides dW is written with (_grad_like; the custom ops' fakes say the same): an NCHW parameter's
+    own (the trainer's: AccumulateGrad then keeps dW without a copy), else channels_last, which is a
+    channels_last parameter's own and, for any other view, dense."""
+    return weight.stride() if weight.is_contiguous() else cl_strides(*weight.shape)
 
 
 def _wstrides(w: torch.Tensor) -> tuple[int, int, int]:

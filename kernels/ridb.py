@@ -29,6 +29,11 @@ from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, c
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad, check_idb_args
 
+# torch.compiler.is_compiling under a name of this module: the custom-op tests replace it here. Replacing
+# torch.compiler's own attribute leaked into later tests: Dynamo keys its special case on the function
+# object it first sees, and then refused the real one ("marked as skipped").
+_is_compiling = torch.compiler.is_compiling
+
 
 def ridb_forward(x0, idbs, w, b, res_scale: float, r2, res2_scale: float, slope: float, save_mask: bool,
                  w_ks: Optional[list] = None):
@@ -236,7 +241,7 @@ def fused_ridb_triton(x0: torch.Tensor, idbs: Sequence[tuple], w: torch.Tensor, 
     slope, s, s2 = float(negative_slope), float(res_scale), float(res2_scale)
     idbs = [tuple(p) for p in idbs]
     flat = [t for p in idbs for t in p]
-    if torch.compiler.is_compiling():  # one opaque custom op per RIDB
+    if _is_compiling():  # one opaque custom op per RIDB
         return fused_ridb_fwd(x0, r2, w, b, flat, s, s2, slope, _needs_grad(x0, r2, w, b, *flat))[0]
     _check_once(x0, idbs, w, b, r2)
     if _needs_grad(x0, r2, w, b, *flat):

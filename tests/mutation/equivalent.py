@@ -227,10 +227,9 @@ EQUIVALENT += [
     ("kernels/conv3x3.py", "return 0", "0", "1",
      "_sms of a non-CUDA device: dw_split with 1 SM gives one chunk, as with 0 (4 programs over >= 9 tap "
      "tiles round to 1)"),
-    ("kernels/conv3x3.py", "if s_ci == 1 and s_kh == 3 * s_kw:", " * ", " / ",
-     "a channels_last weight then takes the copy branch, whose .contiguous(channels_last) returns the same "
-     "storage (it is channels_last already): the kernels read the same memory"),
-    ("kernels/conv3x3.py", "return weight.detach().contiguous(memory_format=torch.channels_last)", "weight.detach()",
+    ("kernels/conv3x3.py", "return s_ci == 1 and s_kh == 3 * s_kw", " * ", " / ",
+     "a channels_last weight then takes the copy branch: a channels_last copy of the same values, read the same way"),
+    ("kernels/conv3x3.py", "return copy.copy_(weight.detach())", "weight.detach()",
      "weight", "kernel_weight runs only where autograd records nothing (inside autograd.Function forward/backward "
      "and custom-op bodies, or without grad): the copy has no history either way"),
     ("kernels/conv3x3.py", "IDX64=", "**", "*",
@@ -242,8 +241,8 @@ EQUIVALENT += [
      "torch.empty's default dtype is float32, the dtype named (nothing in the project changes the default)"),
     ("kernels/conv3x3.py", "dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32", ", dtype=torch.float32",
      "", "torch.empty's default dtype is float32, the dtype named (nothing in the project changes the default)"),
-    ("kernels/conv3x3.py", "fb = fin_b or Finalize(ga, ga, ga, ga, 0, 1.0)", "1.0", "2.0", _ABSENT),
-    ("kernels/conv3x3.py", "fa = fin_a or Finalize(ga, ga, ga, ga, 0, 1.0)", "1.0", "2.0", _ABSENT),
+    ("kernels/conv3x3.py", "float(fin_a.scale) if fin_a is not None else 1.0", "1.0", "2.0", _ABSENT),
+    ("kernels/conv3x3.py", "float(fin_b.scale) if fin_b is not None else 1.0", "1.0", "2.0", _ABSENT),
     ("kernels/conv3x3.py", "h1, mask1 = conv_forward([x], w1, b1, slope, None, 1.0, None, 1.0,", "1.0", "2.0",
      "the scale of a residual that is None (HAS_R1 / HAS_R2 false: never read)"),
     ("kernels/conv3x3.py", "y, mask2 = conv_forward([x, h1], w2, b2, slope, x0, 1.0, None, 1.0, save_mask, w_k=w2_k)",
