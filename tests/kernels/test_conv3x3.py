@@ -142,6 +142,7 @@ def check_case(channels, c_out, n, h, w, *, slope=0.2, bias=True, r1=False, r2=F
         ([64, 32], 64, 1, 6, 5, "channels_last"), # the trunk's IDB conv2 channels
         ([8], 72, 1, 2, 3, "channels_last"),      # C_out 72: gz made and written in two K blocks (64 + 8)
         ([48, 40], 17, 1, 3, 2, "channels_last"), # dX has two channel tiles: only the first writes gz
+        ([8], 136, 1, 2, 3, "channels_last"),     # C_out 136: two forward N tiles (128 + 8) and their mask bytes
     ],
 )
 def test_shapes_and_layouts(channels, c_out, n, h, w, layout):

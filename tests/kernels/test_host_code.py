@@ -412,3 +412,22 @@ def test_opcheck_conv_backward_op_bfloat16():
                                                     None, 1.0, True)
     torch.library.opcheck(torch.ops.gafh_fast.fused_conv3x3_bwd.default,
                           (grad.to(torch.bfloat16).to(DEVICE), [t["x1"], t["x2"]], t["weight"], mask, 0.2, 0.5, True))
+
+
+def test_dx_refuses_two_finalize_jobs_on_one_partials_buffer():
+    """The dW partials are kept per plan (_dw_partials): two finalize jobs of one dX launch reading the same
+    buffer would mean two pending dW launches shared a plan; the launch refuses rather than reduce it twice."""
+    cl = dict(memory_format=torch.channels_last)
+    g = torch.randn(1, 8, 2, 3, device=DEVICE).contiguous(**cl)
+    w = torch.randn(8, 8, 3, 3, device=DEVICE).contiguous(**cl)
+
+    def job(partials):
+        return conv3x3.Finalize(partials, None, torch.empty(8, 8, 3, 3, device=DEVICE).contiguous(**cl), None, 1, 1.0)
+
+    shared = torch.zeros(1, 9, 8, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="share one partials buffer"):
+        conv3x3._dx((g, w, 0), (g, w, 0), torch.empty_like(g), None, None, None, 1.0, job(shared), job(shared), None)
+    a, b = job(torch.zeros(1, 9, 8, 8, device=DEVICE)), job(torch.zeros(1, 9, 8, 8, device=DEVICE))
+    out = torch.empty_like(g)
+    conv3x3._dx((g, w, 0), (g, w, 0), out, None, None, None, 1.0, a, b, None)  # separate buffers: it runs
+    assert torch.equal(a.dw, torch.zeros_like(a.dw)) and torch.equal(b.dw, torch.zeros_like(b.dw))

@@ -216,6 +216,8 @@ _UNSTORED = ("the fill value of lanes no store writes (masked out of the store a
              "0 without `other` too")
 _COMMUTES = "pixel_rows(a, b) is a * b (in int64 when IDX64): the product commutes"
 _KEY_FLAG = "a plan-key flag negated: the key still tells the same cases apart"
+_OURS_ALIGNED = ("one more pointer in a launch key's alignment OR: the next argument is a buffer this module "
+                 "allocates (y, the dW partials), which torch's allocator aligns to >= 64 bytes: the key part is the same")
 
 EQUIVALENT += [
     ("kernels/configs.py", "waves_128 = cdiv(m_bucket(m), 128) * n_tiles / H100_SMS", "128", "129", _TILE_ORDER),
@@ -264,6 +266,10 @@ EQUIVALENT += [
     ("kernels/conv3x3_fwd.py", "acc = tl.load(r2_ptr + out_off, mask=out_ok, other=0.0)", ", other=0.0", "", _UNSTORED),
     ("kernels/conv3x3_fwd.py", "tl.store(mask_ptr + pixel_rows(offs_m, c_bytes, IDX64)", "offs_m, c_bytes",
      "c_bytes, offs_m", _COMMUTES),
+    ("kernels/conv3x3.py", 'grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_out, cfg.kwargs["BLOCK_N"]), 1)', "1", "2",
+     "the forward kernel reads no program_id(2): a second z-slice of programs repeats the same stores"),
+    ("kernels/conv3x3.py", "FWD.launch((key, aligned(*ptrs[:6]))", "6", "7", _OURS_ALIGNED),
+    ("kernels/conv3x3.py", "DW.launch((key, aligned(*ptrs[:3]))", "3", "4", _OURS_ALIGNED),
     ("kernels/launch.py", "DIRECT_LAUNCH = _triton_version() >= _MIN_DIRECT", " >= ", " > ",
      "differs only on Triton 3.3.x; this machine runs 3.9, the GPU machine 3.6"),
     ("kernels/op.py", "check_idb_args(x, x0, w1, b1, w2, b2)", "x, x0", "x0, x",
@@ -290,6 +296,13 @@ EQUIVALENT_AT = [
      "the scale of residual2, which is None in both IDB convs (HAS_R2 false: never read)"),
     ("kernels/conv3x3.py", "if fin_a else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
     ("kernels/conv3x3.py", "if fin_b else (0, 1, 1, 0, 0, 0)", "0", "1", _ABSENT),
+    ("kernels/conv3x3.py", "if fin_a else (0, 1, 1, 0, 0, 0)", "1", "2", _ABSENT),
+    ("kernels/conv3x3.py", "if fin_b else (0, 1, 1, 0, 0, 0)", "1", "2", _ABSENT),
+    ("kernels/conv3x3.py", "fin_a.programs() if fin_a else 0", "0", "1",
+     "one program for a finalize job that is absent (FIN_A false: the kernel's finalize-A branch is compiled out); "
+     "job B's programs start one later and all still run"),
+    ("kernels/conv3x3.py", "fin_b.programs() if fin_b else 0", "0", "1",
+     "one program more at the end of the grid for a finalize job that is absent (FIN_B false: compiled out)"),
     ("kernels/conv3x3.py", "else (ga, wa, 0)", "0", "1", _ABSENT),
     ("gafh_fast/train/optim.py", "@torch.no_grad()\n    def _before_step(", "@torch.no_grad()", "",
      "_before_step touches gradients, detached copies and Adam's state, none of which requires grad: no graph "
