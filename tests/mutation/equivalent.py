@@ -270,6 +270,12 @@ EQUIVALENT += [
      "the forward kernel reads no program_id(2): a second z-slice of programs repeats the same stores"),
     ("kernels/conv3x3.py", "FWD.launch((key, aligned(*ptrs[:6]))", "6", "7", _OURS_ALIGNED),
     ("kernels/conv3x3.py", "DW.launch((key, aligned(*ptrs[:3]))", "3", "4", _OURS_ALIGNED),
+    ("kernels/conv3x3.py", "DX.launch((key, aligned(ptrs[0], *ptrs[3:6]))", "6", "7", _OURS_ALIGNED),
+    ("kernels/conv3x3.py", "DX.launch((key, aligned(ptrs[0], *ptrs[3:6]))", "0", "1",
+     "a caller's tensor reaches source A only in launches without a source B (the conv's and the IDB's first dX, the "
+     "RIDB's closing dX), where ptrs[4] (source B) is source A itself: its alignment is in the key either way"),
+    ("kernels/conv3x3.py", "FIN.launch((key, ()), (fin.programs(), 1, 1),", "1", "2",
+     "the finalize kernel reads only program_id(0): a second z-slice of programs writes the same dW again"),
     ("kernels/launch.py", "DIRECT_LAUNCH = _triton_version() >= _MIN_DIRECT", " >= ", " > ",
      "differs only on Triton 3.3.x; this machine runs 3.9, the GPU machine 3.6"),
     ("kernels/op.py", "check_idb_args(x, x0, w1, b1, w2, b2)", "x, x0", "x0, x",
@@ -381,4 +387,10 @@ EQUIVALENT += [
      "with N_TOT == N1 the second output's store mask (offs_n >= N1) is all false: nothing is stored"),
     ("kernels/ridb.py", "return torch.empty(mask_shape(n, h, wd, c) if save_mask else (0,), dtype=torch.uint8, "
      "device=x0.device)", ", device=x0.device", "", _CUDA),
+    ("kernels/ridb.py", "copies = [torch.empty_strided(t.shape, cl_strides(*t.shape), dtype=t.dtype, device=t.device)",
+     ", device=t.device", "", _CUDA),
+    ("kernels/ridb.py", "return torch.empty_strided(t.shape, dw_strides(t), dtype=t.dtype, device=t.device)",
+     ", device=t.device", "", _CUDA),
+    ("kernels/launch.py", "if len(grid) != 3:", "3", "4",
+     "padding a grid that already has 3 entries adds none: (*grid, *(1,) * 0) is the same tuple"),
 ]
