@@ -287,8 +287,10 @@ def ridb_op_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
             out = torch.ops.gafh_fast.fused_ridb_fwd.default(x0, None, w, b, flat, 0.2, 1.0, 0.2, True)
             saved = out[1:17]
             if takes_copies:
+                from gafh_fast.kernels.conv3x3 import reads_in_place  # trees with the copies have it
+
                 copies = iter(out[17:])
-                kernel_weights = [t if t.stride(1) == 1 else next(copies) for t in weights + [w]]
+                kernel_weights = [t if reads_in_place(t) else next(copies) for t in weights + [w]]
                 bwd_op(gy, x0, saved, w, weights, kernel_weights, 0.2, 1.0, 0.2)
             else:
                 bwd_op(gy, x0, saved, w, weights, 0.2, 1.0, 0.2)

@@ -305,6 +305,15 @@ class Finalize:
         """Programs that sum the partials: one per FIN_BLOCK elements of one split's (9, C_in, C_out)."""
         return cdiv(9 * self.dw.shape[1] * self.dw.shape[0], configs.FIN_BLOCK)
 
+    def ptrs(self) -> tuple:
+        """(dW partials, db partials, dW, db) as the kernels take them: an absent db is any valid pointer."""
+        return (self.dwp, self.dbp if self.dbp is not None else self.dwp, self.dw,
+                self.db if self.db is not None else self.dw)
+
+    def shape_args(self) -> tuple:
+        """(split, C_in, C_out, dW's co / ci / tap strides): the reduction's shape arguments."""
+        return (self.split, self.dw.shape[1], self.dw.shape[0], *_wstrides(self.dw))
+
 
 def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize], fin_b: Optional[Finalize],
         config: Optional[triton.Config], a_mask: Optional[torch.Tensor] = None, gz_out: Optional[torch.Tensor] = None,
@@ -338,8 +347,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
                      FIN_B=fin_b is not None, FB_BIAS=fin_b is not None and fin_b.db is not None,
                      IDX64=m * max(ca, cb, n_tot) >= 2**31, **_dtype_flags(ga.dtype), FIN_BLOCK=configs.FIN_BLOCK)
         # the finalize's shape scalars and program counts are the plan's (its key holds the dW shapes)
-        fa_shape = (fin_a.split, fin_a.dw.shape[1], fin_a.dw.shape[0], *_wstrides(fin_a.dw)) if fin_a else (0, 1, 1, 0, 0, 0)
-        fb_shape = (fin_b.split, fin_b.dw.shape[1], fin_b.dw.shape[0], *_wstrides(fin_b.dw)) if fin_b else (0, 1, 1, 0, 0, 0)
+        fa_shape = fin_a.shape_args() if fin_a else (0, 1, 1, 0, 0, 0)
+        fb_shape = fin_b.shape_args() if fin_b else (0, 1, 1, 0, 0, 0)
         plan = [None, flags, cb, fa_shape + fb_shape, fin_a.programs() if fin_a else 0,
                 fin_b.programs() if fin_b else 0, next(_PLAN_IDS)]
     cfg, flags, cb, fin_shapes, fa_n, fb_n, plan_id = plan
@@ -347,10 +356,7 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
         raise RuntimeError("the dX launch's two finalize jobs share one partials buffer (_dw_partials' plans)")
     gb, wb, base_b = src_b if src_b is not None else (ga, wa, 0)
     s_in, s_out, s_scale = add_sum if add_sum is not None else (ga, ga, 0.0)
-    fin_ptrs = ((fin_a.dwp, fin_a.dbp if fin_a.dbp is not None else fin_a.dwp, fin_a.dw,
-                 fin_a.db if fin_a.db is not None else fin_a.dw) if fin_a is not None else (ga, ga, ga, ga)) + \
-               ((fin_b.dwp, fin_b.dbp if fin_b.dbp is not None else fin_b.dwp, fin_b.dw,
-                 fin_b.db if fin_b.db is not None else fin_b.dw) if fin_b is not None else (ga, ga, ga, ga))
+    fin_ptrs = (fin_a.ptrs() if fin_a is not None else (ga,) * 4) + (fin_b.ptrs() if fin_b is not None else (ga,) * 4)
     ptrs = (ga, a_mask if a_mask is not None else ga, gz_out if gz_out is not None else ga, wa, gb, wb, out1,
             out2 if out2 is not None else out1, omask if omask is not None else ga, s_in, s_out) + fin_ptrs
     scalars_head = (m, h, w, ca, *_wstrides(wa), base_a, cb, *_wstrides(wb), base_b, n1, n_tot) + fin_shapes
@@ -387,13 +393,11 @@ _FIN_CONFIG = triton.Config({}, num_warps=4, num_stages=1)  # a plain reduction:
 
 def _finalize(fin: Finalize) -> None:
     """Launch the dW/db reduction on its own (a conv with an activation: its dX launch came first)."""
-    c_out, c_in = fin.dw.shape[0], fin.dw.shape[1]
-    ptrs = (fin.dwp, fin.dbp if fin.dbp is not None else fin.dwp, fin.dw, fin.db if fin.db is not None else fin.dw)
     flags = dict(HAS_BIAS=fin.db is not None, INTERP_BF16=_dtype_flags(fin.dw.dtype)["INTERP_BF16"],
                  BLOCK=configs.FIN_BLOCK)
     key = ("fin", fin.dw.shape, fin.dw.stride(), fin.dw.dtype, fin.dw.device, fin.db is not None, fin.split)
-    FIN.launch((key, ()), (fin.programs(), 1, 1),
-               ptrs + (fin.split, c_in, c_out, *_wstrides(fin.dw), float(fin.scale)), flags, _FIN_CONFIG)
+    FIN.launch((key, ()), (fin.programs(), 1, 1), fin.ptrs() + fin.shape_args() + (float(fin.scale),), flags,
+               _FIN_CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,13 +35,18 @@ from .op import _needs_grad, check_idb_args
 _is_compiling = torch.compiler.is_compiling
 
 
+def _conv_weights(idbs: Sequence[tuple], w: Optional[torch.Tensor] = None) -> list:
+    """The RIDB's conv weights in the order the kernel weights (w_ks) follow: w1, w2 per IDB, then w if given."""
+    return [t for p in idbs for t in (p[0], p[2])] + ([w] if w is not None else [])
+
+
 def ridb_forward(x0, idbs, w, b, res_scale: float, r2, res2_scale: float, slope: float, save_mask: bool,
                  w_ks: Optional[list] = None):
     """(out, xs, h1s, mask1s, mask2s): xs[q] is IDB q's input (xs[0] = x0, xs[Q] the closing conv's).
     idbs: [(w1, b1, w2, b2)] per IDB; w_ks: kernel_weight of every weight in the order w1, w2 per IDB, w."""
     q_n = len(idbs)
     x0 = _cl(x0)  # once: every IDB and the closing conv read it, and the backward's dW launches need it so
-    w_ks = w_ks or [kernel_weight(t) for p in idbs for t in (p[0], p[2])] + [kernel_weight(w)]
+    w_ks = w_ks or [kernel_weight(t) for t in _conv_weights(idbs, w)]
     xs, h1s, m1s, m2s = [x0], [], [], []
     for q, (w1, b1, w2, b2) in enumerate(idbs):
         y, h1, m1, m2 = idb_forward(xs[q], x0, w1, b1, w2, b2, slope, save_mask, w1_k=w_ks[2 * q],
@@ -107,8 +112,8 @@ class _EagerFusedRIDB(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0, r2, w, b, res_scale, res2_scale, slope, *flat):
         idbs = _group(flat)
-        weights = [t for p in idbs for t in (p[0], p[2])]  # w1, w2 per IDB
-        w_ks = [kernel_weight(t) for t in weights] + [kernel_weight(w)]
+        weights = _conv_weights(idbs)
+        w_ks = [kernel_weight(t) for t in _conv_weights(idbs, w)]
         out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, slope, True, w_ks=w_ks)
         ctx.save_for_backward(*xs, *h1s, *m1s, *m2s, w, *weights, *w_ks)
         ctx.meta = (len(idbs), r2 is not None, res_scale, res2_scale if r2 is not None else 1.0, slope)
@@ -139,7 +144,7 @@ def fused_ridb_fwd(x0: torch.Tensor, r2: Optional[torch.Tensor], w: torch.Tensor
     b1, w2, b2 per IDB); activations channels_last, masks bit-packed (empty without save_mask)."""
     idbs = _group(idb_params)
     _check_once(x0, idbs, w, b, r2)
-    weights = [t for p in idbs for t in (p[0], p[2])] + [w]
+    weights = _conv_weights(idbs, w)
     w_ks = [kernel_weight(t) for t in weights]
     out, xs, h1s, m1s, m2s = ridb_forward(x0, idbs, w, b, res_scale, r2, res2_scale, negative_slope, save_mask,
                                           w_ks=w_ks)
@@ -159,7 +164,7 @@ def _(x0, r2, w, b, idb_params, res_scale, res2_scale, negative_slope, save_mask
         return torch.empty(mask_shape(n, h, wd, c) if save_mask else (0,), dtype=torch.uint8, device=x0.device)
 
     copies = [torch.empty_strided(t.shape, cl_strides(*t.shape), dtype=t.dtype, device=t.device)
-              for t in [t for p in idbs for t in (p[0], p[2])] + [w] if not reads_in_place(t)]
+              for t in _conv_weights(idbs, w) if not reads_in_place(t)]
     return [act(nf), *(act(nf) for _ in idbs), *(act(p[0].shape[0]) for p in idbs),
             *(mask(p[0].shape[0]) for p in idbs), *(mask(nf) for _ in idbs), *copies]
 
@@ -195,7 +200,7 @@ def _(grad, x0, saved, w, idb_weights, kernel_weights, res_scale, res2_scale, ne
 def _ridb_setup_context(ctx, inputs, output):
     x0, r2, w, _b, idb_params, s, s2, slope, _save = inputs
     q_n = len(idb_params) // 4
-    weights = [t for p in _group(idb_params) for t in (p[0], p[2])]
+    weights = _conv_weights(_group(idb_params))
     ctx.save_for_backward(x0, w, *output[1:1 + 4 * q_n], *weights, *output[1 + 4 * q_n:])
     ctx.meta = (q_n, r2 is not None, s, s2 if r2 is not None else 1.0, slope,
                 [not reads_in_place(t) for t in weights + [w]])
