@@ -2,7 +2,7 @@
 
 Every 3x3 convolution of the generator trunk calls `fused_conv3x3`, every internal dense block
 `fused_idb` (its two convs in one autograd Function), every RIDB `fused_ridb` (its IDBs and closing
-conv in one autograd Function). Their `torch` backend below is the reference semantics; the `triton`
+conv in one autograd Function), every nearest-x2 upsampling step with its conv `fused_upconv3x3`. Their `torch` backend below is the reference semantics; the `triton`
 backend (gafh_fast.kernels) computes the same thing in fewer passes.
 
 `auto`: torch on CPU. On CUDA, per op shape (and whether a backward follows), the faster of triton
@@ -304,3 +304,33 @@ def fused_ridb(x0: torch.Tensor, idbs: Sequence[tuple], weight: torch.Tensor, bi
     from gafh_fast.kernels import fused_ridb_triton
 
     return fused_ridb_triton(x0, idbs, weight, bias, res_scale, residual2, res2_scale, negative_slope)
+
+
+def fused_upconv3x3_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              negative_slope: Optional[float] = 0.2) -> torch.Tensor:
+    """The spec's upsampling step in plain PyTorch: nearest x2, then conv3x3 (+ bias) and LeakyReLU."""
+    return fused_conv3x3_reference([F.interpolate(x, scale_factor=2, mode="nearest")], weight, bias, negative_slope)
+
+
+def fused_upconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                    negative_slope: Optional[float] = 0.2, backend: str = "auto") -> torch.Tensor:
+    """y = act(conv3x3(nearest_x2(x), weight) + bias): (N, C, H, W) -> (N, C_out, 2H, 2W).
+
+    The triton backend never materialises the upsampled tensor: each of the four output phases is a 2x2
+    conv of x with combined weights (4/9 of the FLOPs; gafh_fast/kernels/upconv_kernels.py)."""
+    if weight.shape[-2:] != (3, 3):
+        raise ValueError(f"fused_upconv3x3 takes 3x3 weights, got {tuple(weight.shape)}")
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "auto":
+        from gafh_fast.kernels import fused_upconv3x3_triton
+
+        tensors = (x, weight, bias)
+        key = _shape_key("upconv3x3", tensors, _needs_grad(tensors), negative_slope)
+        chosen = AUTO.choose(key, {"triton": lambda *a: fused_upconv3x3_triton(*a, negative_slope),
+                                   "torch": lambda *a: fused_upconv3x3_reference(*a, negative_slope)},
+                             tensors, key[3])
+    if chosen == "torch":
+        return fused_upconv3x3_reference(x, weight, bias, negative_slope)
+    from gafh_fast.kernels import fused_upconv3x3_triton
+
+    return fused_upconv3x3_triton(x, weight, bias, negative_slope)

@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import conv3x3
+from . import conv3x3, launch
 from .conv3x3_fwd import INTERPRETING
 from .precompile import record
 
@@ -77,7 +77,7 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
 
 def compile_record(rec: dict, arch: int):
     """triton.compile of one recorded launch, specialised by Triton's own binder for cuda:arch."""
-    kernel = getattr(conv3x3, rec["name"].upper()).kernel  # launcher FWD, DW, DX or FIN of conv3x3.py
+    kernel = launch.LAUNCHERS[rec["name"]].kernel
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)

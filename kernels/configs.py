@@ -71,15 +71,43 @@ def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.C
             triton.Config({**meta, "BLOCK_P": 64}, num_warps=4, num_stages=4)]
 
 
+def _up_gemm_candidates(k_channels: int, n_channels: int, m: int, programs_per_tile: int) -> list[triton.Config]:
+    """The upsampling conv's forward (K = C_in, N = C_out, 4 phase programs per tile) and dX (K = C_out,
+    N = C_in): one K block per tap as deep as the channels, a tile as wide as N; BLOCK_M as above."""
+    block_n = pow2_block(n_channels, lo=16, hi=128)
+    block_k = pow2_block(k_channels)
+    meta = {"BLOCK_N": block_n, "BLOCK_K": block_k, "K_STEPS": cdiv(k_channels, block_k),
+            "EVEN_K": k_channels % block_k == 0}
+    n_tiles = cdiv(n_channels, block_n) * programs_per_tile
+    return [triton.Config({"BLOCK_M": bm, **meta}, num_warps=4, num_stages=st) for bm, st in _block_m_choices(m, n_tiles)]
+
+
+def up_fwd_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Config]:
+    """m: low-resolution pixels (each program makes one phase of BLOCK_M of them)."""
+    return _up_gemm_candidates(c_in, c_out, m, 4)
+
+
+def up_dx_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Config]:
+    return _up_gemm_candidates(c_out, c_in, m, 1)
+
+
+def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Config]:
+    """As dw_candidates for one input; the pixel block walks low-resolution pixels."""
+    block_c, block_co = pow2_block(c_in), pow2_block(c_out)
+    meta = {"BLOCK_C": block_c, "BLOCK_CO": block_co, "EVEN_C": c_in % block_c == 0, "EVEN_CO": c_out % block_co == 0}
+    return [triton.Config({**meta, "BLOCK_P": 128}, num_warps=4, num_stages=3),
+            triton.Config({**meta, "BLOCK_P": 64}, num_warps=4, num_stages=4)]
+
+
 FIN_BLOCK = 1024           # finalize programs: partial elements per program
 DW_CHUNK_MULTIPLE = 128    # dW pixel chunks are a multiple of every BLOCK_P above
 
 
-def dw_split(m: int, c_in: int, c_out: int, sms: int) -> int:
-    """Pixel chunks of the dW reduction: ~4 programs per SM over the (tap, tile) programs, chunks of at
-    least 1024 pixels (the fp32 workspace stays a few MB). sms = 0: one chunk (the interpreter runs
+def dw_split(m: int, c_in: int, c_out: int, sms: int, taps: int = 9) -> int:
+    """Pixel chunks of the dW reduction: ~4 programs per SM over the (tap, tile) programs (taps: 9, or 16
+    for the upsampling conv's phase taps), chunks of at least 1024 pixels (the fp32 workspace stays a few MB). sms = 0: one chunk (the interpreter runs
     programs one after another, so splitting buys nothing there)."""
     if sms <= 0:
         return 1
-    tiles = 9 * cdiv(c_in, 64) * cdiv(c_out, 64)
+    tiles = taps * cdiv(c_in, 64) * cdiv(c_out, 64)
     return max(1, min(cdiv(4 * sms, tiles), m // 1024))

@@ -36,7 +36,7 @@ from . import configs
 from .configs import cdiv
 from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel, conv3x3_bwd_finalize_kernel
 from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
-from .launch import KernelLauncher, aligned
+from .launch import LAUNCHERS, KernelLauncher, aligned
 from .tuning import Tuner, config_to_dict, cuda_timer, default_cache_path
 
 FWD = KernelLauncher(conv3x3_fwd_kernel, "fwd")
@@ -69,7 +69,7 @@ def set_tuner(new: Optional[Tuner]) -> Optional[Tuner]:
     global _TUNER
     old, _TUNER = _TUNER, new
     _PLANS.clear()
-    for launcher in (FWD, DW, DX, FIN):
+    for launcher in LAUNCHERS.values():  # upconv.py's too
         launcher.forget()
     return old
 
@@ -86,7 +86,7 @@ def plan_configs() -> list[dict]:
 
 def kept_partials() -> list[torch.Tensor]:
     """The dW/db partial buffers kept with this process's dW plans (see _dw_partials)."""
-    return [t for key, plan in _PLANS.items() if key[0] == "dw" for t in plan[4:6] if t is not None]
+    return [t for key, plan in _PLANS.items() if key[0] in ("dw", "up_dw") for t in plan[4:6] if t is not None]
 
 
 def _sms(device: torch.device) -> int:

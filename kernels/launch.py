@@ -28,6 +28,8 @@ import triton.language as tl
 from .conv3x3_fwd import INTERPRETING
 
 LAUNCHES: Counter = Counter()
+# Every KernelLauncher by name (precompile and compile_check find a recorded launch's kernel here).
+LAUNCHERS: dict[str, "KernelLauncher"] = {}
 # bench/host_overhead.py and precompile.record set this to a callable(name, grid, args, constexprs, options,
 # key) -> compiled-like (or None: keep nothing)
 STANDIN: Optional[Callable] = None
@@ -51,6 +53,8 @@ class KernelLauncher:
     """One per JIT kernel. launch(key, grid, args, flags, config)."""
 
     def __init__(self, kernel, name: str):
+        if name in LAUNCHERS and LAUNCHERS[name].kernel is not kernel:
+            raise ValueError(f"a KernelLauncher named {name!r} launches another kernel already")
         self.kernel = kernel
         self.name = name
         self._compiled: dict[Any, tuple[Any, tuple]] = {}
@@ -60,6 +64,7 @@ class KernelLauncher:
         n_rt = len(params) - len(self._constexpr_names)
         if params[n_rt:] != self._constexpr_names:
             raise TypeError(f"{name}: constexpr parameters must come last (direct launch passes them in order)")
+        LAUNCHERS[name] = self
 
     def launch(self, key, grid: tuple, args: tuple, flags: dict, config: triton.Config) -> None:
         """args: the runtime arguments in signature order; flags + config.kwargs: the constexprs (merged

@@ -72,8 +72,8 @@ def record(run: Callable[[], None], picks: Iterable[int] = range(N_CANDIDATES)) 
 
 
 def launcher(name: str) -> launch.KernelLauncher:
-    """The KernelLauncher of conv3x3.py a record names (FWD, DW, DX or FIN)."""
-    return getattr(conv3x3, name.upper())
+    """The KernelLauncher a record names (conv3x3.py's fwd, dw, dx, fin; upconv.py's up_*)."""
+    return launch.LAUNCHERS[name]
 
 
 def distinct(records: list[dict]) -> list[dict]:

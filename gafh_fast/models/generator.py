@@ -2,8 +2,8 @@
 
 Every RIDB (its IDBs and its closing conv) goes through `gafh_fast.ops.fused_ridb` (one fused op),
 the other trunk 3x3 convs through `gafh_fast.ops.fused_conv3x3`; an IDB on its own (IDB.forward) is
-`gafh_fast.ops.fused_idb`. The `nn.Conv2d` modules only hold parameters, so the state-dict keys are
-the same whichever backend runs.
+`gafh_fast.ops.fused_idb`, each nearest-x2 upsampling step and its conv `gafh_fast.ops.fused_upconv3x3`.
+The `nn.Conv2d` modules only hold parameters, so the state-dict keys are the same whichever backend runs.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gafh_fast.config import GeneratorConfig
-from gafh_fast.ops import fused_conv3x3, fused_idb, fused_ridb, unlogged_choice
+from gafh_fast.ops import fused_conv3x3, fused_idb, fused_ridb, fused_upconv3x3, unlogged_choice
 
 
 def _kaiming_(module: nn.Module, scale: float) -> None:
@@ -121,9 +121,8 @@ class Generator(nn.Module):
                 residual=sfm, backend=self.kernels,
             )
         for conv in self.upconvs:
-            if self.cfg.upsample == "nearest_conv":
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
-                x = fused_conv3x3([x], conv.weight, conv.bias, backend=self.kernels)
+            if self.cfg.upsample == "nearest_conv":  # nearest x2 -> conv -> LeakyReLU, as one op
+                x = fused_upconv3x3(x, conv.weight, conv.bias, backend=self.kernels)
             else:
                 # LeakyReLU is elementwise, so it commutes with the pixel shuffle permutation.
                 x = F.pixel_shuffle(fused_conv3x3([x], conv.weight, conv.bias, backend=self.kernels), 2)
