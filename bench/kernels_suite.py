@@ -5,6 +5,9 @@ On a CUDA GPU, at LR 32x32, nf 64, gc 32, bf16, channels_last, for each batch it
     idb_fwd_bwd  one IDB forward + backward
     ridb_fwd_bwd one RIDB (4 IDBs + its conv, with the DNB residual) forward + backward: the generator's
                  unit of fusion (one autograd Function on the triton path); eager and triton only
+    up_fwd_bwd   the generator's first upsampling step forward + backward (nearest x2 -> conv nf -> nf ->
+                 LeakyReLU, 32x32 -> 64x64; triton: kernels/upconv.py's sub-pixel phases, 4/9 of the
+                 FLOPs, no upsampled tensor; TFLOP/s count the reference conv's FLOPs)
     gen_fwd_bwd  the whole paper generator forward + backward (32x32 -> 256x256)
 three ways: `triton` (kernels=triton), `eager` (kernels=torch, cudnn.benchmark on), `compile`
 (torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
@@ -46,6 +49,7 @@ import torch
 
 from gafh_fast.config import load_config
 from gafh_fast.models.generator import IDB, RIDB, Generator, precompile_kernels
+from gafh_fast.ops import fused_upconv3x3
 
 NF, GC, LR_SIZE = 64, 32, 32
 PATHS = ("triton", "eager", "compile")
@@ -80,6 +84,18 @@ def generator_forward_flops(cfg, batch: int) -> int:
     return batch * total
 
 
+class UpsampleStep(torch.nn.Module):
+    """One upsampling step of the generator (its `nearest_conv` path): fused_upconv3x3 with the module's backend."""
+
+    def __init__(self, nf: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(nf, nf, 3, padding=1)
+        self.kernels = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_upconv3x3(x, self.conv.weight, self.conv.bias, backend=self.kernels)
+
+
 def _workloads(cfg, batch: int, device: torch.device):
     """name -> (module, make_fn(module) -> callable, flops, tensors whose grads do_bench clears)."""
     fmt = dict(device=device, dtype=torch.bfloat16)
@@ -89,6 +105,7 @@ def _workloads(cfg, batch: int, device: torch.device):
     ridb = RIDB(NF, GC, cfg.model.generator.idb_per_ridb, cfg.model.generator.res_scale).to(**fmt).to(
         memory_format=torch.channels_last)
     gen = Generator(cfg.model.generator, kernels="torch").to(**fmt).to(memory_format=torch.channels_last)
+    up = UpsampleStep(NF).to(**fmt).to(memory_format=torch.channels_last)
     x_leaf = x.clone().requires_grad_(True)
 
     def idb_fwd(module):
@@ -107,6 +124,11 @@ def _workloads(cfg, batch: int, device: torch.device):
             module(x_leaf, x_leaf).sum().backward()  # x0 and the DNB residual: the DNB's last RIDB
         return fn
 
+    def up_fwd_bwd(module):
+        def fn():
+            module(x_leaf).sum().backward()
+        return fn
+
     def gen_fwd_bwd(module):
         def fn():
             module(lr).float().mean().backward()
@@ -116,6 +138,8 @@ def _workloads(cfg, batch: int, device: torch.device):
         "idb_fwd": (idb, idb_fwd, idb_forward_flops(batch), []),
         "idb_fwd_bwd": (idb, idb_fwd_bwd, 3 * idb_forward_flops(batch), [x_leaf, *idb.parameters()]),
         "ridb_fwd_bwd": (ridb, ridb_fwd_bwd, 3 * ridb_forward_flops(cfg, batch), [x_leaf, *ridb.parameters()]),
+        "up_fwd_bwd": (up, up_fwd_bwd, 3 * batch * conv_flops(NF, NF, 3, 2 * LR_SIZE, 2 * LR_SIZE),
+                       [x_leaf, *up.parameters()]),
         "gen_fwd_bwd": (gen, gen_fwd_bwd, 3 * generator_forward_flops(cfg, batch), list(gen.parameters())),
     }
 
@@ -458,7 +482,7 @@ def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: in
 def cpu_plumbing_rows() -> list[dict]:
     """Without CUDA: run what can run (nothing timed) and say so in skipped rows."""
     base = {"suite": "kernels", "card": "cpu"}
-    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, gen_fwd_bwd", path="triton, eager, compile, CUDA graphs",
+    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, ridb_fwd_bwd, up_fwd_bwd, gen_fwd_bwd", path="triton, eager, compile, CUDA graphs",
                  batch=None, skipped="numbers need CUDA (the Triton interpreter is never timed)")]
     idb = IDB(8, 4).to(memory_format=torch.channels_last)
     x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)

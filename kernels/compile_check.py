@@ -3,7 +3,8 @@
     python -m gafh_fast.kernels.compile_check [--batch 64] [--dtype bf16] [--json out.json]
 
 It runs the real host path (an IDB forward + backward, nf 64, gc 32, 32x32; the RIDB's last conv with
-two residuals; the first upsampling conv, nf -> nf with LeakyReLU at 64x64; a fused RIDB of 2 IDBs,
+two residuals; the first upsampling step, nearest x2 + conv nf -> nf + LeakyReLU from 32x32 to 64x64
+(upconv.py: its five kernels); a fused RIDB of 2 IDBs,
 whose rows are only the kernel variants the others do not launch) with a stand-in launcher that
 records every launch (arguments, constexprs, grid, options), once per tile candidate of the heuristic.
 Each launch is specialised exactly as the JIT would (Triton's own binder on a cuda:90 target) and
@@ -44,9 +45,10 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
     """Every launch of one IDB forward + backward, one two-residual conv forward + backward, one
-    activated (upsampling) conv forward + backward and one fused RIDB (2 IDBs) forward + backward."""
+    upsampling step (upconv.py) forward + backward and one fused RIDB (2 IDBs) forward + backward."""
     from .op import fused_conv3x3_triton, fused_idb_triton
     from .ridb import fused_ridb_triton
+    from .upconv import fused_upconv3x3_triton
 
     nf, gc, s = 64, 32, 32
     fmt = dict(dtype=dtype)
@@ -56,11 +58,11 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
     w2 = torch.randn(nf, nf + gc, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
     w3 = torch.randn(nf, nf, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
     b1, b2, b3 = (torch.zeros(c, **fmt, requires_grad=True) for c in (gc, nf, nf))
-    up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt).contiguous(memory_format=cl).requires_grad_()
+    up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt)
     workloads = [
         ("idb", lambda: fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).backward(torch.ones_like(x))),
         ("ridb_conv", lambda: fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2).backward(torch.ones_like(x))),
-        ("up_conv", lambda: fused_conv3x3_triton([up], w3, b3, 0.2, None, 1.0, None, 1.0).backward(torch.ones_like(up))),
+        ("up_conv", lambda: fused_upconv3x3_triton(x, w3, b3, 0.2).backward(up)),
         ("ridb", lambda: fused_ridb_triton(x, [(w1, b1, w2, b2)] * 2, w3, b3, 0.2, x, 0.2).backward(torch.ones_like(x))),
     ]
     old_sms = conv3x3._sms
@@ -172,7 +174,7 @@ def analyze(compiled, arch: int, programs: int, num_warps: int) -> dict:
 
 
 def _config_label(rec: dict) -> str:
-    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K1", "BLOCK_K2", "BLOCK_KA", "BLOCK_KB", "BLOCK_C", "BLOCK_CO", "BLOCK_P")
+    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_K1", "BLOCK_K2", "BLOCK_KA", "BLOCK_KB", "BLOCK_C", "BLOCK_CO", "BLOCK_P")
     c = rec["constexprs"]
     return " ".join(f"{k[6:]}={c[k]}" for k in keep if k in c and not (k.endswith(("K2", "KB")) and
                     c.get(k.replace("BLOCK_", "") + "_STEPS", 1) == 0)) + f" st={rec['options']['num_stages']}"

@@ -1,6 +1,6 @@
 """FLOP and byte floor per kernel launch of one IDB forward + backward (the time no version beats).
 
-    python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0] [--ridb]
+    python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0] [--ridb] [--up]
 
 Per launch of conv3x3.idb_forward / idb_backward (nf 64, gc 32, 32x32, bf16): the matmul FLOPs, and
 the fewest bytes it must move through device memory (each tensor it reads once, each it writes
@@ -69,6 +69,39 @@ def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int
     return rows
 
 
+def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, steps: int = 3,
+                      sms: int = 132) -> list[dict]:
+    """Per launch of the generator's upsampling steps (nearest x2 -> conv nf -> nf -> LeakyReLU, from
+    side to 2*side, `steps` times) forward + backward. fused=False: F.interpolate and its backward around
+    the activated conv3x3 at the high resolution (conv3x3.py: 1 + 3 launches); fused=True: upconv.py's
+    sub-pixel phases (2 + 3 launches: 16 taps per low-resolution pixel, no upsampled tensor)."""
+    rows = []
+    for k in range(steps):
+        s = side << k
+        m_lo, m_hi = batch * s * s, 4 * batch * s * s
+        lo, hi = m_lo * nf * BF16, m_hi * nf * BF16  # one bf16 activation at each resolution
+        bits = m_hi * nf // 8
+        wt = 9 * nf * nf
+        tag = f"{s}->{2 * s}"
+        if not fused:
+            split = dw_split(m_hi, nf, nf, sms)
+            rows += [dict(launch=f"{tag} upsample (interpolate)", flops=0, bytes=lo + hi),
+                     dict(launch=f"{tag} fwd conv", flops=2 * m_hi * wt, bytes=hi + hi + bits + wt * BF16),
+                     dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_hi * wt, bytes=hi + bits + hi + hi),
+                     dict(launch=f"{tag} bwd dW + db", flops=2 * m_hi * wt, bytes=hi + hi + split * wt * FP32),
+                     dict(launch=f"{tag} bwd finalize", flops=0, bytes=split * wt * FP32 + wt * BF16),
+                     dict(launch=f"{tag} upsample backward (2x2 sums)", flops=0, bytes=hi + lo)]
+            continue
+        wc = 16 * nf * nf
+        split = dw_split(m_lo, nf, nf, sms, taps=16)
+        rows += [dict(launch=f"{tag} combine weights", flops=0, bytes=wt * BF16 + wc * BF16),
+                 dict(launch=f"{tag} fwd (4 phases)", flops=2 * m_lo * wc, bytes=lo + hi + bits + wc * BF16),
+                 dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_lo * wc, bytes=hi + bits + hi + lo),
+                 dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
+                 dict(launch=f"{tag} bwd finalize (fold)", flops=0, bytes=split * wc * FP32 + wt * BF16)]
+    return rows
+
+
 def _print(rows, tflops, tbps, title) -> float:
     total_us = total_f = total_b = 0.0
     print(title)
@@ -91,6 +124,8 @@ def main() -> None:
     parser.add_argument("--tflops", type=float, default=800.0)
     parser.add_argument("--tbps", type=float, default=3.0)
     parser.add_argument("--ridb", action="store_true", help="also one RIDB: per-IDB Functions against fused_ridb")
+    parser.add_argument("--up", action="store_true",
+                        help="also the 3 upsampling steps: interpolate + conv against upconv.py's phases")
     args = parser.parse_args()
     _print(idb_launches(args.batch), args.tflops, args.tbps,
            f"IDB nf 64 gc 32 32x32 batch {args.batch} bf16; floor = max(FLOP/{args.tflops:g}T, bytes/{args.tbps:g}TB/s)")
@@ -99,6 +134,11 @@ def main() -> None:
             _print(ridb_launches(args.batch, fused), args.tflops, args.tbps,
                    f"RIDB (4 IDBs + conv, DNB residual) batch {args.batch}, "
                    + ("fused_ridb (kernels/ridb.py)" if fused else "per-IDB Functions + autograd adds"))
+    if args.up:
+        for fused in (False, True):
+            _print(upsample_launches(args.batch, fused), args.tflops, args.tbps,
+                   f"upsampling steps 32->64->128->256, nf 64, batch {args.batch}, "
+                   + ("sub-pixel phases (kernels/upconv.py)" if fused else "interpolate + conv3x3 (before)"))
 
 
 if __name__ == "__main__":

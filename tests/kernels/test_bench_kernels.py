@@ -35,7 +35,8 @@ def test_kernel_sequence_falls_back_to_names_when_calls_differ():
 def test_workloads_run_with_the_device_swapped_and_count_their_flops():
     """The suite's timed workloads (CUDA only) built and run on CPU, eager: each calls its module the way
     the module takes it, and the analytic FLOPs of the IDB and RIDB rows equal torch's FlopCounterMode
-    count of the same forward (the fused RIDB row is new: a wrong count would misstate its TFLOP/s)."""
+    count of the same forward (the fused RIDB row is new: a wrong count would misstate its TFLOP/s; the
+    upsampling row counts the reference's conv at the high resolution, not the phases' 4/9)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,8 +44,8 @@ def test_workloads_run_with_the_device_swapped_and_count_their_flops():
 
     cfg = load_config(None, [f"data.hr_size={kernels_suite.LR_SIZE * 8}"])
     work = kernels_suite._workloads(cfg, 1, torch.device("cpu"))
-    assert set(work) == {"idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "gen_fwd_bwd"}
-    for name in ("idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd"):
+    assert set(work) == {"idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "up_fwd_bwd", "gen_fwd_bwd"}
+    for name in ("idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "up_fwd_bwd"):
         module, make_fn, flops, grads = work[name]
         kernels_suite._set_kernels(module, "torch")
         counter = FlopCounterMode(display=False)
