@@ -129,10 +129,12 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
 
     monkeypatch.setattr(generator_module, "fused_conv3x3", recording("conv", ops.fused_conv3x3))
     monkeypatch.setattr(generator_module, "fused_ridb", recording("ridb", ops.fused_ridb))
-    # (variant, RIDB calls, IDBs per RIDB, other fused calls): defaults = BN fusion + nearest up-convs,
-    # 2 x 3 RIDBs of 2 IDBs; the other = fusion without BN (its residual fused) + pixel-shuffle up-convs,
-    # 1 RIDB of 3 IDBs
-    for variant, ridbs, idbs, convs in (("defaults", 6, 2, 1 + 3), ("pixel_shuffle-no_norm-k3k5", 1, 3, 1 + 3)):
+    monkeypatch.setattr(generator_module, "fused_upconv3x3", recording("upconv", ops.fused_upconv3x3))
+    # (variant, RIDB calls, IDBs per RIDB, other fused calls, their ops): defaults = BN fusion + nearest
+    # up-convs (fused_upconv3x3), 2 x 3 RIDBs of 2 IDBs; the other = fusion without BN (its residual fused)
+    # + pixel-shuffle up-convs (fused_conv3x3), 1 RIDB of 3 IDBs
+    for variant, ridbs, idbs, convs, ops_called in (("defaults", 6, 2, 1 + 3, ("conv", "ridb", "upconv")),
+                                                    ("pixel_shuffle-no_norm-k3k5", 1, 3, 1 + 3, ("conv", "ridb"))):
         model = build_generator(load_config(None, TINY_G + G_VARIANTS[variant] + ("kernels=triton",)))
         for kernels in ("triton", "torch"):
             if kernels == "torch":
@@ -140,7 +142,7 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
             calls.clear()
             with torch.no_grad():
                 model(lr_input(dtype=torch.float32))
-            assert sorted({c[:2] for c in calls}) == [("conv", kernels), ("ridb", kernels)], variant
+            assert sorted({c[:2] for c in calls}) == [(op, kernels) for op in ops_called], variant
             assert [c for c in calls if c[0] == "ridb"] == [("ridb", kernels, idbs)] * ridbs, variant
             assert len(calls) == ridbs + convs, variant
 
