@@ -217,7 +217,7 @@ def _up_dw_tile(
 ):
     """dWc tile of tap q over one chunk of low-resolution pixels m: sum_m x[m + shift(q)]^T gz[output
     pixel of m in q's phase]. As conv3x3_bwd._dw_tile: the wider of the two channel tiles is the MMA's
-    M side, and (h, w, n*H + h) of the pixel block are advanced with adds, not divides."""
+    M side, and (h, w) and the output pixel of the pixel block are advanced with adds, not divides."""
     n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
     pid_c = pid_tile // n_co_tiles
     pid_co = pid_tile - pid_c * n_co_tiles
@@ -244,13 +244,15 @@ def _up_dw_tile(
     w_idx = (p_start + offs_p) % W
     row = (p_start + offs_p) // W
     h_idx = row % H
+    hi = (2 * row + pa) * (2 * W) + 2 * w_idx + pb   # the output pixel (2h + a, 2w + b), n included
     step_cols = BLOCK_P % W
     step_rows = BLOCK_P // W
     step_h = step_rows % H
+    # hi = 4W*row + 2w + const moves by 4W*step_rows + 2*step_cols per block, 2W more where w carries
+    step_hi = 4 * W * step_rows + 2 * step_cols
     for p0 in range(p_start, p_end, BLOCK_P):
         pix = p0 + offs_p
         p_ok = (pix < p_end) | FULL_P
-        hi = (2 * row + pa) * (2 * W) + 2 * w_idx + pb
         gz = tl.load(g_ptr + pixel_rows(hi, C_OUT, IDX64)[:, None] + co[None, :], mask=p_ok[:, None] & co_ld[None, :],
                      other=0.0)
         src_ok = p_ok & (h_idx != h_edge) & (w_idx != w_edge)
@@ -266,7 +268,7 @@ def _up_dw_tile(
         w_idx += step_cols  # < 2W: one carry at most; then h < 2H: one wrap at most
         carry = w_idx >= W
         w_idx = tl.where(carry, w_idx - W, w_idx)
-        row += step_rows + carry.to(tl.int32)
+        hi += tl.where(carry, step_hi + 2 * W, step_hi)
         h_idx += step_h + carry.to(tl.int32)
         h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
     # partials (SPLIT, 16, C_IN, C_OUT): element (ci, co) at ci*C_OUT + co
