@@ -1,6 +1,7 @@
 """Host overhead of the fused kernels' launch path, on CPU, with a stand-in launcher.
 
     python bench/host_overhead.py [--batch 1] [--rounds 5] [--iters 200] [--json out.json] [--phases] [--ridb]
+    python bench/host_overhead.py --ridb-ops | --up   [--rounds 5] [--iters 200] [--json out.json]
 
 Times the Python around the kernels for one IDB forward + backward (nf 64, gc 32, 32x32, bf16,
 channels_last activations) with every Triton launch replaced by a stand-in that only counts: the
@@ -312,6 +313,55 @@ def ridb_op_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
     return rows
 
 
+def up_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
+    """This tree only: one upsampling stage (nearest x2 -> conv nf -> nf -> LeakyReLU, bf16, channels_last,
+    NCHW weights as the trainer's) forward + backward, the way the generator ran it before Round 7
+    (F.interpolate + fused_conv3x3_triton: 4 Triton launches, torch's interpolate and its backward) and
+    now (fused_upconv3x3_triton: 5 Triton launches). side x side input (8 by default), so that the CPU
+    interpolate costs ~what its launch would on a GPU."""
+    import torch.nn.functional as F
+
+    from gafh_fast import kernels
+
+    counter, _ = _install_standin()
+    fmt = dict(dtype=torch.bfloat16)
+    x = torch.randn(1, 64, side, side, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(64, 64, 3, 3, **fmt).requires_grad_()
+    b = torch.zeros(64, **fmt, requires_grad=True)
+    gy = torch.randn(1, 64, 2 * side, 2 * side, **fmt).contiguous(memory_format=torch.channels_last)
+
+    def before():
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        return kernels.fused_conv3x3_triton([up], w, b, 0.2, None, 1.0, None, 1.0)
+
+    def after():
+        return kernels.fused_upconv3x3_triton(x, w, b, 0.2)
+
+    paths = {"interpolate + fused_conv3x3 (before)": before, "fused_upconv3x3 (phases)": after}
+    calls, launches = {}, {}
+    for name, fwd in paths.items():
+        def call(fwd=fwd):
+            fwd().backward(gy)
+            for t in (x, w, b):
+                t.grad = None
+        for _ in range(5):
+            call()
+        counter[0] = 0
+        call()
+        launches[name], calls[name] = counter[0], call
+    per_round = {name: [] for name in paths}
+    for _ in range(rounds):  # alternating, as ridb_rows
+        for name, call in calls.items():
+            per_round[name] += _per_round_us(call, 1, iters)
+    rows = []
+    for name in paths:
+        rows.append(dict(up=name, side=side, launches=launches[name],
+                         host_us=round(statistics.median(per_round[name]), 1), host_min_us=round(min(per_round[name]), 1)))
+        print(f"upsampling stage fwd+bwd, {name:38s}: {launches[name]} Triton launches, host {rows[-1]['host_us']:7.1f} "
+              f"us (fastest round {rows[-1]['host_min_us']:.1f})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -326,10 +376,12 @@ def main() -> None:
     parser.add_argument("--ridb-ops", action="store_true",
                         help="only time one RIDB through its custom ops (torch.compile's path), NCHW and "
                              "channels_last weights")
+    parser.add_argument("--up", action="store_true",
+                        help="only time one upsampling stage: interpolate + conv against fused_upconv3x3")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.ridb_ops:
-        rows = ridb_op_rows(args.rounds, args.iters)
+    if args.ridb_ops or args.up:
+        rows = ridb_op_rows(args.rounds, args.iters) if args.ridb_ops else up_rows(args.rounds, args.iters)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
