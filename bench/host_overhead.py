@@ -123,6 +123,24 @@ def _per_round_us(fn, rounds: int, iters: int) -> list[float]:
     return per_round
 
 
+def _alternating(calls: dict, counter: list, rounds: int, iters: int) -> dict:
+    """{name: (launches per call, median us, fastest round us)} of each warmed-up call; the calls alternate
+    round by round, so this VM's drifting load hits all of them alike."""
+    launches = {}
+    for name, call in calls.items():
+        for _ in range(5):
+            call()
+        counter[0] = 0
+        call()
+        launches[name] = counter[0]
+    per_round = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            per_round[name] += _per_round_us(call, 1, iters)
+    return {name: (launches[name], round(statistics.median(per_round[name]), 1), round(min(per_round[name]), 1))
+            for name in calls}
+
+
 def _median_us(fn, rounds: int, iters: int) -> float:
     return statistics.median(_per_round_us(fn, rounds, iters))
 
@@ -202,6 +220,18 @@ def phases(batch: int, rounds: int, iters: int) -> dict:
     return {k: round(v, 1) for k, v in rows.items()}
 
 
+def _fwd_bwd_calls(paths: dict, gy, params) -> dict:
+    """{name: a call of forward path(), backward with gy, then the params' grads dropped}."""
+    calls = {}
+    for name, fwd in paths.items():
+        def call(fwd=fwd):
+            fwd().backward(gy)
+            for t in params:
+                t.grad = None
+        calls[name] = call
+    return calls
+
+
 def ridb_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
     """This tree only: one RIDB (4 IDBs + its conv, nf 64, gc 32, bf16, channels_last) forward +
     backward as 5 Functions (fused_idb_triton x 4 + fused_conv3x3_triton: autograd sums x0's 5 gradient
@@ -233,27 +263,12 @@ def ridb_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
         return kernels.fused_ridb_triton(x0, idbs, w, b, 0.2, None, 1.0, 0.2)
 
     paths = {"5 Functions (per IDB + conv)": per_idb, "1 Function (fused_ridb)": one_function}
-    calls, launches = {}, {}
-    for name, fwd in paths.items():
-        def call(fwd=fwd):
-            fwd().backward(gy)
-            for t in params:
-                t.grad = None
-        for _ in range(5):
-            call()
-        counter[0] = 0
-        call()
-        launches[name], calls[name] = counter[0], call
-    per_round = {name: [] for name in paths}
-    for _ in range(rounds):  # the two paths alternate round by round: this VM's drifting load hits both
-        for name, call in calls.items():
-            per_round[name] += _per_round_us(call, 1, iters)
     rows = []
-    for name in paths:
-        rows.append(dict(ridb=name, side=side, launches=launches[name],
-                         host_us=round(statistics.median(per_round[name]), 1), host_min_us=round(min(per_round[name]), 1)))
-        print(f"RIDB fwd+bwd, {name:30s}: {launches[name]} Triton launches, host {rows[-1]['host_us']:7.1f} us "
-              f"(fastest round {rows[-1]['host_min_us']:.1f})")
+    for name, (launches, host_us, host_min_us) in _alternating(_fwd_bwd_calls(paths, gy, params), counter, rounds,
+                                                                 iters).items():
+        rows.append(dict(ridb=name, side=side, launches=launches, host_us=host_us, host_min_us=host_min_us))
+        print(f"RIDB fwd+bwd, {name:30s}: {launches} Triton launches, host {host_us:7.1f} us "
+              f"(fastest round {host_min_us:.1f})")
     return rows
 
 
@@ -295,21 +310,12 @@ def ridb_op_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
                 bwd_op(gy, x0, saved, w, weights, kernel_weights, 0.2, 1.0, 0.2)
             else:
                 bwd_op(gy, x0, saved, w, weights, 0.2, 1.0, 0.2)
-        for _ in range(5):
-            call()
-        counter[0] = 0
-        call()
-        calls[layout] = (call, counter[0])
-    per_round = {name: [] for name in calls}
-    for _ in range(rounds):  # alternating, as in ridb_rows
-        for name, (call, _) in calls.items():
-            per_round[name] += _per_round_us(call, 1, iters)
-    for name, (_, launches) in calls.items():
+        calls[layout] = call
+    for name, (launches, host_us, host_min_us) in _alternating(calls, counter, rounds, iters).items():
         rows.append(dict(ridb_ops=name, side=side, launches=launches, backward_takes_copies=takes_copies,
-                         host_us=round(statistics.median(per_round[name]), 1),
-                         host_min_us=round(min(per_round[name]), 1)))
-        print(f"RIDB custom ops fwd+bwd, {name} weights: {launches} Triton launches, host {rows[-1]['host_us']:7.1f} us "
-              f"(fastest round {rows[-1]['host_min_us']:.1f})")
+                         host_us=host_us, host_min_us=host_min_us))
+        print(f"RIDB custom ops fwd+bwd, {name} weights: {launches} Triton launches, host {host_us:7.1f} us "
+              f"(fastest round {host_min_us:.1f})")
     return rows
 
 
@@ -338,27 +344,12 @@ def up_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
         return kernels.fused_upconv3x3_triton(x, w, b, 0.2)
 
     paths = {"interpolate + fused_conv3x3 (before)": before, "fused_upconv3x3 (phases)": after}
-    calls, launches = {}, {}
-    for name, fwd in paths.items():
-        def call(fwd=fwd):
-            fwd().backward(gy)
-            for t in (x, w, b):
-                t.grad = None
-        for _ in range(5):
-            call()
-        counter[0] = 0
-        call()
-        launches[name], calls[name] = counter[0], call
-    per_round = {name: [] for name in paths}
-    for _ in range(rounds):  # alternating, as ridb_rows
-        for name, call in calls.items():
-            per_round[name] += _per_round_us(call, 1, iters)
     rows = []
-    for name in paths:
-        rows.append(dict(up=name, side=side, launches=launches[name],
-                         host_us=round(statistics.median(per_round[name]), 1), host_min_us=round(min(per_round[name]), 1)))
-        print(f"upsampling stage fwd+bwd, {name:38s}: {launches[name]} Triton launches, host {rows[-1]['host_us']:7.1f} "
-              f"us (fastest round {rows[-1]['host_min_us']:.1f})")
+    for name, (launches, host_us, host_min_us) in _alternating(_fwd_bwd_calls(paths, gy, (x, w, b)), counter, rounds,
+                                                                 iters).items():
+        rows.append(dict(up=name, side=side, launches=launches, host_us=host_us, host_min_us=host_min_us))
+        print(f"upsampling stage fwd+bwd, {name:38s}: {launches} Triton launches, host {host_us:7.1f} us "
+              f"(fastest round {host_min_us:.1f})")
     return rows
 
 
