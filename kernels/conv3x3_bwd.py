@@ -44,6 +44,49 @@ from .conv3x3_fwd import SHAPE_ARGS, accumulate_taps, act_grad, cast_rne, pixel_
 
 
 @triton.jit
+def dw_channels(pid_tile, C_I, C_OUT, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """(ci, co): the input- and output-channel blocks of dW tile pid_tile (C_OUT tiles fastest)."""
+    n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
+    pid_c = pid_tile // n_co_tiles
+    pid_co = pid_tile - pid_c * n_co_tiles
+    return pid_c * BLOCK_C + tl.arange(0, BLOCK_C), pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+
+
+@triton.jit
+def dw_zeros(BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """The dW tile's fp32 accumulator. The wider of the two channel blocks is the MMA's M side (wgmma
+    needs M >= 64): (BLOCK_CO, BLOCK_C) for dW^T = gz^T @ x when BLOCK_CO >= 64, else (BLOCK_C, BLOCK_CO)."""
+    if BLOCK_CO >= 64:
+        acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def dw_dot(acc, xs, gz, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """acc += one pixel block's x^T gz (BLOCK_P pixels: xs (BLOCK_P, BLOCK_C), gz (BLOCK_P, BLOCK_CO)),
+    in dw_zeros' orientation."""
+    if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
+        xs = xs.to(tl.float32)
+        gz = gz.to(tl.float32)
+    if BLOCK_CO >= 64:
+        acc = tl.dot(tl.trans(gz), xs, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(tl.trans(xs), gz, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def dw_store(dw_ptr, rows, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO: tl.constexpr):
+    """Store the tile into fp32 partials whose row `rows` (one per input channel) holds C_OUT elements."""
+    if BLOCK_CO >= 64:
+        tl.store(dw_ptr + rows.to(tl.int64)[None, :] * C_OUT + co[:, None], acc, mask=co_ok[:, None] & ci_ok[None, :])
+    else:
+        tl.store(dw_ptr + rows.to(tl.int64)[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+@triton.jit
 def _dw_tile(
     x_ptr, C_I, c_base, g_ptr, dw_ptr,
     pid_tile, tap, split, M, H, W, C_IN_TOTAL, C_OUT, CHUNK,
@@ -54,11 +97,7 @@ def _dw_tile(
     """dW tile of one tap over one pixel chunk (g_ptr holds gz: both operands come straight from
     memory, so Triton pipelines them through shared memory). The wider of C_OUT/C_I tiles is the
     MMA's M side (wgmma needs M >= 64): dW^T = gz^T @ x when BLOCK_CO >= 64, else dW = x^T @ gz."""
-    n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
-    pid_c = pid_tile // n_co_tiles
-    pid_co = pid_tile - pid_c * n_co_tiles
-    ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci, co = dw_channels(pid_tile, C_I, C_OUT, BLOCK_C, BLOCK_CO)
     ci_ok = ci < C_I
     co_ok = co < C_OUT
     # with EVEN_* the channel masks are all true: left out of the loop's loads (per-row masks only)
@@ -69,10 +108,7 @@ def _dw_tile(
     shift = (dh * W + dw) * C_I
     h_edge = tap_edge(dh, H)  # the tap reads pixel (h + dh, w + dw): outside the image iff h or w is its edge
     w_edge = tap_edge(dw, W)
-    if BLOCK_CO >= 64:
-        acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+    acc = dw_zeros(BLOCK_C, BLOCK_CO)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, M)
     # (h, w) of the block's pixels, divided out once here and then advanced by BLOCK_P = rows*W + cols
@@ -91,24 +127,14 @@ def _dw_tile(
         src_ok = p_ok & (h_idx != h_edge) & (w_idx != w_edge)
         xs = tl.load(x_ptr + pixel_rows(pix, C_I, IDX64)[:, None] + (shift + ci)[None, :],
                      mask=src_ok[:, None] & ci_ld[None, :], other=0.0)
-        if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
-            xs = xs.to(tl.float32)
-            gz = gz.to(tl.float32)
-        if BLOCK_CO >= 64:
-            acc = tl.dot(tl.trans(gz), xs, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(tl.trans(xs), gz, acc, input_precision=PRECISION)
+        acc = dw_dot(acc, xs, gz, INTERP_BF16, PRECISION, BLOCK_CO)
         w_idx += step_cols  # < 2W: one carry at most; then h < 2H: one wrap at most
         carry = w_idx >= W
         w_idx = tl.where(carry, w_idx - W, w_idx)
         h_idx += step_rows + carry.to(tl.int32)
         h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
     # partials (SPLIT, 9, C_IN_TOTAL, C_OUT): element (ci, co) at ci*C_OUT + co
-    rows = (split * 9 + tap) * C_IN_TOTAL + c_base + ci
-    if BLOCK_CO >= 64:
-        tl.store(dw_ptr + rows.to(tl.int64)[None, :] * C_OUT + co[:, None], acc, mask=co_ok[:, None] & ci_ok[None, :])
-    else:
-        tl.store(dw_ptr + rows.to(tl.int64)[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+    dw_store(dw_ptr, (split * 9 + tap) * C_IN_TOTAL + c_base + ci, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO)
 
 
 @triton.jit

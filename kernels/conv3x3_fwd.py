@@ -111,6 +111,30 @@ def accumulate_taps(
     return acc
 
 
+@triton.jit
+def bias_act(
+    acc,                    # (BLOCK_M, BLOCK_N) fp32 conv result of output pixels rows (BLOCK_M,), channels offs_n
+    b_ptr, mask_ptr, rows, row_ok, offs_n, n_ok, pid_n, C_OUT, slope,
+    HAS_BIAS: tl.constexpr, HAS_ACT: tl.constexpr, SAVE_MASK: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """acc + bias, then LeakyReLU, in fp32; with SAVE_MASK the bit mask z > 0 of these pixels is stored
+    (byte co//8 of pixel row r at r*ceil(C_OUT/8) + co//8, bit co%8; BLOCK_N is a multiple of 8)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_ACT:
+        positive = acc > 0.0
+        if SAVE_MASK:
+            bits = positive.to(tl.int32) << (offs_n % 8)[None, :]
+            packed = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8)), axis=2)
+            c_bytes = tl.cdiv(C_OUT, 8)
+            byte_idx = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+            tl.store(mask_ptr + pixel_rows(rows, c_bytes, IDX64)[:, None] + byte_idx[None, :],
+                     packed.to(tl.uint8), mask=row_ok[:, None] & (byte_idx < c_bytes)[None, :])
+        acc = tl.where(positive, acc, acc * slope)
+    return acc
+
+
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def conv3x3_fwd_kernel(
     x1_ptr,     # first input, (N, C1, H, W) channels_last
@@ -152,18 +176,8 @@ def conv3x3_fwd_kernel(
     # Epilogue, all in fp32, in the reference's order: bias -> act -> r1 + s1*y -> r2 + s2*y -> cast.
     out_off = pixel_rows(offs_m, C_OUT, IDX64)[:, None] + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_ACT:
-        positive = acc > 0.0
-        if SAVE_MASK:  # 1 bit per element: 8 channels per byte (BLOCK_N is a multiple of 8)
-            bits = positive.to(tl.int32) << (offs_n % 8)[None, :]
-            packed = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8)), axis=2)
-            c_bytes = tl.cdiv(C_OUT, 8)
-            byte_idx = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-            tl.store(mask_ptr + pixel_rows(offs_m, c_bytes, IDX64)[:, None] + byte_idx[None, :],
-                     packed.to(tl.uint8), mask=m_ok[:, None] & (byte_idx < c_bytes)[None, :])
-        acc = tl.where(positive, acc, acc * slope)
+    acc = bias_act(acc, b_ptr, mask_ptr, offs_m, m_ok, offs_n, n_ok, pid_n, C_OUT, slope, HAS_BIAS, HAS_ACT, SAVE_MASK,
+                   IDX64, BLOCK_M, BLOCK_N)
     if HAS_R1:
         acc = tl.load(r1_ptr + out_off, mask=out_ok, other=0.0).to(tl.float32) + s1 * acc
     if HAS_R2:

@@ -31,7 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv3x3_fwd import SHAPE_ARGS, act_grad, cast_rne, pixel_rows, tap_edge
+from .conv3x3_bwd import dw_channels, dw_dot, dw_store, dw_zeros
+from .conv3x3_fwd import SHAPE_ARGS, act_grad, bias_act, cast_rne, pixel_rows, tap_edge
 
 
 @triton.jit
@@ -121,18 +122,8 @@ def upconv_fwd_kernel(
     # Epilogue in fp32, the reference's order: bias -> act -> cast; stored at output pixel (2h + a, 2w + b).
     hi = (2 * row + pa) * (2 * W) + 2 * w_idx + pb
     out_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_ACT:
-        positive = acc > 0.0
-        if SAVE_MASK:  # 1 bit per element: 8 channels per byte (BLOCK_N is a multiple of 8)
-            bits = positive.to(tl.int32) << (offs_n % 8)[None, :]
-            packed = tl.sum(tl.reshape(bits, (BLOCK_M, BLOCK_N // 8, 8)), axis=2)
-            c_bytes = tl.cdiv(C_OUT, 8)
-            byte_idx = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-            tl.store(mask_ptr + pixel_rows(hi, c_bytes, IDX64)[:, None] + byte_idx[None, :],
-                     packed.to(tl.uint8), mask=m_ok[:, None] & (byte_idx < c_bytes)[None, :])
-        acc = tl.where(positive, acc, acc * slope)
+    acc = bias_act(acc, b_ptr, mask_ptr, hi, m_ok, offs_n, n_ok, pid_n, C_OUT, slope, HAS_BIAS, HAS_ACT, SAVE_MASK,
+                   IDX64, BLOCK_M, BLOCK_N)
     tl.store(y_ptr + pixel_rows(hi, C_OUT, IDX64)[:, None] + offs_n[None, :],
              cast_rne(acc, y_ptr.dtype.element_ty, INTERP_BF16), mask=out_ok)
 
@@ -218,11 +209,7 @@ def _up_dw_tile(
     """dWc tile of tap q over one chunk of low-resolution pixels m: sum_m x[m + shift(q)]^T gz[output
     pixel of m in q's phase]. As conv3x3_bwd._dw_tile: the wider of the two channel tiles is the MMA's
     M side, and (h, w) and the output pixel of the pixel block are advanced with adds, not divides."""
-    n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
-    pid_c = pid_tile // n_co_tiles
-    pid_co = pid_tile - pid_c * n_co_tiles
-    ci = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci, co = dw_channels(pid_tile, C_IN, C_OUT, BLOCK_C, BLOCK_CO)
     ci_ok = ci < C_IN
     co_ok = co < C_OUT
     ci_ld = ci_ok | EVEN_C
@@ -234,10 +221,7 @@ def _up_dw_tile(
     shift = (dh * W + dw) * C_IN
     h_edge = tap_edge(dh, H)
     w_edge = tap_edge(dw, W)
-    if BLOCK_CO >= 64:
-        acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+    acc = dw_zeros(BLOCK_C, BLOCK_CO)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, M)
     offs_p = tl.arange(0, BLOCK_P)
@@ -258,13 +242,7 @@ def _up_dw_tile(
         src_ok = p_ok & (h_idx != h_edge) & (w_idx != w_edge)
         xs = tl.load(x_ptr + pixel_rows(pix, C_IN, IDX64)[:, None] + (shift + ci)[None, :],
                      mask=src_ok[:, None] & ci_ld[None, :], other=0.0)
-        if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
-            xs = xs.to(tl.float32)
-            gz = gz.to(tl.float32)
-        if BLOCK_CO >= 64:
-            acc = tl.dot(tl.trans(gz), xs, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(tl.trans(xs), gz, acc, input_precision=PRECISION)
+        acc = dw_dot(acc, xs, gz, INTERP_BF16, PRECISION, BLOCK_CO)
         w_idx += step_cols  # < 2W: one carry at most; then h < 2H: one wrap at most
         carry = w_idx >= W
         w_idx = tl.where(carry, w_idx - W, w_idx)
@@ -272,11 +250,7 @@ def _up_dw_tile(
         h_idx += step_h + carry.to(tl.int32)
         h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
     # partials (SPLIT, 16, C_IN, C_OUT): element (ci, co) at ci*C_OUT + co
-    rows = (split * 16 + q) * C_IN + ci
-    if BLOCK_CO >= 64:
-        tl.store(dw_ptr + rows.to(tl.int64)[None, :] * C_OUT + co[:, None], acc, mask=co_ok[:, None] & ci_ok[None, :])
-    else:
-        tl.store(dw_ptr + rows.to(tl.int64)[:, None] * C_OUT + co[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+    dw_store(dw_ptr, (split * 16 + q) * C_IN + ci, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO)
 
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
