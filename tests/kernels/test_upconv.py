@@ -185,6 +185,8 @@ def test_kept_dw_partials_need_no_clearing():
     up_backward(g, x, wt, wc, mask, 0.2, True, dw_split=3)
     kept = [p for key, p in conv3x3._PLANS.items() if key[0] == "up_dw" and key[1] == x.shape and key[6] == 3]
     assert len(kept) == 1 and kept[0][4].shape == (3, 16, 8, 16) and kept[0][5].shape == (3, 16)
+    listed = conv3x3.kept_partials()  # the kept scratch of every plan, the upsampling conv's included
+    assert any(t is kept[0][4] for t in listed) and any(t is kept[0][5] for t in listed)
     kept[0][4].fill_(float("nan"))
     kept[0][5].fill_(float("nan"))
     dx, dw, db = up_backward(g, x, wt, wc, mask, 0.2, True, dw_split=3)
