@@ -207,6 +207,19 @@ def test_launcher_refuses_constexpr_before_runtime_arguments():
         launch.KernelLauncher(_constexpr_in_the_middle, "bad")
 
 
+def test_launchers_are_registered_by_name_one_kernel_per_name():
+    """precompile and compile_check find a recorded launch's kernel by its launcher's name: every module's
+    launchers are there, and a name stays bound to its kernel (a test may make the same launcher again)."""
+    from gafh_fast.kernels import precompile, upconv
+
+    assert precompile.launcher("dx") is conv3x3.DX and precompile.launcher("up_dw") is upconv.UP_DW
+    again = launch.KernelLauncher(conv3x3_bwd_finalize_kernel, "registry-under-test")
+    assert launch.KernelLauncher(conv3x3_bwd_finalize_kernel, "registry-under-test") is not again
+    assert launch.LAUNCHERS["registry-under-test"].kernel is conv3x3_bwd_finalize_kernel
+    with pytest.raises(ValueError, match="launches another kernel"):
+        launch.KernelLauncher(upconv.UP_FIN.kernel, "registry-under-test")
+
+
 # ---------------------------------------------------------------------------------------------
 # Tuner, plans, precision flags, dW chunking
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ def check_up(c_in, c_out, n, h, w, *, slope=0.2, bias=True, dtype=torch.float32,
         (17, 16, 1, 2, 9, "noncontiguous"),   # strided views of x and W
         (16, 136, 1, 2, 3, "channels_last"),  # C_out 136: two output-channel tiles per phase
         (136, 16, 1, 3, 2, "channels_last"),  # C_in 136: three K blocks per tap, two dX channel tiles
+        (1, 24, 2, 3, 4, "channels_last"),    # C_in 1: one live channel in a 16-deep K block
+        (8, 65, 1, 2, 3, "nchw"),             # C_out 65: dX's K = 64 + 1 (the mutation run: EVEN_K at C % block == 1)
     ],
 )
 def test_shapes_and_layouts(c_in, c_out, n, h, w, layout):
@@ -174,6 +176,43 @@ def test_each_config_and_dw_walk(index, c_in, c_out, n, h, w, split, slope):
         assert_within(f"d{name} (configs {dx_cfg} / {dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
 
 
+def test_timed_tile_choice_launches_each_candidate(monkeypatch):
+    """On a GPU each new plan times its two tile candidates: its run closure launches the kernel with
+    each (tuning.Tuner.choose). The same path here, with a timer that runs the launch and then says the
+    second candidate was faster: every kernel with candidates launches 2 timed + 1 real times, the plans
+    keep the second candidates, and the results still match the reference."""
+    from gafh_fast.kernels.tuning import Tuner
+
+    def timer(fn):
+        timed.append(1)
+        fn()
+        return 2.0 if len(timed) % 2 else 1.0
+
+    timed = []
+    monkeypatch.setattr(conv3x3, "INTERPRETING", False)  # time candidates, as on a GPU
+    monkeypatch.setattr(conv3x3, "AUTOTUNE", True)
+    old = conv3x3.set_tuner(Tuner(None, "Test GPU", timer))
+    try:
+        t, grad = make_up_case(8, 16, 2, 5, 6)
+        (y_ref, g_ref), (y_abs, g_abs) = up_reference_and_scale(t, grad, 0.2)
+        leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in NAMES]
+        launch.LAUNCHES.clear()
+        y = fused_upconv3x3_triton(*leaves, 0.2)
+        grads = torch.autograd.grad(y, leaves, grad.float().to(DEVICE))
+        counts = dict(launch.LAUNCHES)
+        chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
+    finally:
+        conv3x3.set_tuner(old)
+    assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_dw": 3, "up_fin": 1}
+    m = 2 * 5 * 6
+    assert chosen == {"up_fwd": configs.up_fwd_candidates(8, 16, 6, m)[1].kwargs,
+                      "up_dx": configs.up_dx_candidates(8, 16, 6, m)[1].kwargs,
+                      "up_dw": configs.up_dw_candidates(8, 16, 6, m)[1].kwargs}
+    assert_within("y", y, y_ref, y_abs, 1e-5)
+    for name, got in zip(NAMES, grads):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
 def test_kept_dw_partials_need_no_clearing():
     """The dW partials are kept with their plan; the finalize reads only what the dW launch rewrote.
     Poisoned with NaN between two backward passes, the second must still match the reference."""
@@ -187,6 +226,7 @@ def test_kept_dw_partials_need_no_clearing():
     assert len(kept) == 1 and kept[0][4].shape == (3, 16, 8, 16) and kept[0][5].shape == (3, 16)
     listed = conv3x3.kept_partials()  # the kept scratch of every plan, the upsampling conv's included
     assert any(t is kept[0][4] for t in listed) and any(t is kept[0][5] for t in listed)
+    assert all(isinstance(t, torch.Tensor) for t in listed)
     kept[0][4].fill_(float("nan"))
     kept[0][5].fill_(float("nan"))
     dx, dw, db = up_backward(g, x, wt, wc, mask, 0.2, True, dw_split=3)

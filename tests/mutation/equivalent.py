@@ -264,8 +264,8 @@ EQUIVALENT += [
     ("kernels/conv3x3_fwd.py", "acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)", ", other=0.0", "",
      _UNSTORED + " (the mask bits of channels >= C_OUT in the last byte are never read: act_grad masks co < C)"),
     ("kernels/conv3x3_fwd.py", "acc = tl.load(r2_ptr + out_off, mask=out_ok, other=0.0)", ", other=0.0", "", _UNSTORED),
-    ("kernels/conv3x3_fwd.py", "tl.store(mask_ptr + pixel_rows(offs_m, c_bytes, IDX64)", "offs_m, c_bytes",
-     "c_bytes, offs_m", _COMMUTES),
+    ("kernels/conv3x3_fwd.py", "tl.store(mask_ptr + pixel_rows(rows, c_bytes, IDX64)", "rows, c_bytes",
+     "c_bytes, rows", _COMMUTES),  # bias_act's mask store (the conv's and the upsampling conv's forward)
     ("kernels/conv3x3.py", 'grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_out, cfg.kwargs["BLOCK_N"]), 1)', "1", "2",
      "the forward kernel reads no program_id(2): a second z-slice of programs repeats the same stores"),
     ("kernels/conv3x3.py", "FWD.launch((key, aligned(*ptrs[:6]))", "6", "7", _OURS_ALIGNED),
@@ -393,4 +393,28 @@ EQUIVALENT += [
      ", device=t.device", "", _CUDA),
     ("kernels/launch.py", "if len(grid) != 3:", "3", "4",
      "padding a grid that already has 3 entries adds none: (*grid, *(1,) * 0) is the same tuple"),
+]
+
+
+# Issue 11 round 7: the upsampling conv by sub-pixel phases (kernels/upconv.py, upconv_kernels.py) and its
+# tile candidates in configs.py
+_IDX64_ONLY_HUGE = ("the IDX64 flag's size test: any shape the tests (or the interpreter) can run has far fewer "
+                    "than 2**31 elements, so the flag is off either way; 64-bit offsets matter only beyond that")
+EQUIVALENT += [
+    ("kernels/configs.py", "block_n = pow2_block(n_channels, lo=16, hi=128)", ", lo=16", "",
+     "pow2_block's own default lo is 16, the value named"),
+    ("kernels/configs.py", "block_n = pow2_block(n_channels, lo=16, hi=128)", ", hi=128", "",
+     "output-channel tiles of at most 64 instead of 128: more N tiles of the same GEMM (the forward's and dX's "
+     "N loop is covered by C_out 136 and C_in 136), the same results; only GPU timing sees it"),
+    ("kernels/configs.py", "n_tiles = cdiv(n_channels, block_n) * programs_per_tile", "n_channels, block_n",
+     "block_n, n_channels", _TILE_ORDER),
+    ("kernels/configs.py", "n_tiles = cdiv(n_channels, block_n) * programs_per_tile", " * ", " / ", _TILE_ORDER),
+    ("kernels/configs.py", "for bm, st in _block_m_choices(m, n_tiles)]", "m, n_tiles", "n_tiles, m", _TILE_ORDER),
+    ("kernels/upconv.py", "IDX64=4 * m * max(c_in, c_out) >= 2**31", " * ", " / ", _IDX64_ONLY_HUGE),
+    ("kernels/upconv.py", "                            device=x.device)", ",\n                            device=x.device",
+     "", "the forward fake's output device (its second line): " + _CUDA),
+    ("kernels/upconv.py", "dx = torch.empty_strided(x.shape, (h * w * c_in, 1, w * c_in, c_in), dtype=x.dtype,",
+     ", device=x.device", "", "the backward fake's dx device: " + _CUDA),
+    ("kernels/upconv_kernels.py", "acc = tl.load(base + kh_lo * s_kh + kw_lo * s_kw, mask=ok, other=0.0)", "0.0", "1.0",
+     _UNSTORED),
 ]
