@@ -19,7 +19,8 @@ So that one GPU call tells whether a slow row is host time or device time, each 
     idb_fwd / idb_fwd_bwd  `triton (CUDA graph)` and `eager (CUDA graph)`: one graph replay, pure
                  device time (the wall rows minus these is the host's share)
     idb_fwd_bwd kernel i   torch.profiler device time of each kernel of one IDB forward + backward
-                 (triton), and `device sum` rows for triton and eager next to their wall time
+                 (triton), and `device sum` rows for triton and eager next to their wall time; the same
+                 rows for up_fwd_bwd (the upsampling stage's five kernels)
     triton configs         the tile config of every launch plan (JSON keys configs, decisions)
 and, at batch 64 (not in --smoke), `autotune gen_fwd_bwd`: the first forward + backward of the whole
 paper generator in a fresh process with empty autotune and Triton caches (cold), then in a second
@@ -243,10 +244,12 @@ def profile_kernels(fn, device: torch.device, iters: int = 3) -> tuple[list[dict
     return kernel_sequence([(e.time_range.start, e.time_range.elapsed_us(), e.name) for e in picked], iters)
 
 
-def profiler_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, device: torch.device) -> list[dict]:
-    """Per-kernel device times of one IDB forward + backward (triton), and the device sum per call of
-    each path next to its wall time (from the timed rows): wall >> device sum means host-bound.
-    Grads are cleared before each call, as do_bench does for the timed rows (no accumulation kernels)."""
+def profiler_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, device: torch.device,
+                  workload: str = "idb_fwd_bwd") -> list[dict]:
+    """Per-kernel device times of one call of `workload` (an IDB or an upsampling stage, forward +
+    backward; triton), and the device sum per call of each path next to its wall time (from the timed
+    rows): wall >> device sum means host-bound. Grads are cleared before each call, as do_bench does for
+    the timed rows (no accumulation kernels)."""
     rows = []
     for path, kernels in (("triton", "triton"), ("eager", "torch")):
         _set_kernels(module, kernels)
@@ -262,15 +265,15 @@ def profiler_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, 
         base = {"suite": "kernels", "batch": batch, "card": card}
         if path == "triton":
             for k in seq:
-                rows.append(dict(base, name=f"idb_fwd_bwd kernel {k['index']}: {k['name']}", path="triton (device)",
+                rows.append(dict(base, name=f"{workload} kernel {k['index']}: {k['name']}", path="triton (device)",
                                  ms=k["us"] / 1000, kernel=k["name"],
                                  note="torch.profiler device time per call" + ("" if matched else
                                       "; calls differed launch by launch: mean per kernel name")))
         wall = wall_ms.get(path)
         share = f"; wall {wall:.3f} ms: {max(0.0, 1 - total_ms / wall):.0%} of it not device time" if wall else ""
-        rows.append(dict(base, name="idb_fwd_bwd device sum", path=f"{path} (device)", ms=total_ms,
+        rows.append(dict(base, name=f"{workload} device sum", path=f"{path} (device)", ms=total_ms,
                          kernels_per_call=len(seq), note=f"{len(seq)} device kernels per call{share}"))
-        print(f"idb_fwd_bwd {path:8s} batch {batch:4d}: device sum {total_ms:.3f} ms over {len(seq)} kernels"
+        print(f"{workload} {path:8s} batch {batch:4d}: device sum {total_ms:.3f} ms over {len(seq)} kernels"
               + (f" (wall {wall:.3f} ms)" if wall else ""))
     return rows
 
@@ -448,7 +451,8 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
 
 
 def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: int, dev) -> list[dict]:
-    """CUDA-graph rows of the IDB (forward, forward + backward) and the profiler rows of its fwd+bwd."""
+    """CUDA-graph rows of the IDB (forward, forward + backward) and the profiler rows of its fwd+bwd and
+    of the upsampling stage's."""
     rows = []
     for name in ("idb_fwd", "idb_fwd_bwd"):
         module, make_fn, flops, grads = workloads[name]
@@ -469,13 +473,16 @@ def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: in
                 row.update(baseline="eager (CUDA graph)", speedup=graphed["eager"] / ms)
             rows.append(row)
             print(f"{name:12s} {path + ' graph':14s} batch {batch:4d}: {ms:9.3f} ms")
-    module, make_fn, _, grads = workloads["idb_fwd_bwd"]
-    try:
-        rows.extend(profiler_rows(module, make_fn, grads, batch, card,
-                                  {p: wall_ms.get(("idb_fwd_bwd", p)) for p in ("triton", "eager")}, dev))
-    except Exception as e:  # noqa: BLE001
-        rows.append({"suite": "kernels", "name": "idb_fwd_bwd device sum", "path": "profiler", "batch": batch,
-                     "card": card, "error": f"torch.profiler: {type(e).__name__}: {e}"[:500]})
+    # the upsampling stage too: its dX makes gz in the GEMM's operand (RESULTS, Round 7: split it if its
+    # device time is far above its floor)
+    for name in ("idb_fwd_bwd", "up_fwd_bwd"):
+        module, make_fn, _, grads = workloads[name]
+        try:
+            rows.extend(profiler_rows(module, make_fn, grads, batch, card,
+                                      {p: wall_ms.get((name, p)) for p in ("triton", "eager")}, dev, workload=name))
+        except Exception as e:  # noqa: BLE001
+            rows.append({"suite": "kernels", "name": f"{name} device sum", "path": "profiler", "batch": batch,
+                         "card": card, "error": f"torch.profiler: {type(e).__name__}: {e}"[:500]})
     return rows
 
 

@@ -54,3 +54,26 @@ def test_workloads_run_with_the_device_swapped_and_count_their_flops():
         # forward-only rows count the forward; fwd_bwd rows the x3 convention (backward = 2x forward)
         assert counter.get_total_flops() == flops, name
         assert all(t.grad is not None for t in grads), name
+
+
+def test_profiler_rows_of_the_upsampling_stage_with_the_device_swapped():
+    """profiler_rows (CUDA-only in the suite) on CPU: an upsampling stage, both paths, under the
+    interpreter. On CPU the profiled events are the top-level operators, not device kernels; what is
+    checked is the rows' plumbing: per-kernel rows of the triton path under the workload's name, a
+    device-sum row per path next to its wall time."""
+    import torch
+
+    up = kernels_suite.UpsampleStep(8).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 3, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def make_fn(module):
+        return lambda: module(x).sum().backward()
+
+    rows = kernels_suite.profiler_rows(up, make_fn, [x, *up.parameters()], 1, "cpu", {"triton": 5.0, "eager": 5.0},
+                                       torch.device("cpu"), workload="up_fwd_bwd")
+    sums = [r for r in rows if r["name"] == "up_fwd_bwd device sum"]
+    assert [r["path"] for r in sums] == ["triton (device)", "eager (device)"]
+    assert all(r["kernels_per_call"] > 0 and "wall 5.000 ms" in r["note"] for r in sums)
+    per_kernel = [r for r in rows if r["name"].startswith("up_fwd_bwd kernel ")]
+    assert per_kernel and all(r["path"] == "triton (device)" for r in per_kernel)
+    assert len(per_kernel) == sums[0]["kernels_per_call"]
