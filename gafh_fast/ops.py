@@ -2,8 +2,9 @@
 
 Every 3x3 convolution of the generator trunk calls `fused_conv3x3`, every internal dense block
 `fused_idb` (its two convs in one autograd Function), every RIDB `fused_ridb` (its IDBs and closing
-conv in one autograd Function), every nearest-x2 upsampling step with its conv `fused_upconv3x3`. Their `torch` backend below is the reference semantics; the `triton`
-backend (gafh_fast.kernels) computes the same thing in fewer passes.
+conv in one autograd Function), every nearest-x2 upsampling step with its conv `fused_upconv3x3`.
+Their `torch` backend below is the reference semantics; the `triton` backend (gafh_fast.kernels)
+computes the same thing in fewer passes.
 
 `auto`: torch on CPU. On CUDA, per op shape (and whether a backward follows), the faster of triton
 and torch, timed once per process like cudnn.benchmark (AutoChooser below), each decision logged.

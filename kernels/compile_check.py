@@ -58,11 +58,11 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
     w2 = torch.randn(nf, nf + gc, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
     w3 = torch.randn(nf, nf, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
     b1, b2, b3 = (torch.zeros(c, **fmt, requires_grad=True) for c in (gc, nf, nf))
-    up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt)
+    g_up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt)  # the upsampling step's upstream gradient
     workloads = [
         ("idb", lambda: fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).backward(torch.ones_like(x))),
         ("ridb_conv", lambda: fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2).backward(torch.ones_like(x))),
-        ("up_conv", lambda: fused_upconv3x3_triton(x, w3, b3, 0.2).backward(up)),
+        ("up_conv", lambda: fused_upconv3x3_triton(x, w3, b3, 0.2).backward(g_up)),
         ("ridb", lambda: fused_ridb_triton(x, [(w1, b1, w2, b2)] * 2, w3, b3, 0.2, x, 0.2).backward(torch.ones_like(x))),
     ]
     old_sms = conv3x3._sms

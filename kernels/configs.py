@@ -67,6 +67,11 @@ def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.C
     # EVEN_*: the channel blocks tile the counts exactly, so the loop's loads need no channel masks
     meta = {"BLOCK_C": block_c, "BLOCK_CO": block_co, "EVEN_C1": c1 % block_c == 0, "EVEN_C2": c2 % block_c == 0,
             "EVEN_CO": c_out % block_co == 0}
+    return _pixel_block_choices(meta)
+
+
+def _pixel_block_choices(meta: dict) -> list[triton.Config]:
+    """The two dW candidates of one channel tiling: pixel blocks of 128 (3 stages) and 64 (4 stages)."""
     return [triton.Config({**meta, "BLOCK_P": 128}, num_warps=4, num_stages=3),
             triton.Config({**meta, "BLOCK_P": 64}, num_warps=4, num_stages=4)]
 
@@ -95,8 +100,7 @@ def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Confi
     """As dw_candidates for one input; the pixel block walks low-resolution pixels."""
     block_c, block_co = pow2_block(c_in), pow2_block(c_out)
     meta = {"BLOCK_C": block_c, "BLOCK_CO": block_co, "EVEN_C": c_in % block_c == 0, "EVEN_CO": c_out % block_co == 0}
-    return [triton.Config({**meta, "BLOCK_P": 128}, num_warps=4, num_stages=3),
-            triton.Config({**meta, "BLOCK_P": 64}, num_warps=4, num_stages=4)]
+    return _pixel_block_choices(meta)
 
 
 FIN_BLOCK = 1024           # finalize programs: partial elements per program
@@ -105,8 +109,9 @@ DW_CHUNK_MULTIPLE = 128    # dW pixel chunks are a multiple of every BLOCK_P abo
 
 def dw_split(m: int, c_in: int, c_out: int, sms: int, taps: int = 9) -> int:
     """Pixel chunks of the dW reduction: ~4 programs per SM over the (tap, tile) programs (taps: 9, or 16
-    for the upsampling conv's phase taps), chunks of at least 1024 pixels (the fp32 workspace stays a few MB). sms = 0: one chunk (the interpreter runs
-    programs one after another, so splitting buys nothing there)."""
+    for the upsampling conv's phase taps), chunks of at least 1024 pixels (the fp32 workspace stays a
+    few MB). sms = 0: one chunk (the interpreter runs programs one after another, so splitting buys
+    nothing there)."""
     if sms <= 0:
         return 1
     tiles = taps * cdiv(c_in, 64) * cdiv(c_out, 64)

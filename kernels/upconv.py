@@ -15,9 +15,11 @@ import triton
 
 from . import configs, conv3x3
 from .configs import cdiv
-from .conv3x3 import _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags, _empty_cl, _grad_like, _wstrides, cfg_key
+from .conv3x3 import (_FIN_CONFIG, _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags, _empty_cl, _grad_like, _wstrides,
+                      cfg_key)
 from .conv3x3_fwd import mask_shape
 from .launch import KernelLauncher, aligned
+from .op import _needs_grad
 from .upconv_kernels import (upconv_bwd_dw_kernel, upconv_bwd_dx_kernel, upconv_bwd_finalize_kernel,
                              upconv_combine_kernel, upconv_fwd_kernel)
 
@@ -27,7 +29,6 @@ UP_DX = KernelLauncher(upconv_bwd_dx_kernel, "up_dx")
 UP_DW = KernelLauncher(upconv_bwd_dw_kernel, "up_dw")
 UP_FIN = KernelLauncher(upconv_bwd_finalize_kernel, "up_fin")
 
-_SIMPLE = triton.Config({}, num_warps=4, num_stages=1)  # elementwise combine and reduction: nothing to tune
 _COMBINE_BLOCK = 1024
 PHASE_TAPS = 16
 
@@ -55,7 +56,7 @@ def combine_weight(weight: torch.Tensor) -> torch.Tensor:
         flags = dict(INTERP_BF16=_dtype_flags(weight.dtype)["INTERP_BF16"], BLOCK=_COMBINE_BLOCK)
         key = ("up_combine", weight.shape, weight.stride(), weight.dtype, weight.device)
         COMBINE.launch((key, aligned(weight)), (cdiv(wc.numel(), _COMBINE_BLOCK), 1, 1),
-                       (weight, wc, c_in, c_out, *weight.stride()), flags, _SIMPLE)
+                       (weight, wc, c_in, c_out, *weight.stride()), flags, _FIN_CONFIG)
     return wc
 
 
@@ -183,7 +184,7 @@ def _up_finalize(dwp, dbp, dw, db, split) -> None:
     c_out, c_in = dw.shape[:2]
     UP_FIN.launch((key, ()), (cdiv(9 * c_in * c_out, configs.FIN_BLOCK), 1, 1),
                   (dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw, split, c_in, c_out,
-                   *_wstrides(dw)), flags, _SIMPLE)
+                   *_wstrides(dw)), flags, _FIN_CONFIG)
 
 
 def up_backward(grad, x, weight, wc, mask, slope: Optional[float], has_bias: bool,
@@ -281,15 +282,12 @@ class _EagerFusedUpconv3x3(torch.autograd.Function):
         return dx, dw, db, None
 
 
-_is_compiling = torch.compiler.is_compiling  # a module alias the tests can patch (see ridb.py)
-
-
 def fused_upconv3x3_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            negative_slope: Optional[float] = 0.2) -> torch.Tensor:
     """Same semantics as gafh_fast.ops.fused_upconv3x3_reference; y comes back channels_last."""
     slope = None if negative_slope is None else float(negative_slope)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if not _is_compiling():
+    needs_grad = _needs_grad(x, weight, bias)
+    if not torch.compiler.is_compiling():
         if needs_grad:
             return _EagerFusedUpconv3x3.apply(x, weight, bias, slope)
         return up_forward(x, weight, bias, slope, False)[0]

@@ -32,18 +32,23 @@ def test_idb_forward_backward_through_kept_compiled_kernels():
 
 
 
-def test_ridb_custom_ops_through_kept_compiled_kernels(tmp_path):
-    """The compiled trainer's calls (the RIDB forward op, then its backward op with the forward's weight
-    copies), NCHW and channels_last weights, every launch after the warm-up through a kept kernel."""
+def _host_overhead_rows(mode: str, tmp_path) -> list:
+    """The JSON rows of `bench/host_overhead.py <mode>` (one short round), run without the interpreter."""
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    out = tmp_path / "ops.json"
-    proc = subprocess.run([sys.executable, "bench/host_overhead.py", "--ridb-ops", "--rounds", "1", "--iters", "2",
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "bench/host_overhead.py", mode, "--rounds", "1", "--iters", "2",
                            "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_ridb_custom_ops_through_kept_compiled_kernels(tmp_path):
+    """The compiled trainer's calls (the RIDB forward op, then its backward op with the forward's weight
+    copies), NCHW and channels_last weights, every launch after the warm-up through a kept kernel."""
+    rows = _host_overhead_rows("--ridb-ops", tmp_path)
     assert [r["ridb_ops"] for r in rows] == ["nchw", "channels_last"]
     assert all(r["launches"] == 9 + 18 and r["backward_takes_copies"] and r["host_us"] > 0 for r in rows), rows
 
@@ -51,13 +56,5 @@ def test_ridb_custom_ops_through_kept_compiled_kernels(tmp_path):
 def test_upsampling_stage_through_kept_compiled_kernels(tmp_path):
     """One upsampling stage forward + backward on the direct-launch path: fused_upconv3x3 (upconv.py's five
     launches, its 3-d forward grid included) and, for comparison, interpolate + the fused conv (four)."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    out = tmp_path / "up.json"
-    proc = subprocess.run([sys.executable, "bench/host_overhead.py", "--up", "--rounds", "1", "--iters", "2",
-                           "--json", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    rows = _host_overhead_rows("--up", tmp_path)
     assert [(r["launches"], r["host_us"] > 0) for r in rows] == [(4, True), (5, True)], rows
