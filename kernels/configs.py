@@ -92,8 +92,20 @@ def up_fwd_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Conf
     return _up_gemm_candidates(c_in, c_out, m, 4)
 
 
-def up_dx_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Config]:
-    return _up_gemm_candidates(c_out, c_in, m, 1)
+def up_dx_candidates(c_in: int, c_out: int, w: int, m: int, act: bool = False) -> list[triton.Config]:
+    """With an activation the two candidates are one tile (the heuristic's first) made two ways, by
+    GZ_PASS (a host-side key, not a kernel argument): False makes gz = g * act'(z) on the GEMM's
+    operand at each of the 16 taps and writes it for dW (3 backward launches); True makes gz in a pass
+    of its own (upconv_gz_kernel) and runs dX on it without a mask in the loop (4 launches, one more
+    full-resolution read and write). The sm_90 report has the first at ~100 SASS per wgmma and the
+    second at ~30; which is faster is a device question, so the tuner times it (bench/RESULTS.md,
+    Round 8). Without an activation: the two tiles, as the other GEMMs."""
+    tiles = _up_gemm_candidates(c_out, c_in, m, 1)
+    if not act:
+        return tiles
+    first = tiles[0]
+    return [triton.Config({**first.kwargs, "GZ_PASS": gz_pass}, num_warps=first.num_warps,
+                          num_stages=first.num_stages) for gz_pass in (False, True)]
 
 
 def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Config]:
@@ -104,6 +116,7 @@ def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Confi
 
 
 FIN_BLOCK = 1024           # finalize programs: partial elements per program
+GZ_BLOCK_P = 64            # the gz pass: pixels per program (x up to 64 channels: 16 elements per thread)
 DW_CHUNK_MULTIPLE = 128    # dW pixel chunks are a multiple of every BLOCK_P above
 
 

@@ -70,11 +70,12 @@ def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int
 
 
 def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, steps: int = 3,
-                      sms: int = 132) -> list[dict]:
+                      sms: int = 132, gz_pass: bool = False) -> list[dict]:
     """Per launch of the generator's upsampling steps (nearest x2 -> conv nf -> nf -> LeakyReLU, from
     side to 2*side, `steps` times) forward + backward. fused=False: F.interpolate and its backward around
     the activated conv3x3 at the high resolution (conv3x3.py: 1 + 3 launches); fused=True: upconv.py's
-    sub-pixel phases (2 + 3 launches: 16 taps per low-resolution pixel, no upsampled tensor)."""
+    sub-pixel phases (2 + 3 launches: 16 taps per low-resolution pixel, no upsampled tensor); with
+    gz_pass, gz in a pass of its own before dX (2 + 4: the tuner's GZ_PASS candidate)."""
     rows = []
     for k in range(steps):
         s = side << k
@@ -96,7 +97,9 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
         split = dw_split(m_lo, nf, nf, sms, taps=16)
         rows += [dict(launch=f"{tag} combine weights", flops=0, bytes=wt * BF16 + wc * BF16),
                  dict(launch=f"{tag} fwd (4 phases)", flops=2 * m_lo * wc, bytes=lo + hi + bits + wc * BF16),
-                 dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_lo * wc, bytes=hi + bits + hi + lo),
+                 *([dict(launch=f"{tag} bwd gz pass", flops=0, bytes=hi + bits + hi),
+                    dict(launch=f"{tag} bwd dX (gz ready)", flops=2 * m_lo * wc, bytes=hi + lo)] if gz_pass else
+                   [dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_lo * wc, bytes=hi + bits + hi + lo)]),
                  dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
                  dict(launch=f"{tag} bwd finalize (fold)", flops=0, bytes=split * wc * FP32 + wt * BF16)]
     return rows
@@ -135,10 +138,11 @@ def main() -> None:
                    f"RIDB (4 IDBs + conv, DNB residual) batch {args.batch}, "
                    + ("fused_ridb (kernels/ridb.py)" if fused else "per-IDB Functions + autograd adds"))
     if args.up:
-        for fused in (False, True):
-            _print(upsample_launches(args.batch, fused), args.tflops, args.tbps,
-                   f"upsampling steps 32->64->128->256, nf 64, batch {args.batch}, "
-                   + ("sub-pixel phases (kernels/upconv.py)" if fused else "interpolate + conv3x3 (before)"))
+        for fused, gz_pass, how in ((False, False, "interpolate + conv3x3 (before)"),
+                                    (True, False, "sub-pixel phases (kernels/upconv.py), gz made in dX"),
+                                    (True, True, "sub-pixel phases, gz pass before dX (GZ_PASS)")):
+            _print(upsample_launches(args.batch, fused, gz_pass=gz_pass), args.tflops, args.tbps,
+                   f"upsampling steps 32->64->128->256, nf 64, batch {args.batch}, {how}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ torch custom ops (kernels and the maths: upconv_kernels.py).
 
 Launches: forward 2 (combine the weight into the 16 phase taps, then the conv), backward 3 (dX with gz
 made on the fly and written out, dW + db partials from gz, then the finalize that folds the phase taps
-back onto W). Plans, tile choice and launch keys work as in conv3x3.py (same plan table, tuner and
+back onto W), or 4 when the tuner finds a gz pass of its own before dX faster (GZ_PASS, configs.py). Plans, tile choice and launch keys work as in conv3x3.py (same plan table, tuner and
 one-stream-per-device assumption for the kept dW partials).
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ from .conv3x3_fwd import mask_shape
 from .launch import KernelLauncher, aligned
 from .op import _needs_grad
 from .upconv_kernels import (upconv_bwd_dw_kernel, upconv_bwd_dx_kernel, upconv_bwd_finalize_kernel,
-                             upconv_combine_kernel, upconv_fwd_kernel)
+                             upconv_combine_kernel, upconv_fwd_kernel, upconv_gz_kernel)
 
 COMBINE = KernelLauncher(upconv_combine_kernel, "up_combine")
 UP_FWD = KernelLauncher(upconv_fwd_kernel, "up_fwd")
 UP_DX = KernelLauncher(upconv_bwd_dx_kernel, "up_dx")
+UP_GZ = KernelLauncher(upconv_gz_kernel, "up_gz")
 UP_DW = KernelLauncher(upconv_bwd_dw_kernel, "up_dw")
 UP_FIN = KernelLauncher(upconv_bwd_finalize_kernel, "up_fin")
 
@@ -108,34 +109,62 @@ def _launch_fwd(key, cfg, flags, ptrs, scalars):
 
 
 # ------------------------------------------------------------------------------------------------
-# Backward (3 launches)
+# Backward (3 launches, or 4 with the gz pass)
 # ------------------------------------------------------------------------------------------------
 def _up_dx(g, mask, gz, wc, dx, slope, config):
+    """dX (and gz when there is an activation: made in dX's operand, or by the gz pass when the plan's
+    config says GZ_PASS)."""
     n, c_out, h2, w2 = g.shape
     h, w = h2 // 2, w2 // 2
     c_in = dx.shape[1]
     m = n * h * w
-    key = ("up_dx", g.shape, c_in, g.dtype, g.device, gz is not None, cfg_key(config))
+    act = gz is not None
+    key = ("up_dx", g.shape, c_in, g.dtype, g.device, act, cfg_key(config))
     plan = _PLANS.get(key)
-    ptrs = (g, mask if gz is not None else g, gz if gz is not None else g, wc, dx)
+    tensors = (g, mask, gz, wc, dx)
     scalars = (m, h, w, c_in, c_out, float(slope) if slope is not None else 0.0)
     if plan is None:
-        flags = dict(A_ACT=gz is not None, IDX64=4 * m * max(c_in, c_out) >= 2**31, **_dtype_flags(g.dtype))
+        base = dict(IDX64=4 * m * max(c_in, c_out) >= 2**31, **_dtype_flags(g.dtype))
 
         def run(cfg):
-            _launch_dx(key + (cfg_key(cfg),), cfg, flags, ptrs, scalars)
+            _launch_dx(key + (cfg_key(cfg),), *_dx_way(cfg, base, act), tensors, scalars)
 
-        cfg = _choose("up_dx", (c_in, c_out, w, configs.m_bucket(m), str(g.dtype), tuple(flags.items())),
-                      configs.up_dx_candidates(c_in, c_out, w, m), run, config)
-        plan = _PLANS[key] = (cfg, flags, next(_PLAN_IDS))
-    cfg, flags, plan_id = plan
-    _launch_dx(plan_id, cfg, flags, ptrs, scalars)
+        cfg = _choose("up_dx", (c_in, c_out, w, configs.m_bucket(m), str(g.dtype), act, tuple(base.items())),
+                      configs.up_dx_candidates(c_in, c_out, w, m, act), run, config)
+        plan = _PLANS[key] = (cfg, *_dx_way(cfg, base, act), next(_PLAN_IDS))
+    _launch_dx(plan[4], plan[1], plan[2], plan[3], tensors, scalars)
 
 
-def _launch_dx(key, cfg, flags, ptrs, scalars):
+def _dx_way(cfg, base: dict, act: bool):
+    """(the kernel's config without GZ_PASS, its constexpr flags, whether the gz pass runs first)."""
+    gz_pass = bool(act and cfg.kwargs.get("GZ_PASS", False))
+    kernel_cfg = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "GZ_PASS"}, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
+    return kernel_cfg, dict(A_ACT=act and not gz_pass, **base), gz_pass
+
+
+def _launch_dx(key, cfg, flags, gz_pass, tensors, scalars):
+    g, mask, gz, wc, dx = tensors
     m, c_in = scalars[0], scalars[3]
+    if gz_pass:
+        _launch_gz(g, mask, gz, scalars[5], flags["IDX64"])
+        ptrs = (gz, gz, gz, wc, dx)  # dX reads the ready gz; its mask and gz outputs are unused
+    else:
+        ptrs = (g, mask if gz is not None else g, gz if gz is not None else g, wc, dx)
     grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
     UP_DX.launch((key, aligned(ptrs[0])), grid, ptrs + scalars, flags, cfg)  # g is the caller's; the rest ours
+
+
+def _launch_gz(g, mask, gz, slope: float, idx64: bool) -> None:
+    """gz = g * act'(z) over every output pixel, one pass (upconv_gz_kernel)."""
+    n, c_out, h2, w2 = g.shape
+    block_c = min(64, configs.next_pow2(c_out))
+    flags = dict(INTERP_BF16=_dtype_flags(g.dtype)["INTERP_BF16"], IDX64=idx64, BLOCK_P=configs.GZ_BLOCK_P,
+                 BLOCK_C=block_c)
+    grid = (cdiv(n * h2 * w2, configs.GZ_BLOCK_P), cdiv(c_out, block_c), 1)
+    # the JIT specialises C_OUT (an int: == 1, % 16) and the pointers' alignment; g is the caller's
+    UP_GZ.launch((("up_gz", c_out, g.dtype, g.device, idx64), aligned(g)), grid,
+                 (g, mask, gz, n * h2 * w2, c_out, slope), flags, _FIN_CONFIG)
 
 
 def _up_dw_partials(x, gz, has_bias: bool, split: Optional[int], config):

@@ -18,12 +18,14 @@ Kernels (host code: upconv.py):
   * `upconv_bwd_dx_kernel`: dX[i, j] = sum over the 16 taps q of gz[pixel that read (i, j) through q]
     @ Wc[q]^T; with A_ACT, gz = g * act'(z) is made on the operand in registers and the first channel
     tile's programs write it out (all four phases of their pixels) for the dW kernel.
+  * `upconv_gz_kernel`: the other way to make gz, a pass of its own before a dX without A_ACT (the
+    tuner times both: GZ_PASS in configs.up_dx_candidates).
   * `upconv_bwd_dw_kernel`: fp32 partials of dWc per tap q over chunks of low-resolution pixels
     (split-K, no atomics), plus a row of db partials.
   * `upconv_bwd_finalize_kernel`: sums the partials over the chunks in a fixed order and folds the 16
     combined taps back onto the 9 of W (the transpose of the combination: each (kh, kw) receives one
     tap of each phase, ty = kh >= 1 + a, tx = kw >= 1 + b), written in the weight's layout.
-Launches: forward 2 (combine, conv), backward 3 (dX + gz, dW, finalize).
+Launches: forward 2 (combine, conv), backward 3 (dX + gz, dW, finalize), or 4 with the gz pass.
 Layouts: activations channels_last (element (n, c, h, w) at pixel*C + c); Wc (C_OUT, 16, C_IN) contiguous.
 """
 from __future__ import annotations
@@ -197,6 +199,28 @@ def upconv_bwd_dx_kernel(
                              mask=ok)
     tl.store(dx_ptr + pixel_rows(offs_m, C_IN, IDX64)[:, None] + offs_n[None, :],
              cast_rne(acc, dx_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M2"])
+def upconv_gz_kernel(
+    g_ptr,      # upstream gradient (N, C_OUT, 2H, 2W) channels_last: element at hi*C_OUT + co
+    mask_ptr,   # the forward's (N, 2H, 2W, ceil(C_OUT/8)) bit mask
+    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, 2H, 2W) channels_last
+    M2, C_OUT, slope,   # M2: full-resolution pixels N*2H*2W
+    INTERP_BF16: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid = (BLOCK_P tiles of the M2 output pixels, BLOCK_C tiles of C_OUT). The gz pass the tuner may
+    # choose over making gz in dX's operand (GZ_PASS): dX then reads gz ready, with no mask in its loop.
+    # Rounded as upconv_bwd_dx_kernel's A_ACT rounds it, so both ways give the same bits.
+    hi = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hi_ok = hi < M2
+    co_ok = co < C_OUT
+    ok = hi_ok[:, None] & co_ok[None, :]
+    at = pixel_rows(hi, C_OUT, IDX64)[:, None] + co[None, :]
+    g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    gz = act_grad(g, mask_ptr, hi, hi_ok, co, co_ok, C_OUT, slope, IDX64)
+    tl.store(gz_ptr + at, cast_rne(gz, gz_ptr.dtype.element_ty, INTERP_BF16), mask=ok)
 
 
 @triton.jit

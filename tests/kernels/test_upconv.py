@@ -145,6 +145,17 @@ def test_launch_count(slope):
     assert dict(launch.LAUNCHES) == {"up_dx": 1, "up_dw": 1, "up_fin": 1}
 
 
+def test_launch_count_with_the_gz_pass():
+    """The tuner's other way (GZ_PASS): gz in a pass of its own before dX, so 4 backward launches."""
+    x = torch.randn(1, 8, 3, 3, device=DEVICE)
+    wt = torch.randn(8, 8, 3, 3, device=DEVICE)
+    y, mask, wc = up_forward(x, wt, None, 0.2, True)
+    launch.LAUNCHES.clear()
+    up_backward(torch.randn_like(y), x, wt, wc, mask, 0.2, False,
+                dx_config=configs.up_dx_candidates(8, 8, 3, 9, act=True)[1])
+    assert dict(launch.LAUNCHES) == {"up_gz": 1, "up_dx": 1, "up_dw": 1, "up_fin": 1}
+
+
 @pytest.mark.parametrize("index", [0, 1])
 @pytest.mark.parametrize(
     "c_in, c_out, n, h, w, split",
@@ -157,12 +168,12 @@ def test_launch_count(slope):
 )
 @pytest.mark.parametrize("slope", [0.2, None])
 def test_each_config_and_dw_walk(index, c_in, c_out, n, h, w, split, slope):
-    """Both heuristic candidates of the forward, dX and dW kernels; the dW loop's (h, w, row) walk over
-    several blocks and chunks. The input and upstream gradient are followed in memory by NaN, so a read
+    """Both heuristic candidates of the forward, dX and dW kernels (dX with an activation: gz made in its
+    operand, or by the gz pass); the dW loop's (h, w, row) walk over several blocks and chunks. The input and upstream gradient are followed in memory by NaN, so a read
     past the last pixel poisons the result."""
     m = n * h * w
     fwd_cfg = configs.up_fwd_candidates(c_in, c_out, w, m)[index]
-    dx_cfg = configs.up_dx_candidates(c_in, c_out, w, m)[index]
+    dx_cfg = configs.up_dx_candidates(c_in, c_out, w, m, act=slope is not None)[index]  # with act: GZ_PASS = index
     dw_cfg = configs.up_dw_candidates(c_in, c_out, w, m)[index]
     t, grad = make_up_case(c_in, c_out, n, h, w, seed=10 + index)
     (y_ref, g_ref), (y_abs, g_abs) = up_reference_and_scale(t, grad, slope)
@@ -176,8 +187,32 @@ def test_each_config_and_dw_walk(index, c_in, c_out, n, h, w, split, slope):
         assert_within(f"d{name} (configs {dx_cfg} / {dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c_in, c_out, n, h, w", [
+    (8, 3, 1, 3, 5),      # C_out 3: one 4-wide channel block, 60 output pixels (one partial pixel block)
+    (16, 65, 2, 2, 3),    # C_out 65: two channel blocks, 9 mask bytes per pixel
+])
+def test_gz_pass(dtype, c_in, c_out, n, h, w):
+    """The gz pass writes g * LeakyReLU'(z) with the mask read from the forward (z > 0 exactly where the
+    kernels' y > 0), rounded once; and dX, dW and db come out bit for bit as with gz made in dX's
+    operand (the same operand values, the same dot order)."""
+    t, grad = make_up_case(c_in, c_out, n, h, w, dtype=dtype, seed=3)
+    x, wt, b = (t[k].to(dtype).to(DEVICE) for k in NAMES)
+    g = grad.to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)  # as up_backward hands it on
+    y, mask, wc = up_forward(x, wt, b, 0.2, True)
+    gz = torch.full_like(y, float("nan"))  # channels_last, as y
+    upconv._launch_gz(g, mask, gz, 0.2, False)
+    expect = (g.float() * torch.where(y.float() > 0, 1.0, torch.tensor(0.2, dtype=torch.float32))).to(dtype)
+    assert torch.equal(gz, expect)
+    fused, by_pass = (up_backward(g, x, wt, wc, mask, 0.2, True,
+                                  dx_config=configs.up_dx_candidates(c_in, c_out, w, n * h * w, act=True)[i])
+                      for i in (0, 1))
+    for name, a, p in zip(NAMES, fused, by_pass):
+        assert torch.equal(a, p), name
+
+
 def test_timed_tile_choice_launches_each_candidate(monkeypatch):
-    """On a GPU each new plan times its two tile candidates: its run closure launches the kernel with
+    """On a GPU each new plan times its two candidates: its run closure launches the kernel with
     each (tuning.Tuner.choose). The same path here, with a timer that runs the launch and then says the
     second candidate was faster: every kernel with candidates launches 2 timed + 1 real times, the plans
     keep the second candidates, and the results still match the reference."""
@@ -203,10 +238,12 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
         chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_dw": 3, "up_fin": 1}
+    # dX's second candidate is the gz pass: timed once, then run for real
+    assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_gz": 2, "up_dw": 3,
+                                          "up_fin": 1}
     m = 2 * 5 * 6
     assert chosen == {"up_fwd": configs.up_fwd_candidates(8, 16, 6, m)[1].kwargs,
-                      "up_dx": configs.up_dx_candidates(8, 16, 6, m)[1].kwargs,
+                      "up_dx": configs.up_dx_candidates(8, 16, 6, m, act=True)[1].kwargs,
                       "up_dw": configs.up_dw_candidates(8, 16, 6, m)[1].kwargs}
     assert_within("y", y, y_ref, y_abs, 1e-5)
     for name, got in zip(NAMES, grads):
