@@ -3,7 +3,8 @@ torch custom ops (kernels and the maths: upconv_kernels.py).
 
 Launches: forward 2 (combine the weight into the 16 phase taps, then the conv), backward 3 (dX with gz
 made on the fly and written out, dW + db partials from gz, then the finalize that folds the phase taps
-back onto W), or 4 when the tuner finds a gz pass of its own before dX faster (GZ_PASS, configs.py). Plans, tile choice and launch keys work as in conv3x3.py (same plan table, tuner and
+back onto W). When the tuner finds a gz pass of its own faster (GZ_PASS, configs.py) the backward is
+gz pass, dW, then dX with the fold in extra programs, still 3; without an activation dW, dX + fold (2). Plans, tile choice and launch keys work as in conv3x3.py (same plan table, tuner and
 one-stream-per-device assumption for the kept dW partials).
 """
 from __future__ import annotations
@@ -109,49 +110,71 @@ def _launch_fwd(key, cfg, flags, ptrs, scalars):
 
 
 # ------------------------------------------------------------------------------------------------
-# Backward (3 launches, or 4 with the gz pass)
+# Backward (3 launches; 2 without an activation)
 # ------------------------------------------------------------------------------------------------
-def _up_dx(g, mask, gz, wc, dx, slope, config):
-    """dX (and gz when there is an activation: made in dX's operand, or by the gz pass when the plan's
-    config says GZ_PASS)."""
+def _up_dx_plan(g, mask, gz, wc, dx, slope, has_bias: bool, config):
+    """The dX plan (cfg, kernel config, flags, gz pass?, plan id), its way chosen (timed on a GPU) on the
+    first call: with an activation, gz made in dX's operand or by a pass of its own (GZ_PASS). The timing
+    runs launch dX without fold programs, the same kernel variant as the real launch."""
     n, c_out, h2, w2 = g.shape
     h, w = h2 // 2, w2 // 2
     c_in = dx.shape[1]
     m = n * h * w
     act = gz is not None
-    key = ("up_dx", g.shape, c_in, g.dtype, g.device, act, cfg_key(config))
+    key = ("up_dx", g.shape, c_in, g.dtype, g.device, act, has_bias, cfg_key(config))
     plan = _PLANS.get(key)
-    tensors = (g, mask, gz, wc, dx)
-    scalars = (m, h, w, c_in, c_out, float(slope) if slope is not None else 0.0)
     if plan is None:
-        base = dict(IDX64=4 * m * max(c_in, c_out) >= 2**31, **_dtype_flags(g.dtype))
+        base = dict(IDX64=4 * m * max(c_in, c_out) >= 2**31, FIN_BIAS=has_bias, FIN_BLOCK=configs.FIN_BLOCK,
+                    **_dtype_flags(g.dtype))
+        scalars = _dx_scalars(m, h, w, c_in, c_out, slope, None)
 
         def run(cfg):
-            _launch_dx(key + (cfg_key(cfg),), *_dx_way(cfg, base, act), tensors, scalars)
+            kernel_cfg, flags, gz_pass = _dx_way(cfg, base, act)
+            if gz_pass:
+                _launch_gz(g, mask, gz, scalars[5], flags["IDX64"])
+            # no fold programs; stand-ins of the fold's pointer types (fp32 partials, dW's dtype), so this
+            # compiles the variant the real launch runs (the fold's scalars are not specialised on)
+            stand_in = (torch.empty(0, dtype=torch.float32, device=g.device), None, dx, None) if flags["FIN"] else None
+            _launch_dx(key + (cfg_key(cfg),), kernel_cfg, flags, _dx_ptrs(g, mask, gz, wc, dx, gz_pass, stand_in),
+                       scalars, 0)
 
         cfg = _choose("up_dx", (c_in, c_out, w, configs.m_bucket(m), str(g.dtype), act, tuple(base.items())),
                       configs.up_dx_candidates(c_in, c_out, w, m, act), run, config)
         plan = _PLANS[key] = (cfg, *_dx_way(cfg, base, act), next(_PLAN_IDS))
-    _launch_dx(plan[4], plan[1], plan[2], plan[3], tensors, scalars)
+    return plan
 
 
 def _dx_way(cfg, base: dict, act: bool):
-    """(the kernel's config without GZ_PASS, its constexpr flags, whether the gz pass runs first)."""
+    """(the kernel's config without GZ_PASS, its constexpr flags, whether the gz pass runs first). FIN:
+    whenever dX does not make gz itself, dW can run before it and dX's extra programs fold the partials."""
     gz_pass = bool(act and cfg.kwargs.get("GZ_PASS", False))
     kernel_cfg = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "GZ_PASS"}, num_warps=cfg.num_warps,
                                num_stages=cfg.num_stages)
-    return kernel_cfg, dict(A_ACT=act and not gz_pass, **base), gz_pass
+    a_act = act and not gz_pass
+    return kernel_cfg, dict(A_ACT=a_act, FIN=not a_act, **base), gz_pass
 
 
-def _launch_dx(key, cfg, flags, gz_pass, tensors, scalars):
-    g, mask, gz, wc, dx = tensors
-    m, c_in = scalars[0], scalars[3]
-    if gz_pass:
-        _launch_gz(g, mask, gz, scalars[5], flags["IDX64"])
-        ptrs = (gz, gz, gz, wc, dx)  # dX reads the ready gz; its mask and gz outputs are unused
+def _dx_ptrs(g, mask, gz, wc, dx, gz_pass: bool, fin: Optional[tuple]) -> tuple:
+    """The dX kernel's pointers: (g or gz, mask, gz out, Wc, dx, the fold's dW partials, db partials, dW, db)."""
+    if gz is not None and gz_pass:
+        head = (gz, gz, gz, wc, dx)  # dX reads the ready gz; its mask and gz outputs are unused
     else:
-        ptrs = (g, mask if gz is not None else g, gz if gz is not None else g, wc, dx)
-    grid = (cdiv(m, cfg.kwargs["BLOCK_M"]), cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
+        head = (g, mask if gz is not None else g, gz if gz is not None else g, wc, dx)
+    if fin is None:
+        return head + (dx,) * 4  # no fold programs in the grid: never read
+    dwp, dbp, dw, db = fin[:4]
+    return head + (dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw)
+
+
+def _dx_scalars(m, h, w, c_in, c_out, slope, fin: Optional[tuple]) -> tuple:
+    """M, H, W, C_IN, C_OUT, slope, then the fold's chunks and dW's strides (zeros without a fold)."""
+    tail = (fin[4], *_wstrides(fin[2])) if fin is not None else (0, 0, 0, 0)
+    return (m, h, w, c_in, c_out, float(slope) if slope is not None else 0.0) + tail
+
+
+def _launch_dx(key, cfg, flags, ptrs, scalars, fold_programs: int):
+    m, c_in = scalars[0], scalars[3]
+    grid = (cdiv(m, cfg.kwargs["BLOCK_M"]) + fold_programs, cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
     UP_DX.launch((key, aligned(ptrs[0])), grid, ptrs + scalars, flags, cfg)  # g is the caller's; the rest ours
 
 
@@ -232,8 +255,20 @@ def up_backward(grad, x, weight, wc, mask, slope: Optional[float], has_bias: boo
         raise RuntimeError("fused_upconv3x3 backward: the forward saved no activation mask "
                            "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
     gz = _empty_cl(n, c_out, 2 * h, 2 * w, g) if slope is not None else None
-    _up_dx(g, mask, gz, wc, dx, slope, dx_config)
-    dwp, dbp, split = _up_dw_partials(x, gz if gz is not None else g, has_bias, dw_split, dw_config)
+    _, kernel_cfg, flags, gz_pass, plan_id = _up_dx_plan(g, mask, gz, wc, dx, slope, has_bias, dx_config)
+    m = n * h * w
+    if flags["FIN"]:  # gz ready before dX (no activation, or the gz pass): dW, then dX + the fold
+        if gz_pass:
+            _launch_gz(g, mask, gz, float(slope), flags["IDX64"])
+        dwp, dbp, split = _up_dw_partials(x, gz if gz is not None else g, has_bias, dw_split, dw_config)
+        fin = (dwp, dbp, dw, db, split)
+        _launch_dx(plan_id, kernel_cfg, flags, _dx_ptrs(g, mask, gz, wc, dx, gz_pass, fin),
+                   _dx_scalars(m, h, w, c_in, c_out, slope, fin), cdiv(9 * c_in * c_out, configs.FIN_BLOCK))
+        return dx, dw, db
+    # dX makes gz (A_ACT) and writes it for dW, then the fold on its own
+    _launch_dx(plan_id, kernel_cfg, flags, _dx_ptrs(g, mask, gz, wc, dx, False, None),
+               _dx_scalars(m, h, w, c_in, c_out, slope, None), 0)
+    dwp, dbp, split = _up_dw_partials(x, gz, has_bias, dw_split, dw_config)
     _up_finalize(dwp, dbp, dw, db, split)
     return dx, dw, db
 

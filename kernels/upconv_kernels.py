@@ -17,15 +17,17 @@ Kernels (host code: upconv.py):
     bit mask z > 0 at full resolution (as the conv kernels' mask), stored at (2i + a, 2j + b).
   * `upconv_bwd_dx_kernel`: dX[i, j] = sum over the 16 taps q of gz[pixel that read (i, j) through q]
     @ Wc[q]^T; with A_ACT, gz = g * act'(z) is made on the operand in registers and the first channel
-    tile's programs write it out (all four phases of their pixels) for the dW kernel.
-  * `upconv_gz_kernel`: the other way to make gz, a pass of its own before a dX without A_ACT (the
-    tuner times both: GZ_PASS in configs.up_dx_candidates).
+    tile's programs write it out (all four phases of their pixels) for the dW kernel. Without A_ACT
+    (gz was ready, so dW ran first) extra programs fold dW's partials (FIN), as the finalize does.
+  * `upconv_gz_kernel`: the other way to make gz, a pass of its own before dW and a dX without A_ACT
+    (the tuner times both ways: GZ_PASS in configs.up_dx_candidates).
   * `upconv_bwd_dw_kernel`: fp32 partials of dWc per tap q over chunks of low-resolution pixels
     (split-K, no atomics), plus a row of db partials.
   * `upconv_bwd_finalize_kernel`: sums the partials over the chunks in a fixed order and folds the 16
     combined taps back onto the 9 of W (the transpose of the combination: each (kh, kw) receives one
     tap of each phase, ty = kh >= 1 + a, tx = kw >= 1 + b), written in the weight's layout.
-Launches: forward 2 (combine, conv), backward 3 (dX + gz, dW, finalize), or 4 with the gz pass.
+Launches: forward 2 (combine, conv); backward 3: dX + gz, dW, finalize; or gz pass, dW, dX + fold;
+without an activation 2: dW, dX + fold.
 Layouts: activations channels_last (element (n, c, h, w) at pixel*C + c); Wc (C_OUT, 16, C_IN) contiguous.
 """
 from __future__ import annotations
@@ -130,21 +132,14 @@ def upconv_fwd_kernel(
              cast_rne(acc, y_ptr.dtype.element_ty, INTERP_BF16), mask=out_ok)
 
 
-@triton.jit(do_not_specialize=SHAPE_ARGS)
-def upconv_bwd_dx_kernel(
-    g_ptr,      # upstream gradient (N, C_OUT, 2H, 2W) channels_last: raw g with A_ACT, else gz itself
-    mask_ptr,   # the forward's (N, 2H, 2W, ceil(C_OUT/8)) bit mask; if A_ACT
-    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, 2H, 2W) channels_last; if A_ACT
-    wc_ptr,     # combined weight (C_OUT, 16, C_IN) contiguous
-    dx_ptr,     # out: dL/dx, (N, C_IN, H, W) channels_last
-    M, H, W, C_IN, C_OUT, slope,
+@triton.jit
+def _up_dx_tile(
+    g_ptr, mask_ptr, gz_ptr, wc_ptr, dx_ptr, pid_m, pid_n, M, H, W, C_IN, C_OUT, slope,
     A_ACT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    # grid = (BLOCK_M tiles of the M low-resolution pixels, BLOCK_N tiles of C_IN); K = 16 taps x C_OUT.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """One BLOCK_M x BLOCK_N tile of dX (arguments as upconv_bwd_dx_kernel's)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -199,6 +194,77 @@ def upconv_bwd_dx_kernel(
                              mask=ok)
     tl.store(dx_ptr + pixel_rows(offs_m, C_IN, IDX64)[:, None] + offs_n[None, :],
              cast_rne(acc, dx_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fold_dw(
+    dwp_ptr,    # fp32 dWc partials (SPLIT, 16, C_IN, C_OUT) contiguous
+    dbp_ptr,    # fp32 db partials (SPLIT, C_OUT); if HAS_BIAS
+    dw_ptr,     # out: dW (C_OUT, C_IN, 3, 3), element (co, ci, tap = 3*kh + kw) at co*d_co + ci*d_ci + tap*d_tap
+    db_ptr,     # out: db (C_OUT,); if HAS_BIAS
+    pid, SPLIT, C_IN, C_OUT, d_co, d_ci, d_tap,
+    HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """BLOCK of dW's elements (tap, ci, co): the partials summed over the chunks in a fixed order and
+    folded from the 16 phase taps onto the 9; program 0 also sums db."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    per_q = C_IN * C_OUT
+    ok = offs < 9 * per_q
+    co = offs % C_OUT
+    ci = (offs // C_OUT) % C_IN
+    tap = offs // per_q
+    kh = tap // 3
+    kw = tap % 3
+    inner = ci * C_OUT + co
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):   # fixed order: chunks, then phases (a, b): deterministic
+        for pa in tl.static_range(2):
+            ty = (kh >= 1 + pa).to(tl.int32)
+            for pb in tl.static_range(2):
+                tx = (kw >= 1 + pb).to(tl.int32)
+                q = 4 * (2 * pa + pb) + 2 * ty + tx
+                acc += tl.load(dwp_ptr + (s * 16 + q) * per_q + inner, mask=ok, other=0.0)
+    tl.store(dw_ptr + co * d_co + ci * d_ci + tap * d_tap, cast_rne(acc, dw_ptr.dtype.element_ty, INTERP_BF16),
+             mask=ok)
+    if HAS_BIAS:
+        b_ok = offs < C_OUT
+        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLIT):
+            b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)
+        tl.store(db_ptr + offs, cast_rne(b_acc, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+
+
+# the fold's scalars too: a tuner's timing run passes zeros there (no fold programs) and must compile the
+# variant the real launch runs
+@triton.jit(do_not_specialize=SHAPE_ARGS + ["FIN_SPLIT", "d_co", "d_ci", "d_tap"])
+def upconv_bwd_dx_kernel(
+    g_ptr,      # upstream gradient (N, C_OUT, 2H, 2W) channels_last: raw g with A_ACT, else gz itself
+    mask_ptr,   # the forward's (N, 2H, 2W, ceil(C_OUT/8)) bit mask; if A_ACT
+    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, 2H, 2W) channels_last; if A_ACT
+    wc_ptr,     # combined weight (C_OUT, 16, C_IN) contiguous
+    dx_ptr,     # out: dL/dx, (N, C_IN, H, W) channels_last
+    fin_dwp, fin_dbp, fin_dw, fin_db,   # the fold of this conv's dW partials (see _fold_dw); if FIN
+    M, H, W, C_IN, C_OUT, slope,
+    FIN_SPLIT, d_co, d_ci, d_tap,       # the fold's chunks and dW's strides; if FIN
+    A_ACT: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FIN: tl.constexpr,        # gz was ready before dX (no activation, or the gz pass), so dW ran first:
+    FIN_BIAS: tl.constexpr,   # extra programs fold its partials here (one launch less)
+    FIN_BLOCK: tl.constexpr,
+):
+    # grid = (BLOCK_M tiles of the M low-resolution pixels (+ with FIN: fold programs, channel tile 0 only),
+    # BLOCK_N tiles of C_IN); K = 16 taps x C_OUT.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m >= tl.cdiv(M, BLOCK_M):
+        if FIN:
+            if pid_n == 0:
+                _fold_dw(fin_dwp, fin_dbp, fin_dw, fin_db, pid_m - tl.cdiv(M, BLOCK_M), FIN_SPLIT, C_IN, C_OUT, d_co,
+                         d_ci, d_tap, FIN_BIAS, INTERP_BF16, FIN_BLOCK)
+    else:
+        _up_dx_tile(g_ptr, mask_ptr, gz_ptr, wc_ptr, dx_ptr, pid_m, pid_n, M, H, W, C_IN, C_OUT, slope, A_ACT,
+                    INTERP_BF16, PRECISION, IDX64, BLOCK_M, BLOCK_N, BLOCK_K, K_STEPS, EVEN_K)
 
 
 @triton.jit(do_not_specialize=["M2"])
@@ -319,36 +385,11 @@ def upconv_bwd_dw_kernel(
 
 @triton.jit
 def upconv_bwd_finalize_kernel(
-    dwp_ptr,    # fp32 dWc partials (SPLIT, 16, C_IN, C_OUT) contiguous
-    dbp_ptr,    # fp32 db partials (SPLIT, C_OUT); if HAS_BIAS
-    dw_ptr,     # out: dW (C_OUT, C_IN, 3, 3), element (co, ci, tap = 3*kh + kw) at co*d_co + ci*d_ci + tap*d_tap
-    db_ptr,     # out: db (C_OUT,); if HAS_BIAS
+    dwp_ptr, dbp_ptr, dw_ptr, db_ptr,   # as _fold_dw's
     SPLIT, C_IN, C_OUT, d_co, d_ci, d_tap,
     HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # 1-D grid: ceil(9*C_IN*C_OUT / BLOCK) programs over dW's elements (tap, ci, co); the first also sums db.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    per_q = C_IN * C_OUT
-    ok = offs < 9 * per_q
-    co = offs % C_OUT
-    ci = (offs // C_OUT) % C_IN
-    tap = offs // per_q
-    kh = tap // 3
-    kw = tap % 3
-    inner = ci * C_OUT + co
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLIT):   # fixed order: chunks, then phases (a, b): deterministic
-        for pa in tl.static_range(2):
-            ty = (kh >= 1 + pa).to(tl.int32)
-            for pb in tl.static_range(2):
-                tx = (kw >= 1 + pb).to(tl.int32)
-                q = 4 * (2 * pa + pb) + 2 * ty + tx
-                acc += tl.load(dwp_ptr + (s * 16 + q) * per_q + inner, mask=ok, other=0.0)
-    tl.store(dw_ptr + co * d_co + ci * d_ci + tap * d_tap, cast_rne(acc, dw_ptr.dtype.element_ty, INTERP_BF16),
-             mask=ok)
-    if HAS_BIAS:
-        b_ok = offs < C_OUT
-        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, SPLIT):
-            b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)
-        tl.store(db_ptr + offs, cast_rne(b_acc, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+    # The fold on its own: when dX made gz (A_ACT), dW ran after dX and its partials are summed here.
+    _fold_dw(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, tl.program_id(0), SPLIT, C_IN, C_OUT, d_co, d_ci, d_tap, HAS_BIAS,
+             INTERP_BF16, BLOCK)

@@ -133,7 +133,8 @@ def test_combined_weights_make_the_phase_identity():
 
 @pytest.mark.parametrize("slope", [0.2, None])
 def test_launch_count(slope):
-    """Forward: combine + conv (2). Backward: dX (+ gz), dW + db partials, finalize with the fold (3)."""
+    """Forward: combine + conv (2). Backward with an activation: dX (+ gz), dW + db partials, finalize
+    with the fold (3); without one g is gz: dW first, then dX with the fold in extra programs (2)."""
     x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
     wt = torch.randn(8, 8, 3, 3, device=DEVICE, requires_grad=True)
     b = torch.randn(8, device=DEVICE, requires_grad=True)
@@ -142,18 +143,18 @@ def test_launch_count(slope):
     assert dict(launch.LAUNCHES) == {"up_combine": 1, "up_fwd": 1}
     launch.LAUNCHES.clear()
     y.sum().backward()
-    assert dict(launch.LAUNCHES) == {"up_dx": 1, "up_dw": 1, "up_fin": 1}
+    assert dict(launch.LAUNCHES) == ({"up_dx": 1, "up_dw": 1, "up_fin": 1} if slope else {"up_dw": 1, "up_dx": 1})
 
 
 def test_launch_count_with_the_gz_pass():
-    """The tuner's other way (GZ_PASS): gz in a pass of its own before dX, so 4 backward launches."""
+    """The tuner's other way (GZ_PASS): gz in a pass of its own, dW, then dX with the fold (3 launches)."""
     x = torch.randn(1, 8, 3, 3, device=DEVICE)
     wt = torch.randn(8, 8, 3, 3, device=DEVICE)
     y, mask, wc = up_forward(x, wt, None, 0.2, True)
     launch.LAUNCHES.clear()
     up_backward(torch.randn_like(y), x, wt, wc, mask, 0.2, False,
                 dx_config=configs.up_dx_candidates(8, 8, 3, 9, act=True)[1])
-    assert dict(launch.LAUNCHES) == {"up_gz": 1, "up_dx": 1, "up_dw": 1, "up_fin": 1}
+    assert dict(launch.LAUNCHES) == {"up_gz": 1, "up_dw": 1, "up_dx": 1}
 
 
 @pytest.mark.parametrize("index", [0, 1])
@@ -238,9 +239,8 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
         chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    # dX's second candidate is the gz pass: timed once, then run for real
-    assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_gz": 2, "up_dw": 3,
-                                          "up_fin": 1}
+    # dX's second candidate is the gz pass: timed once, then run for real, with the fold in dX's launch
+    assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_gz": 2, "up_dw": 3}
     m = 2 * 5 * 6
     assert chosen == {"up_fwd": configs.up_fwd_candidates(8, 16, 6, m)[1].kwargs,
                       "up_dx": configs.up_dx_candidates(8, 16, 6, m, act=True)[1].kwargs,
@@ -250,15 +250,18 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
 
 
-def test_kept_dw_partials_need_no_clearing():
-    """The dW partials are kept with their plan; the finalize reads only what the dW launch rewrote.
-    Poisoned with NaN between two backward passes, the second must still match the reference."""
+@pytest.mark.parametrize("gz_pass", [False, True])
+def test_kept_dw_partials_need_no_clearing(gz_pass):
+    """The dW partials are kept with their plan; the finalize (or dX's fold programs, after the gz pass)
+    reads only what the dW launch rewrote. Poisoned with NaN between two backward passes, the second
+    must still match the reference."""
     t, grad = make_up_case(8, 16, 2, 10, 13)
     (_, g_ref), (_, g_abs) = up_reference_and_scale(t, grad, 0.2)
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     g = grad.float().to(DEVICE)
     y, mask, wc = up_forward(x, wt, b, 0.2, True)
-    up_backward(g, x, wt, wc, mask, 0.2, True, dw_split=3)
+    dx_cfg = configs.up_dx_candidates(8, 16, 13, 2 * 10 * 13, act=True)[int(gz_pass)]
+    up_backward(g, x, wt, wc, mask, 0.2, True, dx_config=dx_cfg, dw_split=3)
     kept = [p for key, p in conv3x3._PLANS.items() if key[0] == "up_dw" and key[1] == x.shape and key[6] == 3]
     assert len(kept) == 1 and kept[0][4].shape == (3, 16, 8, 16) and kept[0][5].shape == (3, 16)
     listed = conv3x3.kept_partials()  # the kept scratch of every plan, the upsampling conv's included
@@ -266,9 +269,18 @@ def test_kept_dw_partials_need_no_clearing():
     assert all(isinstance(t, torch.Tensor) for t in listed)
     kept[0][4].fill_(float("nan"))
     kept[0][5].fill_(float("nan"))
-    dx, dw, db = up_backward(g, x, wt, wc, mask, 0.2, True, dw_split=3)
+    dx, dw, db = up_backward(g, x, wt, wc, mask, 0.2, True, dx_config=dx_cfg, dw_split=3)
     for name, got in (("x", dx), ("weight", dw), ("bias", db)):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_in_dx_with_several_channel_tiles(bias):
+    """Without an activation dX folds the dW partials in extra programs of its grid's first channel tile:
+    C_in 136 gives dX two channel tiles and dW 9*136*24 elements, four fold programs of 1024."""
+    launch.LAUNCHES.clear()
+    check_up(136, 24, 1, 3, 2, slope=None, bias=bias)
+    assert launch.LAUNCHES["up_fin"] == 0 and launch.LAUNCHES["up_dx"] == 1
 
 
 def test_backward_is_deterministic():
