@@ -75,7 +75,7 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
     side to 2*side, `steps` times) forward + backward. fused=False: F.interpolate and its backward around
     the activated conv3x3 at the high resolution (conv3x3.py: 1 + 3 launches); fused=True: upconv.py's
     sub-pixel phases (2 + 3 launches: 16 taps per low-resolution pixel, no upsampled tensor); with
-    gz_pass, gz in a pass of its own before dX (2 + 4: the tuner's GZ_PASS candidate)."""
+    gz_pass, gz in a pass of its own, dW, then dX with the fold (2 + 3: the tuner's GZ_PASS candidate)."""
     rows = []
     for k in range(steps):
         s = side << k
@@ -96,12 +96,16 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
         wc = 16 * nf * nf
         split = dw_split(m_lo, nf, nf, sms, taps=16)
         rows += [dict(launch=f"{tag} combine weights", flops=0, bytes=wt * BF16 + wc * BF16),
-                 dict(launch=f"{tag} fwd (4 phases)", flops=2 * m_lo * wc, bytes=lo + hi + bits + wc * BF16),
-                 *([dict(launch=f"{tag} bwd gz pass", flops=0, bytes=hi + bits + hi),
-                    dict(launch=f"{tag} bwd dX (gz ready)", flops=2 * m_lo * wc, bytes=hi + lo)] if gz_pass else
-                   [dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_lo * wc, bytes=hi + bits + hi + lo)]),
-                 dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
-                 dict(launch=f"{tag} bwd finalize (fold)", flops=0, bytes=split * wc * FP32 + wt * BF16)]
+                 dict(launch=f"{tag} fwd (4 phases)", flops=2 * m_lo * wc, bytes=lo + hi + bits + wc * BF16)]
+        fold = split * wc * FP32 + wt * BF16
+        if gz_pass:  # gz, dW, then dX with the fold in extra programs
+            rows += [dict(launch=f"{tag} bwd gz pass", flops=0, bytes=hi + bits + hi),
+                     dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
+                     dict(launch=f"{tag} bwd dX (gz ready) + fold", flops=2 * m_lo * wc, bytes=hi + lo + fold)]
+        else:
+            rows += [dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_lo * wc, bytes=hi + bits + hi + lo),
+                     dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
+                     dict(launch=f"{tag} bwd finalize (fold)", flops=0, bytes=fold)]
     return rows
 
 
@@ -140,7 +144,7 @@ def main() -> None:
     if args.up:
         for fused, gz_pass, how in ((False, False, "interpolate + conv3x3 (before)"),
                                     (True, False, "sub-pixel phases (kernels/upconv.py), gz made in dX"),
-                                    (True, True, "sub-pixel phases, gz pass before dX (GZ_PASS)")):
+                                    (True, True, "sub-pixel phases, gz pass, dW, dX + fold (GZ_PASS)")):
             _print(upsample_launches(args.batch, fused, gz_pass=gz_pass), args.tflops, args.tbps,
                    f"upsampling steps 32->64->128->256, nf 64, batch {args.batch}, {how}")
 
