@@ -21,6 +21,10 @@ So that one GPU call tells whether a slow row is host time or device time, each 
     idb_fwd_bwd kernel i   torch.profiler device time of each kernel of one IDB forward + backward
                  (triton), and `device sum` rows for triton and eager next to their wall time; the same
                  rows for up_fwd_bwd (the upsampling stage's five kernels)
+    gen_fwd_bwd layer i    where the whole generator's forward + backward spends its device time, per
+                 layer (bench/device_profile.py: kernels grouped by the operator that launched them,
+                 the top 15 groups and one `other` row, for triton and eager, and a `device sum` row
+                 per path next to its wall time); at batch 64 only (or the run's first batch without 64)
     triton configs         the tile config of every launch plan (JSON keys configs, decisions)
 and, at batch 64 (not in --smoke), `autotune gen_fwd_bwd`: the first forward + backward of the whole
 paper generator in a fresh process with empty autotune and Triton caches (cold), then in a second
@@ -38,7 +42,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,10 +54,17 @@ import torch
 from gafh_fast.config import load_config
 from gafh_fast.models.generator import IDB, RIDB, Generator, precompile_kernels
 from gafh_fast.ops import fused_upconv3x3
+from device_profile import (ITERS, TOP, group_by_layer, kernel_rows, launch_records, layer_rows, profile_kernels,
+                            profiled_events)
 
 NF, GC, LR_SIZE = 64, 32, 32
 PATHS = ("triton", "eager", "compile")
 AUTOTUNE_BATCH = 64  # the issue's autotune goal is for one batch size: the trunk benchmark's
+# The generator's per-layer breakdown runs at one batch, the goals' (the run's first batch when 64 is not
+# in it): at 8 the host, not the device, sets the time (the device sum rows say that much), and 256 only
+# scales the same kernels, so profiling hundreds of launches per call there too would spend the
+# kernels-b8-256 stage's cap for little
+BREAKDOWN_BATCH = 64
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -205,43 +215,18 @@ def graph_ms(module, make_fn, kernels: str, grads_to_clear, rep_ms: int) -> floa
     return ms
 
 
-def kernel_sequence(events: list[tuple[float, float, str]], iters: int) -> tuple[list[dict], bool]:
-    """(start_us, duration_us, name) of `iters` identical calls -> per kernel of one call: index, name,
-    median us over the calls; True when the calls matched launch by launch. Otherwise (a call launched
-    something the others did not) one entry per kernel name with its mean us per call, and False."""
-    events = sorted(events)
-    n = len(events) // iters if iters else 0
-    calls = [events[i * n:(i + 1) * n] for i in range(iters)] if n else []
-    if n and len(events) == n * iters and all([e[2] for e in c] == [e[2] for e in calls[0]] for c in calls):
-        return [{"index": i, "name": calls[0][i][2], "us": statistics.median(c[i][1] for c in calls)}
-                for i in range(n)], True
-    by_name: dict[str, float] = {}
-    for _, us, name in events:
-        by_name[name] = by_name.get(name, 0.0) + us / max(iters, 1)
-    return [{"index": i, "name": k, "us": v} for i, (k, v) in enumerate(by_name.items())], False
-
-
-def profile_kernels(fn, device: torch.device, iters: int = 3) -> tuple[list[dict], bool]:
-    """kernel_sequence of `iters` calls of fn under torch.profiler: on CUDA the device kernels (and
-    memcpy/memset); on CPU (the plumbing check) the top-level operators."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    fn()  # nothing first-call-only (compile, autotune, allocator growth) inside the profile
-    if cuda:
-        torch.cuda.synchronize()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(iters):
+def fresh_calls(module, make_fn, grads) -> dict:
+    """path -> one call of the workload on that path (triton, eager) with its grads cleared first, as
+    do_bench clears them for the timed rows (no accumulation kernels in a profile)."""
+    calls = {}
+    for path, kernels in (("triton", "triton"), ("eager", "torch")):
+        def fresh_call(kernels=kernels, fn=make_fn(module)):
+            _set_kernels(module, kernels)  # the module is shared by both paths: set at each call
+            for t in grads:
+                t.grad = None
             fn()
-        if cuda:
-            torch.cuda.synchronize()
-    if cuda:
-        picked = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    else:
-        picked = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
-    return kernel_sequence([(e.time_range.start, e.time_range.elapsed_us(), e.name) for e in picked], iters)
+        calls[path] = fresh_call
+    return calls
 
 
 def profiler_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, device: torch.device,
@@ -250,32 +235,14 @@ def profiler_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, 
     backward; triton), and the device sum per call of each path next to its wall time (from the timed
     rows): wall >> device sum means host-bound. Grads are cleared before each call, as do_bench does for
     the timed rows (no accumulation kernels)."""
-    rows = []
-    for path, kernels in (("triton", "triton"), ("eager", "torch")):
-        _set_kernels(module, kernels)
-        fn = make_fn(module)
+    return kernel_rows(fresh_calls(module, make_fn, grads), workload, batch, card, wall_ms, device)
 
-        def fresh_call():
-            for t in grads:
-                t.grad = None
-            fn()
 
-        seq, matched = profile_kernels(fresh_call, device)
-        total_ms = sum(k["us"] for k in seq) / 1000
-        base = {"suite": "kernels", "batch": batch, "card": card}
-        if path == "triton":
-            for k in seq:
-                rows.append(dict(base, name=f"{workload} kernel {k['index']}: {k['name']}", path="triton (device)",
-                                 ms=k["us"] / 1000, kernel=k["name"],
-                                 note="torch.profiler device time per call" + ("" if matched else
-                                      "; calls differed launch by launch: mean per kernel name")))
-        wall = wall_ms.get(path)
-        share = f"; wall {wall:.3f} ms: {max(0.0, 1 - total_ms / wall):.0%} of it not device time" if wall else ""
-        rows.append(dict(base, name=f"{workload} device sum", path=f"{path} (device)", ms=total_ms,
-                         kernels_per_call=len(seq), note=f"{len(seq)} device kernels per call{share}"))
-        print(f"{workload} {path:8s} batch {batch:4d}: device sum {total_ms:.3f} ms over {len(seq)} kernels"
-              + (f" (wall {wall:.3f} ms)" if wall else ""))
-    return rows
+def layer_breakdown_rows(module, make_fn, grads, batch: int, card: str, wall_ms: dict, device: torch.device,
+                         workload: str = "gen_fwd_bwd", iters: int = ITERS, top: int = TOP) -> list[dict]:
+    """Per-layer device time of `workload` (the whole generator: hundreds of kernels per call) on the
+    triton and eager paths, grads cleared before each call: bench/device_profile.py's rows."""
+    return layer_rows(fresh_calls(module, make_fn, grads), workload, batch, card, wall_ms, device, iters, top)
 
 
 PROBE_TIMEOUT_S = {"cold": 120, "warm": 60}
@@ -412,6 +379,7 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
         batches = (min(batches),)
     rep_ms = 20 if smoke else 200
     card = torch.cuda.get_device_name(dev)
+    breakdown_batch = BREAKDOWN_BATCH if BREAKDOWN_BATCH in batches else batches[0]
     rows = partial_rows  # a stage timeout in gpu_suite.sh keeps what was measured
     for batch in batches:
         workloads = _workloads(cfg, batch, dev)
@@ -440,7 +408,7 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
                 rows.append(row)
                 print(f"{name:12s} {path:8s} batch {batch:4d}: {ms:9.3f} ms  {row['tflops']:7.1f} TFLOP/s  "
                       f"x{row['speedup_vs_eager'] or float('nan'):.2f} vs eager  peak {peak_mb:9.1f} MiB")
-        rows.extend(device_time_rows(workloads, batch, card, wall_ms, rep_ms, dev))
+        rows.extend(device_time_rows(workloads, batch, card, wall_ms, rep_ms, dev, layers=batch == breakdown_batch))
         rows.append(config_row(batch, card))
         del workloads
         gc.collect()
@@ -450,9 +418,10 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
     return list(rows)
 
 
-def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: int, dev) -> list[dict]:
-    """CUDA-graph rows of the IDB (forward, forward + backward) and the profiler rows of its fwd+bwd and
-    of the upsampling stage's."""
+def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: int, dev,
+                     layers: bool = True) -> list[dict]:
+    """CUDA-graph rows of the IDB (forward, forward + backward), the profiler rows of its fwd+bwd and of
+    the upsampling stage's, and with `layers` the generator's per-layer breakdown."""
     rows = []
     for name in ("idb_fwd", "idb_fwd_bwd"):
         module, make_fn, flops, grads = workloads[name]
@@ -483,6 +452,16 @@ def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: in
         except Exception as e:  # noqa: BLE001
             rows.append({"suite": "kernels", "name": f"{name} device sum", "path": "profiler", "batch": batch,
                          "card": card, "error": f"torch.profiler: {type(e).__name__}: {e}"[:500]})
+    if layers:  # where the generator's device time goes, per layer: after the cheap rows above
+        module, make_fn, _, grads = workloads["gen_fwd_bwd"]
+        try:
+            rows.extend(layer_breakdown_rows(module, make_fn, grads, batch, card,
+                                             {p: wall_ms.get(("gen_fwd_bwd", p)) for p in ("triton", "eager")}, dev))
+        except Exception as e:  # noqa: BLE001  an OOM or a profiler failure is a row, the suite goes on
+            torch.cuda.empty_cache()
+            rows.append({"suite": "kernels", "name": "gen_fwd_bwd device sum", "path": "profiler (per layer)",
+                         "batch": batch, "card": card,
+                         "error": f"torch.profiler per layer: {type(e).__name__}: {e}"[:500]})
     return rows
 
 
@@ -502,6 +481,12 @@ def cpu_plumbing_rows() -> list[dict]:
     rows.append(dict(base, name="idb_fwd_bwd device sum", path="eager (device)", batch=1, kernels_per_call=len(seq),
                      skipped=f"CPU plumbing only: torch.profiler parsed {len(seq)} top-level operators per call of a "
                              f"tiny eager IDB (launch by launch: {matched}); device times need CUDA"))
+    groups, _ = group_by_layer(launch_records(profiled_events(fwd_bwd(idb), torch.device("cpu"), ITERS, True), False),
+                               ITERS)
+    rows.append(dict(base, name="gen_fwd_bwd layer rows", path="eager (device)", batch=1,
+                     skipped=f"CPU plumbing only: the per-layer grouping (bench/device_profile.py) of a tiny eager "
+                             f"IDB's operators by self CPU time: {len(groups)} groups, the longest "
+                             f"{groups[0]['group']} ({groups[0]['share']:.0%}); device times need CUDA"))
     rows.extend(autotune_rows(1, torch.device("cpu"), "cpu"))
     return rows
 

@@ -1,12 +1,16 @@
-"""bench/kernels_suite.py's parsing of torch.profiler events into per-kernel times (the GPU rows that
-say whether a slow row is host or device time), on hand-made event lists. The suite's CPU plumbing as
-a whole runs in tests/test_bench.py (bench/throughput.py --smoke --device cpu)."""
+"""bench/kernels_suite.py's parsing of torch.profiler events (bench/device_profile.py) into per-kernel
+times and per-layer groups (the GPU rows that say whether a slow row is host or device time, and where
+the generator's device time goes), on hand-made event lists and on CPU runs with the device swapped. The
+suite's CPU plumbing as a whole runs in tests/test_bench.py (bench/throughput.py --smoke --device cpu)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import device_profile  # noqa: E402
 import kernels_suite  # noqa: E402
 
 
@@ -17,7 +21,7 @@ def test_kernel_sequence_medians_per_launch_position():
     for c, times in enumerate(calls):
         for i, (name, us) in enumerate(zip(("fwd", "fwd", "dx"), times)):
             events.append((1000.0 * c + 100.0 * i, float(us), name))
-    seq, matched = kernels_suite.kernel_sequence(events[::-1], 3)  # any input order: sorted by start
+    seq, matched = device_profile.kernel_sequence(events[::-1], 3)  # any input order: sorted by start
     assert matched
     assert seq == [{"index": 0, "name": "fwd", "us": 12.0}, {"index": 1, "name": "fwd", "us": 21.0},
                    {"index": 2, "name": "dx", "us": 6.0}]
@@ -26,7 +30,7 @@ def test_kernel_sequence_medians_per_launch_position():
 def test_kernel_sequence_falls_back_to_names_when_calls_differ():
     # the second call launched an extra kernel: no position matching, mean us per call and name
     events = [(0.0, 10.0, "fwd"), (1.0, 4.0, "dx"), (10.0, 12.0, "fwd"), (11.0, 2.0, "copy"), (12.0, 6.0, "dx")]
-    seq, matched = kernels_suite.kernel_sequence(events, 2)
+    seq, matched = device_profile.kernel_sequence(events, 2)
     assert not matched
     assert seq == [{"index": 0, "name": "fwd", "us": 11.0}, {"index": 1, "name": "dx", "us": 5.0},
                    {"index": 2, "name": "copy", "us": 1.0}]
@@ -77,3 +81,159 @@ def test_profiler_rows_of_the_upsampling_stage_with_the_device_swapped():
     per_kernel = [r for r in rows if r["name"].startswith("up_fwd_bwd kernel ")]
     assert per_kernel and all(r["path"] == "triton (device)" for r in per_kernel)
     assert len(per_kernel) == sums[0]["kernels_per_call"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per layer (device_profile.layer_rows): the grouping by hand, then the generator end to end on CPU
+# ------------------------------------------------------------------------------------------------
+def test_group_by_layer_sums_per_call_ranks_and_folds_the_rest_into_other():
+    # two profiled calls; per call: A 40 us (k1 32 + k2 8, 2 kernels), B 25, C 20 (k4 10 = k5 10: a tie),
+    # D 10 = F 10 (a tie), E 2.5 (one kernel in one call only): 107.5 us per call
+    records = [("A", "k1", 30.0), ("A", "k1", 34.0), ("A", "k2", 10.0), ("A", "k2", 6.0),
+               ("B", "k3", 25.0), ("B", "k3", 25.0),
+               ("C", "k5", 10.0), ("C", "k5", 10.0), ("C", "k4", 12.0), ("C", "k4", 8.0),
+               ("F", "k8", 10.0), ("F", "k8", 10.0), ("D", "k6", 10.0), ("D", "k6", 10.0),
+               ("E", "k7", 5.0)]
+    groups, total = device_profile.group_by_layer(records, 2, top=3)
+    assert total == 107.5
+    assert [(g["group"], g["us"], g["kernels"], g["members"]) for g in groups] == [
+        ("A", 40.0, 2.0, ["A"]), ("B", 25.0, 1.0, ["B"]), ("C", 20.0, 2.0, ["C"]),
+        ("other", 22.5, 2.5, ["D", "F", "E"])]  # D before F: equal time, ordered by name
+    assert groups[0]["top_kernels"] == [("k1", 32.0), ("k2", 8.0)]
+    assert groups[2]["top_kernels"] == [("k4", 10.0), ("k5", 10.0)]
+    assert groups[3]["top_kernels"] == [("k6", 10.0), ("k8", 10.0), ("k7", 2.5)]
+    assert [g["share"] for g in groups] == [40 / 107.5, 25 / 107.5, 20 / 107.5, 22.5 / 107.5]
+    # no rest, no `other`
+    groups, total = device_profile.group_by_layer(records, 2, top=6)
+    assert [g["group"] for g in groups] == ["A", "B", "C", "D", "F", "E"] and total == 107.5
+
+
+class FakeEvent:
+    """The FunctionEvent fields device_profile reads."""
+
+    def __init__(self, name, parent=None, shapes=(), kernels=(), self_us=0.0, device="CPU", us=0.0):
+        from torch.autograd import DeviceType
+        from torch.autograd.profiler_util import Interval, Kernel
+
+        self.name, self.cpu_parent, self.cpu_children = name, parent, []
+        self.input_shapes = [list(s) for s in shapes]
+        self.kernels = [Kernel(k, 0, t) for k, t in kernels]
+        self.self_cpu_time_total, self.is_async = self_us, False
+        self.device_type = getattr(DeviceType, device)
+        self.time_range = Interval(100.0, 100.0 + us)
+        if parent is not None:
+            parent.cpu_children.append(self)
+
+
+def fake_profile():
+    """One forward + backward as the profiler links it on CUDA: a conv (its cuDNN kernel and bias add
+    launched two ops down), its backward node (kernels launched by aten::convolution_backward, under
+    the engine's wrapper), a fused Function's backward node launching its own kernels and a memset
+    through aten::zeros, the engine's gradient sum after that node, and a kernel no operator claims."""
+    x, w, g = (2, 3, 8, 8), (16, 3, 9, 9), (2, 16, 8, 8)
+    conv = FakeEvent("aten::conv2d", shapes=[x, w, (16,)], self_us=1.0)
+    impl = FakeEvent("aten::_convolution", FakeEvent("aten::convolution", conv, shapes=[x, w, (16,)]),
+                     shapes=[x, w, (16,)])
+    FakeEvent("aten::cudnn_convolution", impl, shapes=[x, w], kernels=[("sm90_conv_fprop", 50.0)], self_us=2.0)
+    FakeEvent("aten::add_", impl, shapes=[g, (1, 16, 1, 1)], kernels=[("add_kernel", 5.0)], self_us=3.0)
+    wrap = FakeEvent("autograd::engine::evaluate_function: ConvolutionBackward0", self_us=4.0)
+    node = FakeEvent("ConvolutionBackward0", wrap, shapes=[g], self_us=5.0)
+    FakeEvent("aten::convolution_backward", node, shapes=[g, x, w],
+              kernels=[("sm90_dgrad", 40.0), ("sm90_wgrad", 30.0)], self_us=6.0)
+    wrap2 = FakeEvent("autograd::engine::evaluate_function: _FusedBackward", self_us=7.0)
+    fused = FakeEvent("_FusedBackward", wrap2, shapes=[g], kernels=[("_fused_dx", 70.0)], self_us=8.0)
+    zeros = FakeEvent("aten::zeros", fused, self_us=9.0)
+    FakeEvent("aten::zero_", zeros, shapes=[(16,)], kernels=[("Memset (Device)", 2.0)], self_us=10.0)
+    FakeEvent("aten::add", wrap2, shapes=[g, g], kernels=[("add_kernel", 4.0)], self_us=11.0)
+    ops = [*_walk(conv), *_walk(wrap), *_walk(wrap2)]
+    device = [FakeEvent(k.name, device="CUDA", us=k.duration) for op in ops for k in op.kernels]
+    device.append(FakeEvent("orphan_kernel", device="CUDA", us=3.0))
+    return ops + device
+
+
+def _walk(event):
+    yield event
+    for child in event.cpu_children:
+        yield from _walk(child)
+
+
+def test_launch_records_group_each_kernel_under_its_layer_and_keep_the_unclaimed():
+    """On CUDA: every kernel under its launching op's top-level op or backward node (with the conv's
+    weight and input size, from the conv op beneath where the top op has none), the engine's own work
+    after a node as such, the kernel no op launched as `unattributed`: the groups add up to the device
+    events' time."""
+    events = fake_profile()
+    records = device_profile.launch_records(events, cuda=True)
+    groups, total = device_profile.group_by_layer(records, 1)
+    assert {g["group"]: g["us"] for g in groups} == {
+        "ConvolutionBackward0 w(16,3,9,9) in 8x8": 70.0,
+        "_FusedBackward (2,16,8,8)": 72.0,
+        "aten::conv2d w(16,3,9,9) in 8x8": 55.0,
+        "autograd engine: aten::add (2,16,8,8)": 4.0,
+        "unattributed: orphan_kernel": 3.0}
+    assert total == sum(e.time_range.elapsed_us() for e in events if e.device_type.name == "CUDA") == 204.0
+    # on CPU the same tree by self CPU time: every op's own time, the engine's wrappers' included
+    groups, total = device_profile.group_by_layer(device_profile.launch_records(events, cuda=False), 1)
+    assert {g["group"]: g["us"] for g in groups} == {
+        "aten::conv2d w(16,3,9,9) in 8x8": 1.0 + 2.0 + 3.0, "autograd engine": 4.0 + 7.0,
+        "ConvolutionBackward0 w(16,3,9,9) in 8x8": 5.0 + 6.0, "_FusedBackward (2,16,8,8)": 8.0 + 9.0 + 10.0,
+        "autograd engine: aten::add (2,16,8,8)": 11.0}
+    assert total == sum(range(1, 12))
+
+
+def test_layer_rows_of_a_tiny_generator_with_the_device_swapped():
+    """layer_breakdown_rows (CUDA-only in the suite) on CPU: a tiny generator, both paths (triton under the
+    interpreter), each operator's self CPU time standing for device time. Per path: the groups, top 6 and
+    `other`, add up to the device sum row, and that sum is every top-level operator's time (nothing
+    dropped); the output conv's groups (its weight shape, forward and backward) are there on both paths,
+    the last upsampling conv's only on eager (triton fuses it into one op); the rows render through
+    bench/common's table and RESULTS.md markdown."""
+    import torch
+    from torch.autograd import DeviceType
+
+    import common
+    from gafh_fast.config import GeneratorConfig
+    from gafh_fast.models.generator import Generator
+
+    gen = Generator(GeneratorConfig(nf=8, gc=4, idb_per_ridb=1, ridb_per_dnb=1, num_dnb=1)).to(
+        memory_format=torch.channels_last)
+    lr = torch.rand(1, 3, 2, 2).contiguous(memory_format=torch.channels_last)  # HF 16x16
+
+    def make_fn(module):
+        return lambda: module(lr).float().mean().backward()
+
+    grads = list(gen.parameters())
+    rows = kernels_suite.layer_breakdown_rows(gen, make_fn, grads, 1, "cpu", {"triton": 50.0, "eager": 5.0},
+                                              torch.device("cpu"), iters=1, top=6)
+    groups = {}
+    for path in ("triton", "eager"):
+        mine = [r for r in rows if r["path"] == f"{path} (device)"]
+        layers, total = mine[:-1], mine[-1]
+        assert total["name"] == "gen_fwd_bwd device sum" and "wall " in total["note"]
+        assert len(layers) == 7 and layers[-1]["layer"] == "other"
+        assert layers[-1]["name"].startswith("gen_fwd_bwd layer other (")
+        assert [r["name"].split(" (")[0] for r in layers[:6]] == [f"gen_fwd_bwd layer {i}" for i in range(1, 7)]
+        assert [r["ms"] for r in layers[:6]] == sorted((r["ms"] for r in layers[:6]), reverse=True)
+        assert sum(r["ms"] for r in layers) == pytest.approx(total["ms"], rel=1e-9)
+        assert sum(r["share"] for r in layers) == pytest.approx(1.0)
+        assert total["layer_groups"] == 6 + len(layers[-1]["layers"])
+        assert total["kernels_per_call"] == sum(r["kernels_per_call"] for r in layers)
+        groups[path] = {g for r in layers for g in r["layers"]}
+    out_conv = "w(3,8,9,9) in 16x16"
+    assert {f"aten::conv2d {out_conv}", f"ConvolutionBackward0 {out_conv}"} <= groups["triton"] & groups["eager"]
+    last_up = "aten::conv2d w(8,8,3,3) in 16x16"
+    assert last_up in groups["eager"] and last_up not in groups["triton"]
+
+    # nothing dropped: the records' time is the top-level operators' (each op's self time, summed)
+    eager_call = kernels_suite.fresh_calls(gen, make_fn, grads)["eager"]
+    events = device_profile.profiled_events(eager_call, torch.device("cpu"), 1, record_shapes=True)
+    records = device_profile.launch_records(events, cuda=False)
+    top_level = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async and e.cpu_parent is None]
+    assert sum(us for _, _, us in records) == pytest.approx(sum(e.cpu_time_total for e in top_level), rel=1e-9)
+
+    normalised = [common.normalise_row(r, None) for r in rows]
+    assert "gen_fwd_bwd layer 1" in common.format_table(normalised)
+    env = {"date": "2026-11-27T00:00:00", "device_name": "cpu", "commit": "0" * 40, "dirty": False,
+           "command": "test", "device": "cpu"}
+    lines = common.markdown_rows({"env": env, "rows": normalised}).splitlines()
+    assert len(lines) == len(rows) and all(f"| {r['name']} | {r['path']} |" in line for r, line in zip(rows, lines))
