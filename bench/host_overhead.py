@@ -353,6 +353,32 @@ def up_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
     return rows
 
 
+def out_rows(rounds: int, iters: int, side: int = 2) -> list[dict]:
+    """This tree only: the output layer (tanh(conv 9x9, 64 -> 3), bf16, channels_last input, NCHW weight)
+    forward + backward in plain torch (conv2d + tanh: no Triton launch; on a GPU 5 launches: conv, tanh,
+    their backwards) and through fused_out_conv_triton (the same forward, 3 Triton launches backward).
+    2x2 images by default: the CPU conv then costs little next to the host code."""
+    import torch.nn.functional as F
+
+    from gafh_fast import kernels
+
+    counter, _ = _install_standin()
+    fmt = dict(dtype=torch.bfloat16)
+    x = torch.randn(1, 64, side, side, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(3, 64, 9, 9, **fmt).requires_grad_()
+    b = torch.zeros(3, **fmt, requires_grad=True)
+    gy = torch.randn(1, 3, side, side, **fmt).contiguous(memory_format=torch.channels_last)
+    paths = {"torch (conv2d + tanh)": lambda: torch.tanh(F.conv2d(x, w, b, padding=4)),
+             "fused_out_conv (Triton backward)": lambda: kernels.fused_out_conv_triton(x, w, b)}
+    rows = []
+    for name, (launches, host_us, host_min_us) in _alternating(_fwd_bwd_calls(paths, gy, (x, w, b)), counter, rounds,
+                                                                 iters).items():
+        rows.append(dict(out=name, side=side, launches=launches, host_us=host_us, host_min_us=host_min_us))
+        print(f"output layer fwd+bwd, {name:34s}: {launches} Triton launches, host {host_us:7.1f} us "
+              f"(fastest round {host_min_us:.1f}; the torch path's CPU conv included)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -369,10 +395,13 @@ def main() -> None:
                              "channels_last weights")
     parser.add_argument("--up", action="store_true",
                         help="only time one upsampling stage: interpolate + conv against fused_upconv3x3")
+    parser.add_argument("--out", action="store_true",
+                        help="only time the output layer: conv2d + tanh against fused_out_conv")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.ridb_ops or args.up:
-        rows = ridb_op_rows(args.rounds, args.iters) if args.ridb_ops else up_rows(args.rounds, args.iters)
+    if args.ridb_ops or args.up or args.out:
+        rows = (ridb_op_rows(args.rounds, args.iters) if args.ridb_ops else up_rows(args.rounds, args.iters)
+                if args.up else out_rows(args.rounds, args.iters))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -2,7 +2,8 @@
 
 Every 3x3 convolution of the generator trunk calls `fused_conv3x3`, every internal dense block
 `fused_idb` (its two convs in one autograd Function), every RIDB `fused_ridb` (its IDBs and closing
-conv in one autograd Function), every nearest-x2 upsampling step with its conv `fused_upconv3x3`.
+conv in one autograd Function), every nearest-x2 upsampling step with its conv `fused_upconv3x3`,
+the output layer (conv + tanh) `fused_out_conv`.
 Their `torch` backend below is the reference semantics; the `triton` backend (gafh_fast.kernels)
 computes the same thing in fewer passes.
 
@@ -335,3 +336,31 @@ def fused_upconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     from gafh_fast.kernels import fused_upconv3x3_triton
 
     return fused_upconv3x3_triton(x, weight, bias, negative_slope)
+
+
+def fused_out_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The generator's output layer in plain PyTorch: tanh(conv k x k, 'same' padding, + bias)."""
+    return torch.tanh(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2))
+
+
+def fused_out_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                   backend: str = "auto") -> torch.Tensor:
+    """y = tanh(conv(x, weight) + bias) for an odd k x k weight with few output channels (the
+    generator's 64 -> 3, 9x9 output layer).
+
+    The triton backend keeps cuDNN's forward and runs the backward as two Triton launches that gather
+    the 3-channel gradient over the flattened (tap, output channel) index
+    (gafh_fast/kernels/outconv_kernels.py)."""
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "auto":
+        from gafh_fast.kernels import fused_out_conv_triton
+
+        tensors = (x, weight, bias)
+        key = _shape_key("out_conv", tensors, _needs_grad(tensors))
+        chosen = AUTO.choose(key, {"triton": fused_out_conv_triton, "torch": fused_out_conv_reference},
+                             tensors, key[3])
+    if chosen == "torch":
+        return fused_out_conv_reference(x, weight, bias)
+    from gafh_fast.kernels import fused_out_conv_triton
+
+    return fused_out_conv_triton(x, weight, bias)

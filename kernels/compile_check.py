@@ -45,8 +45,10 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
     """Every launch of one IDB forward + backward, one two-residual conv forward + backward, one
-    upsampling step (upconv.py) forward + backward and one fused RIDB (2 IDBs) forward + backward."""
+    upsampling step (upconv.py) forward + backward, one fused RIDB (2 IDBs) forward + backward and the
+    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256; its forward is cuDNN's)."""
     from .op import fused_conv3x3_triton, fused_idb_triton
+    from .outconv import out_backward
     from .ridb import fused_ridb_triton
     from .upconv import fused_upconv3x3_triton
 
@@ -59,11 +61,16 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
     w3 = torch.randn(nf, nf, 3, 3, **fmt).contiguous(memory_format=cl).requires_grad_()
     b1, b2, b3 = (torch.zeros(c, **fmt, requires_grad=True) for c in (gc, nf, nf))
     g_up = torch.randn(batch, nf, 2 * s, 2 * s, **fmt)  # the upsampling step's upstream gradient
+    hr = 8 * s  # the output layer's tensors: never read here (nothing runs), so left uninitialised
+    x_out = torch.empty(batch, nf, hr, hr, **fmt).contiguous(memory_format=cl)
+    y_out, g_out = (torch.empty(batch, 3, hr, hr, **fmt).contiguous(memory_format=cl) for _ in range(2))
+    w_out = torch.empty(3, nf, 9, 9, **fmt)
     workloads = [
         ("idb", lambda: fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).backward(torch.ones_like(x))),
         ("ridb_conv", lambda: fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2).backward(torch.ones_like(x))),
         ("up_conv", lambda: fused_upconv3x3_triton(x, w3, b3, 0.2).backward(g_up)),
         ("ridb", lambda: fused_ridb_triton(x, [(w1, b1, w2, b2)] * 2, w3, b3, 0.2, x, 0.2).backward(torch.ones_like(x))),
+        ("out_conv", lambda: out_backward(g_out, x_out, y_out, w_out, True)),
     ]
     old_sms = conv3x3._sms
     conv3x3._sms = lambda device: SMS  # the dW split the H100 would get

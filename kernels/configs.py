@@ -115,6 +115,23 @@ def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Confi
     return _pixel_block_choices(meta)
 
 
+def out_dx_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:
+    """The output conv's dX (outconv_kernels.py): K = rows = KS*KS*C_out (the flattened tap and output
+    channel, gathered), N = C_in. One candidate, nothing to time: BLOCK_M 64 (the sm_90 report: 130
+    registers; 128 holds the gathered operand's 64-bit addresses in 255 and spills), and with 32768+
+    programs at the paper's size the waves need no second choice."""
+    block_r = pow2_block(rows)
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": pow2_block(c_in, lo=16, hi=64), "BLOCK_R": block_r,
+                           "R_STEPS": cdiv(rows, block_r)}, num_warps=4, num_stages=3)]
+
+
+def out_dw_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:
+    """The output conv's dW: tiles of 64 rows (tap, output channel) x C_in over pixel blocks of 64. One
+    candidate: with 128-pixel blocks the gathered operand (in registers) took 244 registers and ptxas
+    serialised the loop's wgmma (C7515)."""
+    return [triton.Config({"BLOCK_R": 64, "BLOCK_C": pow2_block(c_in), "BLOCK_P": 64}, num_warps=4, num_stages=4)]
+
+
 FIN_BLOCK = 1024           # finalize programs: partial elements per program
 GZ_BLOCK_P = 64            # the gz pass: pixels per program (x up to 64 channels: 16 elements per thread)
 DW_CHUNK_MULTIPLE = 128    # dW pixel chunks are a multiple of every BLOCK_P above

@@ -86,7 +86,7 @@ def plan_configs() -> list[dict]:
 
 def kept_partials() -> list[torch.Tensor]:
     """The dW/db partial buffers kept with this process's dW plans (see _dw_partials)."""
-    return [t for key, plan in _PLANS.items() if key[0] in ("dw", "up_dw") for t in plan[4:6] if t is not None]
+    return [t for key, plan in _PLANS.items() if key[0] in ("dw", "up_dw", "out_dw") for t in plan[4:6] if t is not None]
 
 
 def _sms(device: torch.device) -> int:

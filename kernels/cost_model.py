@@ -1,6 +1,6 @@
 """FLOP and byte floor per kernel launch of one IDB forward + backward (the time no version beats).
 
-    python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0] [--ridb] [--up]
+    python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0] [--ridb] [--up] [--out]
 
 Per launch of conv3x3.idb_forward / idb_backward (nf 64, gc 32, 32x32, bf16): the matmul FLOPs, and
 the fewest bytes it must move through device memory (each tensor it reads once, each it writes
@@ -109,6 +109,30 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
     return rows
 
 
+def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> list[dict]:
+    """Per launch of the output layer's backward, y = tanh(conv k x k (nf -> c_out)) at side x side.
+    owned=False: torch's tanh backward and cuDNN's dgrad and wgrad (their FLOPs at the real K and N);
+    owned=True: outconv.py (gz with a zero border in fp32, dW, dX + fold; the flattened (tap, co) rows
+    padded to a multiple of 64, as the kernels compute them). The forward (cuDNN + tanh) is the same."""
+    m = batch * side * side
+    x = m * nf * BF16
+    small = m * c_out * BF16  # g, y or gz at the I/O dtype
+    rows = k * k * c_out
+    wt = rows * nf
+    if not owned:
+        flops = 2 * m * rows * nf
+        return [dict(launch="tanh backward (torch)", flops=0, bytes=3 * small),
+                dict(launch="dgrad (cuDNN)", flops=flops, bytes=small + x + wt * BF16),
+                dict(launch="wgrad (cuDNN)", flops=flops, bytes=small + x + wt * BF16)]
+    padded = -(-rows // 64) * 64
+    gzp = batch * (side + k - 1) ** 2 * c_out * FP32
+    split = dw_split(m, nf, rows, 132, taps=1)
+    partials = split * rows * nf * FP32
+    return [dict(launch="gz with zero border (fp32)", flops=0, bytes=2 * small + gzp),
+            dict(launch="dW partials (gathered gz)", flops=2 * m * padded * nf, bytes=gzp + x + partials),
+            dict(launch="dX (gathered gz) + fold", flops=2 * m * padded * nf, bytes=gzp + wt * BF16 + x + partials)]
+
+
 def _print(rows, tflops, tbps, title) -> float:
     total_us = total_f = total_b = 0.0
     print(title)
@@ -133,6 +157,8 @@ def main() -> None:
     parser.add_argument("--ridb", action="store_true", help="also one RIDB: per-IDB Functions against fused_ridb")
     parser.add_argument("--up", action="store_true",
                         help="also the 3 upsampling steps: interpolate + conv against upconv.py's phases")
+    parser.add_argument("--out", action="store_true",
+                        help="also the output layer's backward (64 -> 3, 9x9 at 256x256): torch + cuDNN against outconv.py")
     args = parser.parse_args()
     _print(idb_launches(args.batch), args.tflops, args.tbps,
            f"IDB nf 64 gc 32 32x32 batch {args.batch} bf16; floor = max(FLOP/{args.tflops:g}T, bytes/{args.tbps:g}TB/s)")
@@ -147,6 +173,11 @@ def main() -> None:
                                     (True, True, "sub-pixel phases, gz pass, dW, dX + fold (GZ_PASS)")):
             _print(upsample_launches(args.batch, fused, gz_pass=gz_pass), args.tflops, args.tbps,
                    f"upsampling steps 32->64->128->256, nf 64, batch {args.batch}, {how}")
+    if args.out:
+        for owned in (False, True):
+            _print(out_conv_launches(args.batch, owned), args.tflops, args.tbps,
+                   f"output layer backward, tanh(conv 9x9 64->3) at 256x256, batch {args.batch}, "
+                   + ("outconv.py (gathered (tap, channel) rows)" if owned else "torch tanh backward + cuDNN"))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,10 @@ def test_upsampling_stage_through_kept_compiled_kernels(tmp_path):
     launches, its 3-d forward grid included) and, for comparison, interpolate + the fused conv (four)."""
     rows = _host_overhead_rows("--up", tmp_path)
     assert [(r["launches"], r["host_us"] > 0) for r in rows] == [(4, True), (5, True)], rows
+
+
+def test_output_layer_through_kept_compiled_kernels(tmp_path):
+    """The output layer forward + backward on the direct-launch path: fused_out_conv (outconv.py's three
+    backward launches after torch's forward) and, for comparison, conv2d + tanh (no Triton launch)."""
+    rows = _host_overhead_rows("--out", tmp_path)
+    assert [(r["launches"], r["host_us"] > 0) for r in rows] == [(0, True), (3, True)], rows

@@ -130,11 +130,12 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
     monkeypatch.setattr(generator_module, "fused_conv3x3", recording("conv", ops.fused_conv3x3))
     monkeypatch.setattr(generator_module, "fused_ridb", recording("ridb", ops.fused_ridb))
     monkeypatch.setattr(generator_module, "fused_upconv3x3", recording("upconv", ops.fused_upconv3x3))
+    monkeypatch.setattr(generator_module, "fused_out_conv", recording("out", ops.fused_out_conv))
     # (variant, RIDB calls, IDBs per RIDB, other fused calls, their ops): defaults = BN fusion + nearest
     # up-convs (fused_upconv3x3), 2 x 3 RIDBs of 2 IDBs; the other = fusion without BN (its residual fused)
-    # + pixel-shuffle up-convs (fused_conv3x3), 1 RIDB of 3 IDBs
-    for variant, ridbs, idbs, convs, ops_called in (("defaults", 6, 2, 1 + 3, ("conv", "ridb", "upconv")),
-                                                    ("pixel_shuffle-no_norm-k3k5", 1, 3, 1 + 3, ("conv", "ridb"))):
+    # + pixel-shuffle up-convs (fused_conv3x3), 1 RIDB of 3 IDBs; both: the output conv (fused_out_conv)
+    for variant, ridbs, idbs, convs, ops_called in (("defaults", 6, 2, 1 + 3 + 1, ("conv", "out", "ridb", "upconv")),
+                                                    ("pixel_shuffle-no_norm-k3k5", 1, 3, 1 + 3 + 1, ("conv", "out", "ridb"))):
         model = build_generator(load_config(None, TINY_G + G_VARIANTS[variant] + ("kernels=triton",)))
         for kernels in ("triton", "torch"):
             if kernels == "torch":

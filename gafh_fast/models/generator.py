@@ -2,8 +2,9 @@
 
 Every RIDB (its IDBs and its closing conv) goes through `gafh_fast.ops.fused_ridb` (one fused op),
 the other trunk 3x3 convs through `gafh_fast.ops.fused_conv3x3`; an IDB on its own (IDB.forward) is
-`gafh_fast.ops.fused_idb`, each nearest-x2 upsampling step and its conv `gafh_fast.ops.fused_upconv3x3`.
-The `nn.Conv2d` modules only hold parameters, so the state-dict keys are the same whichever backend runs.
+`gafh_fast.ops.fused_idb`, each nearest-x2 upsampling step and its conv `gafh_fast.ops.fused_upconv3x3`,
+the output conv and its tanh `gafh_fast.ops.fused_out_conv`. The SFM conv (3 -> nf at the input size) is
+nn.Conv2d's own. The `nn.Conv2d` modules only hold parameters, so the state-dict keys are the same whichever backend runs.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gafh_fast.config import GeneratorConfig
-from gafh_fast.ops import fused_conv3x3, fused_idb, fused_ridb, fused_upconv3x3, unlogged_choice
+from gafh_fast.ops import fused_conv3x3, fused_idb, fused_out_conv, fused_ridb, fused_upconv3x3, unlogged_choice
 
 
 def _kaiming_(module: nn.Module, scale: float) -> None:
@@ -126,7 +127,7 @@ class Generator(nn.Module):
             else:
                 # LeakyReLU is elementwise, so it commutes with the pixel shuffle permutation.
                 x = F.pixel_shuffle(fused_conv3x3([x], conv.weight, conv.bias, backend=self.kernels), 2)
-        return torch.tanh(self.out(x))  # (N, 3, 8h, 8w)
+        return fused_out_conv(x, self.out.weight, self.out.bias, backend=self.kernels)  # tanh(conv): (N, 3, 8h, 8w)
 
 
 def _empty_like_placed(live: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,248 @@
+"""The generator's output layer, y = tanh(convKxK(x, W) + b) with few output channels: host code,
+autograd Function and torch custom ops (kernels and the maths: outconv_kernels.py).
+
+Forward: cuDNN's conv and torch's tanh, not a Triton kernel. With C_out = 3 an implicit-GEMM forward
+has N = 3 (a 16-wide MMA tile for 3 live columns, 5x the MMA work) and re-reads each input pixel for
+each of the 81 taps; flattening the taps into N, as the backward does, would need a shifted sum of the
+GEMM's columns across pixels, which Triton cannot express in registers. The backward is where the
+flattening works (outconv_kernels.py), so the backward is what this op owns: 3 launches (gz with a
+zero border, dW partials, then dX with the fold of the partials in extra programs), against torch's
+tanh backward and cuDNN's dgrad and wgrad with 3 output channels.
+Plans, tile choice and kept dW partials work as in conv3x3.py (same plan table and tuner).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import configs, conv3x3
+from .configs import cdiv
+from .conv3x3 import _FIN_CONFIG, _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags, _empty_cl, _grad_like, cfg_key
+from .launch import KernelLauncher, aligned
+from .op import _needs_grad
+from .outconv_kernels import outconv_bwd_dw_kernel, outconv_bwd_dx_kernel, outconv_gz_pad_kernel
+
+OUT_GZ = KernelLauncher(outconv_gz_pad_kernel, "out_gz")
+OUT_DW = KernelLauncher(outconv_bwd_dw_kernel, "out_dw")
+OUT_DX = KernelLauncher(outconv_bwd_dx_kernel, "out_dx")
+
+MAX_ROWS = 1024  # KS*KS*C_out: the gathered K of dX (4 steps of 64 for the paper's 9x9x3: 243 rows)
+_GZ_BLOCK_P = 256  # the gz pass: padded pixels per program
+
+
+def check_out_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Clear errors for what the kernels do not take."""
+    if x.dim() != 4:
+        raise ValueError(f"fused_out_conv input must be (N, C, H, W), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fused_out_conv (triton) supports float32 and bfloat16, got {x.dtype}")
+    k = weight.shape[-1] if weight.dim() == 4 else 0
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1] or weight.shape[2] != k or k % 2 == 0:
+        raise ValueError(f"fused_out_conv weight {tuple(weight.shape)} does not fit (C_out, {x.shape[1]}, k, k), k odd")
+    if k * k * weight.shape[0] > MAX_ROWS:
+        raise ValueError(f"fused_out_conv (triton) takes k*k*C_out <= {MAX_ROWS} (a few output channels), got "
+                         f"{k}*{k}*{weight.shape[0]}; use kernels: torch for this layer")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"fused_out_conv bias {tuple(bias.shape)} does not fit ({weight.shape[0]},)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"fused_out_conv {name} is {t.dtype} on {t.device}; the input is {x.dtype} on {x.device}")
+
+
+def out_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """tanh(conv(x, W) + b), channels_last (cuDNN and torch: see the module's docstring)."""
+    return _cl(torch.tanh(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward (3 launches)
+# ------------------------------------------------------------------------------------------------
+def _gz_padded(g, y, ks: int) -> torch.Tensor:
+    """gz = g * (1 - y^2) rounded to g's dtype, held in fp32 (outconv_kernels.py: the dW loop), (N, H + ks-1,
+    W + ks-1, C_out) with a zero border of ks//2 (one launch)."""
+    n, c_out, h, w = g.shape
+    gzp = torch.empty((n, h + ks - 1, w + ks - 1, c_out), dtype=torch.float32, device=g.device)
+    idx64 = gzp.numel() >= 2**31
+    flags = dict(C_OUT=c_out, KS=ks, INTERP_BF16=_dtype_flags(g.dtype)["INTERP_BF16"], IDX64=idx64,
+                 BLOCK_P=_GZ_BLOCK_P, BLOCK_CO=configs.next_pow2(c_out))
+    # g and y are the caller's (y: the forward's output); N, H and W are not specialised on
+    OUT_GZ.launch((("out_gz", c_out, ks, g.dtype, g.device, idx64), aligned(g, y)),
+                  (cdiv(n * (h + ks - 1) * (w + ks - 1), _GZ_BLOCK_P), 1, 1), (g, y, gzp, n, h, w), flags,
+                  _FIN_CONFIG)
+    return gzp
+
+
+def _dw_partials(gzp, x, ks: int, has_bias: bool, split: Optional[int], config):
+    """(dW partials (split, R, C_in), db partials or None, split), kept with the plan as in
+    conv3x3._dw_partials (the fold rewrites every element it reads before the next launch)."""
+    n, c_in, h, w = x.shape
+    c_out = gzp.shape[-1]
+    rows = ks * ks * c_out
+    m = n * h * w
+    key = ("out_dw", x.shape, ks, c_out, x.dtype, x.device, has_bias, split, cfg_key(config))
+    plan = _PLANS.get(key)
+    if plan is None:
+        s = split or configs.dw_split(m, c_in, rows, conv3x3._sms(x.device), taps=1)  # via the module: compile_check patches it
+        chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
+        s = cdiv(m, chunk)
+        flags = dict(C_OUT=c_out, KS=ks, DO_BIAS=has_bias, IDX64=m * max(c_in, c_out) >= 2**31,
+                     **_dtype_flags(x.dtype))  # the I/O dtype (gz is held in fp32)
+        dwp = torch.empty((s, rows, c_in), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((s, c_out), dtype=torch.float32, device=x.device) if has_bias else None
+        plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS)]
+    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
+    ptrs = (gzp, x, dwp, dbp if has_bias else dwp)
+    scalars = (m, h, w, c_in, chunk)
+    if cfg is None:
+        def run(c):
+            _launch_dw(key + (cfg_key(c),), c, flags, ptrs, scalars, s, rows)
+
+        plan[0] = _choose("out_dw", (c_in, rows, w, configs.m_bucket(m), str(x.dtype), tuple(flags.items())),
+                          configs.out_dw_candidates(c_in, rows, w, m), run, config)
+        _PLANS[key] = plan
+    _launch_dw(plan_id, plan[0], flags, ptrs, scalars, s, rows)
+    return dwp, dbp, s
+
+
+def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):
+    tiles = cdiv(rows, cfg.kwargs["BLOCK_R"]) * cdiv(scalars[3], cfg.kwargs["BLOCK_C"])
+    # x is the caller's; gz and the partials are ours
+    OUT_DW.launch((key, aligned(ptrs[1])), (tiles + int(flags["DO_BIAS"]), split, 1), ptrs + scalars, flags, cfg)
+
+
+def _dx(gzp, weight, dx, has_bias: bool, fin: Optional[tuple], config):
+    """dX, and with fin = (dW partials, db partials, dW, db, split) the fold in extra programs."""
+    n, c_in, h, w = dx.shape
+    c_out, ks = weight.shape[0], weight.shape[-1]
+    rows = ks * ks * c_out
+    m = n * h * w
+    # the weight's strides are kernel arguments the JIT specialises on (== 1, % 16): part of the plan
+    key = ("out_dx", dx.shape, weight.shape, weight.stride(), dx.dtype, dx.device, has_bias, cfg_key(config))
+    plan = _PLANS.get(key)
+    ptrs = (gzp, weight, dx) + _fold_ptrs(fin, dx)
+    scalars = (m, h, w, c_in, *weight.stride()) + _fold_scalars(fin)
+    if plan is None:
+        flags = dict(C_OUT=c_out, KS=ks, FIN_BIAS=has_bias, IDX64=m * max(c_in, c_out) >= 2**31,
+                     FIN_BLOCK=configs.FIN_BLOCK, **_dtype_flags(dx.dtype))
+
+        def run(cfg):  # a timing run: dX without the fold programs (the partials are the real launch's)
+            _launch_dx(key + (cfg_key(cfg),), cfg, flags, ptrs, scalars, 0)
+
+        cfg = _choose("out_dx", (c_in, rows, w, configs.m_bucket(m), str(dx.dtype), tuple(flags.items())),
+                      configs.out_dx_candidates(c_in, rows, w, m), run, config)
+        plan = _PLANS[key] = (cfg, flags, next(_PLAN_IDS))
+    cfg, flags, plan_id = plan
+    _launch_dx(plan_id, cfg, flags, ptrs, scalars, cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK) if fin else 0)
+
+
+def _fold_ptrs(fin: Optional[tuple], dx) -> tuple:
+    if fin is None:
+        return (dx,) * 4
+    dwp, dbp, dw, db = fin[:4]
+    return dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw
+
+
+def _fold_scalars(fin: Optional[tuple]) -> tuple:
+    """(split, dW's co / ci / kh / kw strides)."""
+    return (fin[4], *fin[2].stride()) if fin is not None else (0, 0, 0, 0, 0)
+
+
+def _launch_dx(key, cfg, flags, ptrs, scalars, fold_programs: int):
+    m, c_in = scalars[0], scalars[3]
+    grid = (cdiv(m, cfg.kwargs["BLOCK_M"]) + fold_programs, cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
+    # alignment of the weight (the caller's); gz, dx and the fold's buffers are ours
+    OUT_DX.launch((key, aligned(ptrs[1])), grid, ptrs + scalars, flags, cfg)
+
+
+def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=None, dw_split: Optional[int] = None):
+    """(dx, dW, db or None) of y = tanh(conv(x, W) + b), given the forward's y; dW laid out as
+    conv3x3.dw_strides(weight) says."""
+    g, x, y = _cl(grad), _cl(x), _cl(y)
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    dw = _grad_like(weight, weight)
+    db = weight.new_empty((c_out,)) if has_bias else None
+    dx = _empty_cl(n, c_in, h, w, x)
+    if n * h * w == 0:
+        return dx, dw.zero_(), db.zero_() if has_bias else None
+    gzp = _gz_padded(g, y, weight.shape[-1])
+    dwp, dbp, split = _dw_partials(gzp, x, weight.shape[-1], has_bias, dw_split, dw_config)
+    _dx(gzp, weight, dx, has_bias, (dwp, dbp, dw, db, split), dx_config)
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops (torch.compile) and the eager Function
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("gafh_fast::fused_out_conv_fwd", mutates_args=())
+def fused_out_conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    check_out_args(x, weight, bias)
+    return out_forward(x, weight, bias)
+
+
+@fused_out_conv_fwd.register_fake
+def _(x, weight, bias):
+    check_out_args(x, weight, bias)
+    n, _, h, w = x.shape
+    c_out = weight.shape[0]
+    return torch.empty_strided((n, c_out, h, w), (h * w * c_out, 1, w * c_out, c_out), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("gafh_fast::fused_out_conv_bwd", mutates_args=())
+def fused_out_conv_bwd(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                       has_bias: bool) -> list[torch.Tensor]:
+    """[dx, dW, db]; db is empty when has_bias is False; dW has conv3x3.dw_strides(weight)."""
+    dx, dw, db = out_backward(grad, x, y, weight, has_bias)
+    return [dx, dw, db if db is not None else weight.new_empty(0)]
+
+
+@fused_out_conv_bwd.register_fake
+def _(grad, x, y, weight, has_bias):
+    n, c_in, h, w = x.shape
+    dx = torch.empty_strided(x.shape, (h * w * c_in, 1, w * c_in, c_in), dtype=x.dtype, device=x.device)
+    return [dx, _grad_like(weight, weight), weight.new_empty(weight.shape[0] if has_bias else 0)]
+
+
+def _out_setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _out_backward(ctx, grad_y):
+    x, weight, y = ctx.saved_tensors
+    dx, dw, db = fused_out_conv_bwd(grad_y, x, y, weight, ctx.has_bias)
+    return dx, dw, db if ctx.has_bias else None
+
+
+fused_out_conv_fwd.register_autograd(_out_backward, setup_context=_out_setup_context)
+
+
+class _EagerFusedOutConv(torch.autograd.Function):
+    """The same host code without the custom-op dispatch (see op.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = out_forward(x, weight, bias)
+        ctx.save_for_backward(x, weight, y)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, y = ctx.saved_tensors
+        dx, dw, db = out_backward(grad_y, x, y, weight, ctx.has_bias)
+        return dx, dw, db
+
+
+def fused_out_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Same semantics as gafh_fast.ops.fused_out_conv_reference; y comes back channels_last."""
+    needs_grad = _needs_grad(x, weight, bias)
+    if not torch.compiler.is_compiling():
+        check_out_args(x, weight, bias)
+        if needs_grad:
+            return _EagerFusedOutConv.apply(x, weight, bias)
+        return out_forward(x, weight, bias)
+    return fused_out_conv_fwd(x, weight, bias)

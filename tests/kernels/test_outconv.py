@@ -1,0 +1,243 @@
+"""The output layer, y = tanh(convKxK(x) + b) with few output channels (kernels/outconv.py): its Triton
+backward against float64 autograd.
+
+The forward is torch's conv + tanh on both backends, so the backward is checked given the op's own y:
+gz = g * (1 - y^2) in float64 from that y, then the conv's gradients by float64 autograd. Bounds as in
+test_conv3x3.py: elementwise within rel * (the same computation on |values|), rel = 1e-5 (fp32) and
+2**-7 (bf16). The scale of gz is |g| * (1 + y^2), the size of the terms 1 - y^2 is made of (near
+|y| = 1 it cancels, and fp32 keeps only ~1e-7 of each term). bf16 gets twice the conv's 2**-8: gz is
+rounded to bf16 before the GEMM (2**-9 of the terms; torch's bf16 tanh backward rounds it too) and the
+result once more (up to 2**-8 of itself), and a gradient whose terms share a sign is as large as they.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gafh_fast import ops
+from gafh_fast.kernels import configs, conv3x3, launch
+from gafh_fast.kernels.outconv import fused_out_conv_triton, out_backward, out_forward
+from gafh_fast.ops import fused_out_conv, fused_out_conv_reference
+
+from .test_conv3x3 import DEVICE, assert_within, nan_followed, no_tf32, to_kernel_layout  # noqa: F401
+
+REL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
+NAMES = ("x", "weight", "bias")
+
+
+def make_out_case(c_in, c_out, k, n, h, w, *, bias=True, dtype=torch.float32, seed=0):
+    """float64 masters of values representable in dtype: ({x, weight, bias}, upstream grad). The weights
+    give pre-activations of about unit size, so tanh runs through its whole range."""
+    gen = torch.Generator().manual_seed(seed)
+    t = {"x": torch.randn(n, c_in, h, w, generator=gen),
+         "weight": torch.randn(c_out, c_in, k, k, generator=gen) / (0.5 * k * c_in ** 0.5),
+         "bias": torch.randn(c_out, generator=gen) if bias else None}
+    grad = torch.randn(n, c_out, h, w, generator=gen)
+    return {k_: v.to(dtype).double() if v is not None else None for k_, v in t.items()}, grad.to(dtype).double()
+
+
+def grads_given_y(t, y, grad):
+    """float64 ({name: grad}, {name: scale}) of tanh(conv) at the op's own y (see the module docstring)."""
+    y64 = y.detach().double().cpu()
+    out = []
+    for gz, absolute in ((grad * (1 - y64 * y64), False), (grad.abs() * (1 + y64 * y64), True)):
+        leaves = {k: (v.abs() if absolute else v).clone().requires_grad_(True) for k, v in t.items() if v is not None}
+        z = F.conv2d(leaves["x"], leaves["weight"], leaves.get("bias"), padding=t["weight"].shape[-1] // 2)
+        out.append(dict(zip(leaves, torch.autograd.grad(z, list(leaves.values()), gz))))
+    return out
+
+
+def check_out(c_in, c_out, k, n, h, w, *, bias=True, dtype=torch.float32, layout="channels_last", seed=0,
+              entry=fused_out_conv_triton):
+    t, grad = make_out_case(c_in, c_out, k, n, h, w, bias=bias, dtype=dtype, seed=seed)
+    leaves = {name: (to_kernel_layout(v, dtype, layout) if name != "bias" else v.to(dtype)).to(DEVICE)
+              .requires_grad_(True) for name, v in t.items() if v is not None}
+    y = entry(leaves["x"], leaves["weight"], leaves.get("bias"))
+    assert y.dtype == dtype and y.shape == (n, c_out, h, w) and y.is_contiguous(memory_format=torch.channels_last)
+    y_ref = fused_out_conv_reference(*(leaves[k_].detach() if k_ in leaves else None for k_ in NAMES))
+    assert torch.equal(y, y_ref.contiguous(memory_format=torch.channels_last))  # the forward is torch's own
+    grads = torch.autograd.grad(y, list(leaves.values()), grad.to(dtype).to(DEVICE))
+    assert grads[1].stride() == conv3x3.dw_strides(leaves["weight"])
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, g in zip(leaves, grads):
+        assert_within(f"d{name}", g, g_ref[name], g_abs[name], REL[dtype])
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, k, n, h, w, layout, dtype",
+    [
+        (8, 3, 9, 2, 5, 7, "channels_last", torch.float32),    # the paper's 9x9x3 (243 rows: 4 gathered K steps), taps mostly padding
+        (64, 3, 9, 1, 4, 4, "nchw", torch.float32),            # the paper's layer, NCHW parameters as the trainer's
+        (5, 1, 3, 2, 3, 4, "noncontiguous", torch.float32),    # 9 rows: one 16-deep K step, strided views
+        (136, 3, 5, 1, 3, 2, "channels_last", torch.float32),  # C_in 136: two dX tiles, three dW channel tiles
+        (16, 4, 7, 1, 6, 5, "nchw", torch.bfloat16),
+        (64, 3, 9, 1, 3, 5, "channels_last", torch.bfloat16),
+    ],
+)
+def test_backward_against_float64(c_in, c_out, k, n, h, w, layout, dtype):
+    check_out(c_in, c_out, k, n, h, w, layout=layout, dtype=dtype)
+
+
+def test_without_bias():
+    check_out(8, 3, 5, 1, 4, 6, bias=False)
+
+
+def test_launch_count():
+    """Forward: torch's conv and tanh, no Triton launch. Backward: gz with its border, dW partials, dX + fold (3)."""
+    x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
+    wt = torch.randn(3, 8, 9, 9, device=DEVICE, requires_grad=True)
+    b = torch.randn(3, device=DEVICE, requires_grad=True)
+    launch.LAUNCHES.clear()
+    y = fused_out_conv_triton(x, wt, b)
+    assert sum(launch.LAUNCHES.values()) == 0
+    y.sum().backward()
+    assert dict(launch.LAUNCHES) == {"out_gz": 1, "out_dw": 1, "out_dx": 1}
+
+
+@pytest.mark.parametrize("c_in, n, h, w, split", [
+    (16, 2, 16, 12, 1),   # M = 384: several pixel blocks in one chunk
+    (8, 3, 5, 10, 2),     # M = 150 in two chunks of 128 (the second partial: p_ok masks)
+])
+def test_dw_walk_over_blocks_and_chunks(c_in, n, h, w, split):
+    """dW over several pixel blocks and chunks, dX over several pixel tiles (each kernel has one
+    candidate: configs.out_*_candidates). x, g and y are followed in memory by NaN, so a read past the
+    last pixel poisons the result."""
+    assert len(configs.out_dx_candidates(c_in, 75, w, n * h * w)) == len(configs.out_dw_candidates(c_in, 75, w, 0)) == 1
+    t, grad = make_out_case(c_in, 3, 5, n, h, w, seed=10 + split)
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    y = out_forward(x, wt, b)
+    dx, dw, db = out_backward(nan_followed(grad.float().to(DEVICE)), nan_followed(x), nan_followed(y), wt, True,
+                              dw_split=split)
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
+        assert_within(f"d{name} (split {split})", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def test_kept_dw_partials_need_no_clearing():
+    """The dW partials are kept with their plan; the fold reads only what the dW launch rewrote.
+    Poisoned with NaN between two backward passes, the second must still match."""
+    t, grad = make_out_case(8, 3, 5, 2, 16, 12)   # M = 384: three chunks of 128
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    g = grad.float().to(DEVICE)
+    y = out_forward(x, wt, b)
+    out_backward(g, x, y, wt, True, dw_split=3)
+    kept = [p for key, p in conv3x3._PLANS.items() if key[0] == "out_dw" and key[1] == x.shape and key[7] == 3]
+    assert len(kept) == 1 and kept[0][4].shape == (3, 75, 8) and kept[0][5].shape == (3, 3)
+    listed = conv3x3.kept_partials()
+    assert any(p is kept[0][4] for p in listed) and any(p is kept[0][5] for p in listed)
+    kept[0][4].fill_(float("nan"))
+    kept[0][5].fill_(float("nan"))
+    dx, dw, db = out_backward(g, x, y, wt, True, dw_split=3)
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def test_backward_is_deterministic():
+    """The dW partials are summed in a fixed order (no atomics): two backward passes agree bit for bit."""
+    t, grad = make_out_case(8, 3, 5, 2, 6, 7)
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    y = out_forward(x, wt, b)
+    first = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_split=2)
+    second = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_split=2)
+    assert all(torch.equal(a, b_) for a, b_ in zip(first, second))
+
+
+def test_inference_and_empty_batch():
+    t, _ = make_out_case(8, 3, 5, 1, 3, 4)
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    with torch.no_grad():
+        launch.LAUNCHES.clear()
+        y = fused_out_conv_triton(x, wt, b)
+    assert sum(launch.LAUNCHES.values()) == 0 and torch.equal(y, fused_out_conv_reference(x, wt, b))
+    x0 = torch.randn(0, 8, 4, 4, device=DEVICE, requires_grad=True)
+    wt0, b0 = wt.clone().requires_grad_(), b.clone().requires_grad_()
+    fused_out_conv_triton(x0, wt0, b0).sum().backward()
+    assert x0.grad.shape == x0.shape
+    assert torch.equal(wt0.grad, torch.zeros_like(wt0)) and torch.equal(b0.grad, torch.zeros_like(b0))
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 8, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="k odd"):
+        fused_out_conv_triton(x, torch.randn(3, 8, 4, 4, device=DEVICE), None)
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_out_conv_triton(x, torch.randn(3, 7, 3, 3, device=DEVICE), None)
+    with pytest.raises(ValueError, match="kernels: torch"):
+        fused_out_conv_triton(x, torch.randn(16, 8, 9, 9, device=DEVICE), None)  # 1296 rows
+    with pytest.raises(ValueError, match="bias"):
+        fused_out_conv_triton(x, torch.randn(3, 8, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE))
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        fused_out_conv_triton(x.half(), torch.randn(3, 8, 3, 3, device=DEVICE).half(), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend switch, the custom ops and torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_ops_switch_runs_the_kernels():
+    t, grad = make_out_case(8, 3, 5, 1, 3, 4)
+    outs = {}
+    for backend in ("triton", "torch"):
+        leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in NAMES]
+        launch.LAUNCHES.clear()
+        y = fused_out_conv(*leaves, backend=backend)
+        outs[backend] = torch.autograd.grad(y, leaves, grad.float().to(DEVICE))
+        assert (launch.LAUNCHES["out_dx"] == 1) == (backend == "triton")
+    for name, a, b_ in zip(NAMES, outs["triton"], outs["torch"]):
+        assert_within(f"d{name}", a, b_, b_.abs().max().expand_as(b_), 1e-5)
+
+
+def via_custom_op(x, weight, bias):
+    """The registered op and its register_autograd backward, called eagerly (torch.compile's path)."""
+    return torch.ops.gafh_fast.fused_out_conv_fwd(x, weight, bias)
+
+
+def test_custom_op_autograd_path():
+    check_out(12, 3, 5, 2, 3, 4, layout="nchw", entry=via_custom_op)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck_forward_and_backward_ops(dtype, layout):
+    """Fakes against the real ops (shapes, strides: dW in the weight's own layout), schemas, autograd."""
+    t, grad = make_out_case(5, 3, 3, 2, 3, 4, dtype=dtype)
+    x = t["x"].to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    wt = to_kernel_layout(t["weight"], dtype, layout).to(DEVICE)
+    b = t["bias"].to(dtype).to(DEVICE)
+    torch.library.opcheck(torch.ops.gafh_fast.fused_out_conv_fwd.default,
+                          (x.requires_grad_(), wt.requires_grad_(), b.requires_grad_()))
+    with torch.no_grad():
+        y = torch.ops.gafh_fast.fused_out_conv_fwd(x, wt, b)
+    torch.library.opcheck(torch.ops.gafh_fast.fused_out_conv_bwd.default,
+                          (grad.to(dtype).to(DEVICE), x.detach(), y, wt.detach(), True))
+
+
+def test_torch_compile_fullgraph():
+    """Under torch.compile the op is one opaque node (no graph break) with the same values and grads."""
+    t, grad = make_out_case(6, 3, 5, 2, 3, 4)
+    compiled = torch.compile(lambda x, w, b: fused_out_conv(x, w, b, backend="triton"), fullgraph=True)
+    leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in NAMES]
+    y = compiled(*leaves)
+    grads = torch.autograd.grad(y, leaves, grad.float().to(DEVICE))
+    assert torch.equal(y, fused_out_conv_reference(*(v.detach() for v in leaves)).contiguous(
+        memory_format=torch.channels_last))
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in zip(NAMES, grads):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def test_auto_times_both_backends_per_shape(monkeypatch):
+    """kernels=auto (on CUDA; here the chooser is called directly) times triton against torch once per
+    shape, forward and backward, and runs the faster."""
+    t, _ = make_out_case(8, 3, 5, 1, 3, 4)
+    leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in NAMES]
+    timed = []
+    chooser = ops.AutoChooser(timer=lambda call, device: (call(), timed.append(1), 2.0 - len(timed))[2])
+    monkeypatch.setattr(ops, "AUTO", chooser)
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "auto")
+    launch.LAUNCHES.clear()
+    fused_out_conv(*leaves, backend="auto")
+    ((key, decision),) = chooser.decisions.items()
+    assert key[0] == "out_conv" and key[3] is True and decision == "torch" and len(timed) == 2
+    assert launch.LAUNCHES["out_dx"] == 1  # the triton candidate ran its backward while timed
