@@ -134,8 +134,9 @@ def opcode_counts(body: list[str]) -> dict[str, int]:
 
 
 def sass_loops(sass: str) -> list[dict]:
-    """Loops in nvdisasm output (a BRA back to an earlier label); per loop with HGMMA: instructions,
-    HGMMA count, 0-pending wgmma waits (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
+    """Loops in nvdisasm output (a BRA back to an earlier label); per loop with HGMMA (wgmma) or HMMA
+    (mma.sync, which Triton emits for tiles under 64 rows): instructions, HGMMA and HMMA counts, 0-pending
+    wgmma waits (WARPGROUP.DEPBAR.LE gsb0, 0x0)."""
     labels, insns = {}, []
     for line in sass.splitlines():
         m = _LABEL.match(line)
@@ -151,11 +152,13 @@ def sass_loops(sass: str) -> list[dict]:
         if m and labels.get(m.group(1), i + 1) <= i:
             body = insns[labels[m.group(1)]:i + 1]
             hgmma = sum("HGMMA" in b for b in body)
+            hmma = sum(b.split()[0].startswith("HMMA") for b in body)
             # a retry block placed after EXIT (an mbarrier try-wait of a TMA pipeline) branches back into
             # the loop: that "back branch" spans the epilogue, whose final 0-pending wait is not in a loop
-            if hgmma and not any(b.split()[0] == "EXIT" for b in body):
+            if (hgmma or hmma) and not any(b.split()[0] == "EXIT" for b in body):
                 waits0 = sum(re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", b) is not None for b in body)
-                loops.append(dict(instructions=len(body), hgmma=hgmma, waits_0=waits0, opcodes=opcode_counts(body)))
+                loops.append(dict(instructions=len(body), hgmma=hgmma, hmma=hmma, waits_0=waits0,
+                                  opcodes=opcode_counts(body)))
     return loops
 
 
@@ -163,7 +166,8 @@ def analyze(compiled, arch: int, programs: int, num_warps: int) -> dict:
     rep = ptxas_report(compiled.asm["ptx"], arch)
     sass = _run_tool("nvdisasm", ["-c"], compiled.asm["cubin"], ".cubin").stdout
     loops = sass_loops(sass)
-    main = max(loops, key=lambda lp: lp["hgmma"], default=None)
+    main = max((lp for lp in loops if lp["hgmma"]), key=lambda lp: lp["hgmma"], default=None)
+    main_hmma = max((lp for lp in loops if lp["hmma"]), key=lambda lp: lp["hmma"], default=None)
     smem = compiled.metadata.shared
     threads = 32 * num_warps
     by_regs = REGS_PER_SM // max(1, (rep["registers"] or 0) * threads) if rep["registers"] else 1
@@ -172,9 +176,11 @@ def analyze(compiled, arch: int, programs: int, num_warps: int) -> dict:
     serialized = any(lp["waits_0"] > 0 for lp in loops)  # a wgmma group drained inside the loop
     c7515 = any("C7515" in w for w in rep["ptxas_warnings"])
     return dict(**rep, shared_bytes=smem, hgmma_total=sass.count("HGMMA"),
-                main_loop_opcodes=main["opcodes"] if main else None,
-                loops_with_hgmma=len(loops),
+                main_loop_opcodes=(main or main_hmma or {}).get("opcodes"),
+                loops_with_hgmma=sum(lp["hgmma"] > 0 for lp in loops),
                 sass_per_wgmma=round(main["instructions"] / main["hgmma"], 1) if main else None,
+                # an mma.sync loop: per HMMA (16x8x16; a 64x64x16 wgmma is 32 of them)
+                sass_per_hmma=round(main_hmma["instructions"] / main_hmma["hmma"], 1) if main_hmma else None,
                 waits_0_in_loops=sum(lp["waits_0"] for lp in loops), programs=programs, ctas_per_sm=ctas,
                 waves=round(programs / (SMS * ctas), 2), fail=serialized or c7515,
                 why=("C7515 " if c7515 else "") + ("serialized-wgmma-loop" if serialized else ""))
@@ -220,7 +226,8 @@ def _format(r: dict) -> str:
     warn = "; ".join(r["ptxas_warnings"])[:120]
     return (f"{'FAIL' if r['fail'] else 'ok  '} {r['role']:18s} {r['config']:38s} regs {r['registers']:3d} "
             f"spill {r['spill_bytes']} smem {r['shared_bytes']:6d} sass/wgmma {r['sass_per_wgmma']} "
-            f"wait0-in-loop {r['waits_0_in_loops']} hgmma {r['hgmma_total']} programs {r['programs']} "
+            + (f"sass/hmma {r['sass_per_hmma']} " if r.get("sass_per_hmma") else "")
+            + f"wait0-in-loop {r['waits_0_in_loops']} hgmma {r['hgmma_total']} programs {r['programs']} "
             f"waves {r['waves']} ({r['ctas_per_sm']}/SM) {r['why']} {warn}")
 
 

@@ -126,10 +126,12 @@ def out_dx_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Confi
 
 
 def out_dw_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:
-    """The output conv's dW: tiles of 64 rows (tap, output channel) x C_in over pixel blocks of 64. One
-    candidate: with 128-pixel blocks the gathered operand (in registers) took 244 registers and ptxas
-    serialised the loop's wgmma (C7515)."""
-    return [triton.Config({"BLOCK_R": 64, "BLOCK_C": pow2_block(c_in), "BLOCK_P": 64}, num_warps=4, num_stages=4)]
+    """The output conv's dW: tiles of 32 rows (tap, output channel) x C_in; the pixel block (64 or 128)
+    is the choice. 32 rows, not 64: with a 64-row tile Triton uses wgmma with the gathered gz operand in
+    registers, which Triton 3.6 (the GPU machine's) compiled to a serialised wgmma loop (ptxas C7515)
+    and 3.9 did only with 64-pixel blocks; under 64 rows it emits mma.sync (HMMA), which has no async
+    pipeline to serialise. The price: x is read once per 32 rows (8 times for the paper's 243)."""
+    return _pixel_block_choices({"BLOCK_R": 32, "BLOCK_C": pow2_block(c_in)})
 
 
 FIN_BLOCK = 1024           # finalize programs: partial elements per program

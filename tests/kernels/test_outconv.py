@@ -95,23 +95,59 @@ def test_launch_count():
     assert dict(launch.LAUNCHES) == {"out_gz": 1, "out_dw": 1, "out_dx": 1}
 
 
+@pytest.mark.parametrize("index", [0, 1])
 @pytest.mark.parametrize("c_in, n, h, w, split", [
     (16, 2, 16, 12, 1),   # M = 384: several pixel blocks in one chunk
     (8, 3, 5, 10, 2),     # M = 150 in two chunks of 128 (the second partial: p_ok masks)
 ])
-def test_dw_walk_over_blocks_and_chunks(c_in, n, h, w, split):
-    """dW over several pixel blocks and chunks, dX over several pixel tiles (each kernel has one
-    candidate: configs.out_*_candidates). x, g and y are followed in memory by NaN, so a read past the
-    last pixel poisons the result."""
-    assert len(configs.out_dx_candidates(c_in, 75, w, n * h * w)) == len(configs.out_dw_candidates(c_in, 75, w, 0)) == 1
-    t, grad = make_out_case(c_in, 3, 5, n, h, w, seed=10 + split)
+def test_each_dw_config_and_walk(index, c_in, n, h, w, split):
+    """Both dW candidates (pixel blocks of 128 and 64) over several blocks and chunks, dX (one candidate)
+    over several pixel tiles. x, g and y are followed in memory by NaN, so a read past the last pixel
+    poisons the result."""
+    m = n * h * w
+    assert len(configs.out_dx_candidates(c_in, 75, w, m)) == 1
+    t, grad = make_out_case(c_in, 3, 5, n, h, w, seed=10 + index)
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     y = out_forward(x, wt, b)
+    dw_cfg = configs.out_dw_candidates(c_in, 75, w, m)[index]
     dx, dw, db = out_backward(nan_followed(grad.float().to(DEVICE)), nan_followed(x), nan_followed(y), wt, True,
-                              dw_split=split)
+                              dw_config=dw_cfg, dw_split=split)
     g_ref, g_abs = grads_given_y(t, y, grad)
     for name, got in (("x", dx), ("weight", dw), ("bias", db)):
-        assert_within(f"d{name} (split {split})", got, g_ref[name], g_abs[name], 1e-5)
+        assert_within(f"d{name} ({dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def test_timed_choice_launches_each_candidate(monkeypatch):
+    """On a GPU a new dW plan times its two candidates (tuning.Tuner.choose; dX has one, nothing to
+    time). The same path here, with a timer that runs the launch and says the second was faster: dW
+    launches 2 timed + 1 real, its plan keeps the second candidate, and the gradients still match."""
+    from gafh_fast.kernels.tuning import Tuner
+
+    def timer(fn):
+        timed.append(1)
+        fn()
+        return 2.0 if len(timed) % 2 else 1.0
+
+    timed = []
+    monkeypatch.setattr(conv3x3, "INTERPRETING", False)
+    monkeypatch.setattr(conv3x3, "AUTOTUNE", True)
+    old = conv3x3.set_tuner(Tuner(None, "Test GPU", timer))
+    try:
+        t, grad = make_out_case(8, 3, 5, 2, 5, 6)
+        leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in NAMES]
+        launch.LAUNCHES.clear()
+        y = fused_out_conv_triton(*leaves)
+        grads = torch.autograd.grad(y, leaves, grad.float().to(DEVICE))
+        counts = dict(launch.LAUNCHES)
+        chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
+    finally:
+        conv3x3.set_tuner(old)
+    assert len(timed) == 2 and counts == {"out_gz": 1, "out_dw": 3, "out_dx": 1}
+    assert chosen == {"out_dw": configs.out_dw_candidates(8, 75, 6, 60)[1].kwargs,
+                      "out_dx": configs.out_dx_candidates(8, 75, 6, 60)[0].kwargs}
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in zip(NAMES, grads):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
 
 
 def test_kept_dw_partials_need_no_clearing():
