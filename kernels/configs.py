@@ -120,9 +120,14 @@ def out_dx_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Confi
     channel, gathered), N = C_in. One candidate, nothing to time: BLOCK_M 64 (the sm_90 report: 130
     registers; 128 holds the gathered operand's 64-bit addresses in 255 and spills), and with 32768+
     programs at the paper's size the waves need no second choice."""
-    block_r = pow2_block(rows)
+    block_r = out_rows_block(rows)
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": pow2_block(c_in, lo=16, hi=64), "BLOCK_R": block_r,
                            "R_STEPS": cdiv(rows, block_r)}, num_warps=4, num_stages=3)]
+
+
+def out_rows_block(rows: int) -> int:
+    """dX's K block over the output conv's rows; the re-laid weight is padded to a multiple of it."""
+    return pow2_block(rows)
 
 
 def out_dw_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:

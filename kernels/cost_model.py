@@ -112,8 +112,9 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
 def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> list[dict]:
     """Per launch of the output layer's backward, y = tanh(conv k x k (nf -> c_out)) at side x side.
     owned=False: torch's tanh backward and cuDNN's dgrad and wgrad (their FLOPs at the real K and N);
-    owned=True: outconv.py (gz with a zero border in fp32, dW, dX + fold; the flattened (tap, co) rows
-    padded to a multiple of 64, as the kernels compute them). The forward (cuDNN + tanh) is the same."""
+    owned=True: outconv.py (prep: gz with a zero border and its channels padded to 4, and the weight
+    re-laid; dW over 32-row tiles; dX + fold over 64-row steps: the (tap, channel) rows padded as the
+    kernels compute them). The forward (cuDNN + tanh) is the same."""
     m = batch * side * side
     x = m * nf * BF16
     small = m * c_out * BF16  # g, y or gz at the I/O dtype
@@ -124,13 +125,16 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
         return [dict(launch="tanh backward (torch)", flops=0, bytes=3 * small),
                 dict(launch="dgrad (cuDNN)", flops=flops, bytes=small + x + wt * BF16),
                 dict(launch="wgrad (cuDNN)", flops=flops, bytes=small + x + wt * BF16)]
-    padded = -(-rows // 64) * 64
-    gzp = batch * (side + k - 1) ** 2 * c_out * FP32
-    split = dw_split(m, nf, rows, 132, taps=1)
-    partials = split * rows * nf * FP32
-    return [dict(launch="gz with zero border (fp32)", flops=0, bytes=2 * small + gzp),
-            dict(launch="dW partials (gathered gz)", flops=2 * m * padded * nf, bytes=gzp + x + partials),
-            dict(launch="dX (gathered gz) + fold", flops=2 * m * padded * nf, bytes=gzp + wt * BF16 + x + partials)]
+    cp = 1 << max(0, c_out - 1).bit_length()
+    rows_cp = k * k * cp
+    gzp = batch * (side + k - 1) ** 2 * cp * BF16
+    split = dw_split(m, nf, rows_cp, 132, taps=1)
+    partials = split * rows_cp * nf * FP32
+    return [dict(launch="prep: gz with zero border, weight re-laid", flops=0, bytes=2 * small + gzp + 2 * wt * BF16),
+            dict(launch="dW partials (gathered gz, 32-row tiles)", flops=2 * m * (-(-rows_cp // 32) * 32) * nf,
+                 bytes=gzp + x + partials),
+            dict(launch="dX (gathered gz, 64-row steps) + fold", flops=2 * m * (-(-rows_cp // 64) * 64) * nf,
+                 bytes=gzp + rows_cp * nf * BF16 + x + partials)]
 
 
 def _print(rows, tflops, tbps, title) -> float:

@@ -6,8 +6,8 @@ has N = 3 (a 16-wide MMA tile for 3 live columns, 5x the MMA work) and re-reads 
 each of the 81 taps; flattening the taps into N, as the backward does, would need a shifted sum of the
 GEMM's columns across pixels, which Triton cannot express in registers. The backward is where the
 flattening works (outconv_kernels.py), so the backward is what this op owns: 3 launches (gz with a
-zero border, dW partials, then dX with the fold of the partials in extra programs), against torch's
-tanh backward and cuDNN's dgrad and wgrad with 3 output channels.
+zero border and the weight as dX's operand, dW partials, then dX with the fold of the partials in
+extra programs), against torch's tanh backward and cuDNN's dgrad and wgrad with 3 output channels.
 Plans, tile choice and kept dW partials work as in conv3x3.py (same plan table and tuner).
 """
 from __future__ import annotations
@@ -22,14 +22,14 @@ from .configs import cdiv
 from .conv3x3 import _FIN_CONFIG, _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags, _empty_cl, _grad_like, cfg_key
 from .launch import KernelLauncher, aligned
 from .op import _needs_grad
-from .outconv_kernels import outconv_bwd_dw_kernel, outconv_bwd_dx_kernel, outconv_gz_pad_kernel
+from .outconv_kernels import outconv_bwd_dw_kernel, outconv_bwd_dx_kernel, outconv_prep_kernel
 
-OUT_GZ = KernelLauncher(outconv_gz_pad_kernel, "out_gz")
+OUT_PREP = KernelLauncher(outconv_prep_kernel, "out_prep")
 OUT_DW = KernelLauncher(outconv_bwd_dw_kernel, "out_dw")
 OUT_DX = KernelLauncher(outconv_bwd_dx_kernel, "out_dx")
 
-MAX_ROWS = 1024  # KS*KS*C_out: the gathered K of dX (4 steps of 64 for the paper's 9x9x3: 243 rows)
-_GZ_BLOCK_P = 256  # the gz pass: padded pixels per program
+MAX_ROWS = 1024  # KS*KS*C_out padded to a power of two: dX's gathered K (6 steps of 64 for the paper's 9x9x4: 324)
+_GZ_BLOCK_P = 256  # the prep kernel: padded pixels per program (and BLOCK_P * CP weight elements)
 
 
 def check_out_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -41,9 +41,9 @@ def check_out_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     k = weight.shape[-1] if weight.dim() == 4 else 0
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or weight.shape[2] != k or k % 2 == 0:
         raise ValueError(f"fused_out_conv weight {tuple(weight.shape)} does not fit (C_out, {x.shape[1]}, k, k), k odd")
-    if k * k * weight.shape[0] > MAX_ROWS:
-        raise ValueError(f"fused_out_conv (triton) takes k*k*C_out <= {MAX_ROWS} (a few output channels), got "
-                         f"{k}*{k}*{weight.shape[0]}; use kernels: torch for this layer")
+    if k * k * padded_channels(weight.shape[0]) > MAX_ROWS:
+        raise ValueError(f"fused_out_conv (triton) takes k*k*C_out <= {MAX_ROWS}, C_out padded to a power of two "
+                         f"(a few output channels), got {k}*{k}*{weight.shape[0]}; use kernels: torch for this layer")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"fused_out_conv bias {tuple(bias.shape)} does not fit ({weight.shape[0]},)")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -59,38 +59,50 @@ def out_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 # ------------------------------------------------------------------------------------------------
 # Backward (3 launches)
 # ------------------------------------------------------------------------------------------------
-def _gz_padded(g, y, ks: int) -> torch.Tensor:
-    """gz = g * (1 - y^2) rounded to g's dtype, held in fp32 (outconv_kernels.py: the dW loop), (N, H + ks-1,
-    W + ks-1, C_out) with a zero border of ks//2 (one launch)."""
+def padded_channels(c_out: int) -> int:
+    """The padded gz's channels: a power of two, so that a gathered window row loads that many at once."""
+    return configs.next_pow2(c_out)
+
+
+def _prepare(g, y, weight, r_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gz padded, wr), one launch: gz = g * (1 - y^2) in g's dtype, (N, H + k-1, W + k-1, CP) with a zero
+    border of k//2 pixels and zero channels up to CP = padded_channels(C_out); wr the weight as dX's B
+    operand, (r_pad, C_in) contiguous (outconv_kernels.outconv_prep_kernel)."""
     n, c_out, h, w = g.shape
-    gzp = torch.empty((n, h + ks - 1, w + ks - 1, c_out), dtype=torch.float32, device=g.device)
+    c_in, ks = weight.shape[1], weight.shape[-1]
+    cp = padded_channels(c_out)
+    gzp = torch.empty((n, h + ks - 1, w + ks - 1, cp), dtype=g.dtype, device=g.device)
+    wr = torch.empty((r_pad, c_in), dtype=weight.dtype, device=weight.device)
     idx64 = gzp.numel() >= 2**31
-    flags = dict(C_OUT=c_out, KS=ks, INTERP_BF16=_dtype_flags(g.dtype)["INTERP_BF16"], IDX64=idx64,
-                 BLOCK_P=_GZ_BLOCK_P, BLOCK_CO=configs.next_pow2(c_out))
-    # g and y are the caller's (y: the forward's output); N, H and W are not specialised on
-    OUT_GZ.launch((("out_gz", c_out, ks, g.dtype, g.device, idx64), aligned(g, y)),
-                  (cdiv(n * (h + ks - 1) * (w + ks - 1), _GZ_BLOCK_P), 1, 1), (g, y, gzp, n, h, w), flags,
-                  _FIN_CONFIG)
-    return gzp
+    flags = dict(C_OUT=c_out, CP=cp, KS=ks, INTERP_BF16=_dtype_flags(g.dtype)["INTERP_BF16"], IDX64=idx64,
+                 BLOCK_P=_GZ_BLOCK_P)
+    gz_progs = cdiv(n * (h + ks - 1) * (w + ks - 1), _GZ_BLOCK_P)
+    # g, y and the weight are the caller's (y: the forward's output); C_in and the weight's strides are
+    # specialised on, N, H, W and the program split not
+    OUT_PREP.launch((("out_prep", c_out, c_in, ks, weight.stride(), r_pad, g.dtype, g.device, idx64),
+                     aligned(g, y, weight)),
+                    (gz_progs + cdiv(r_pad * c_in, _GZ_BLOCK_P * cp), 1, 1),
+                    (g, y, gzp, weight, wr, n, h, w, c_in, *weight.stride(), r_pad, gz_progs), flags, _FIN_CONFIG)
+    return gzp, wr
 
 
 def _dw_partials(gzp, x, ks: int, has_bias: bool, split: Optional[int], config):
-    """(dW partials (split, R, C_in), db partials or None, split), kept with the plan as in
-    conv3x3._dw_partials (the fold rewrites every element it reads before the next launch)."""
+    """(dW partials (split, R, C_in), db partials or None, split), R = ks*ks*padded channels, kept with
+    the plan as in conv3x3._dw_partials (the fold rewrites every element it reads before the next launch)."""
     n, c_in, h, w = x.shape
-    c_out = gzp.shape[-1]
-    rows = ks * ks * c_out
+    cp = gzp.shape[-1]
+    rows = ks * ks * cp
     m = n * h * w
-    key = ("out_dw", x.shape, ks, c_out, x.dtype, x.device, has_bias, split, cfg_key(config))
+    key = ("out_dw", x.shape, ks, cp, x.dtype, x.device, has_bias, split, cfg_key(config))
     plan = _PLANS.get(key)
     if plan is None:
         s = split or configs.dw_split(m, c_in, rows, conv3x3._sms(x.device), taps=1)  # via the module: compile_check patches it
         chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
         s = cdiv(m, chunk)
-        flags = dict(C_OUT=c_out, KS=ks, DO_BIAS=has_bias, IDX64=m * max(c_in, c_out) >= 2**31,
-                     **_dtype_flags(x.dtype))  # the I/O dtype (gz is held in fp32)
+        flags = dict(CP=cp, KS=ks, DO_BIAS=has_bias, IDX64=max(m * c_in, gzp.numel()) >= 2**31,
+                     **_dtype_flags(x.dtype))
         dwp = torch.empty((s, rows, c_in), dtype=torch.float32, device=x.device)
-        dbp = torch.empty((s, c_out), dtype=torch.float32, device=x.device) if has_bias else None
+        dbp = torch.empty((s, cp), dtype=torch.float32, device=x.device) if has_bias else None
         plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS)]
     cfg, flags, s, chunk, dwp, dbp, plan_id = plan
     ptrs = (gzp, x, dwp, dbp if has_bias else dwp)
@@ -112,26 +124,30 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):
     OUT_DW.launch((key, aligned(ptrs[1])), (tiles + int(flags["DO_BIAS"]), split, 1), ptrs + scalars, flags, cfg)
 
 
-def _dx(gzp, weight, dx, has_bias: bool, fin: Optional[tuple], config):
+def _dx_config(c_in: int, rows: int, w: int, m: int, dtype, config):
+    """dX's tile config: one candidate (configs.out_dx_candidates), nothing to time."""
+    return _choose("out_dx", (c_in, rows, w, configs.m_bucket(m), str(dtype)),
+                   configs.out_dx_candidates(c_in, rows, w, m), None, config)
+
+
+def _dx(gzp, wr, weight, dx, has_bias: bool, fin: Optional[tuple], config):
     """dX, and with fin = (dW partials, db partials, dW, db, split) the fold in extra programs."""
     n, c_in, h, w = dx.shape
-    c_out, ks = weight.shape[0], weight.shape[-1]
-    rows = ks * ks * c_out
+    c_out, ks, cp = weight.shape[0], weight.shape[-1], gzp.shape[-1]
+    rows = ks * ks * cp
     m = n * h * w
-    # the weight's strides are kernel arguments the JIT specialises on (== 1, % 16): part of the plan
-    key = ("out_dx", dx.shape, weight.shape, weight.stride(), dx.dtype, dx.device, has_bias, cfg_key(config))
+    key = ("out_dx", dx.shape, weight.shape, dx.dtype, dx.device, has_bias, cfg_key(config))
     plan = _PLANS.get(key)
-    ptrs = (gzp, weight, dx) + _fold_ptrs(fin, dx)
-    scalars = (m, h, w, c_in, *weight.stride()) + _fold_scalars(fin)
+    ptrs = (gzp, wr, dx) + _fold_ptrs(fin, dx)
+    scalars = (m, h, w, c_in) + _fold_scalars(fin)
     if plan is None:
-        flags = dict(C_OUT=c_out, KS=ks, FIN_BIAS=has_bias, IDX64=m * max(c_in, c_out) >= 2**31,
+        flags = dict(C_OUT=c_out, CP=cp, KS=ks, FIN_BIAS=has_bias, IDX64=max(m * c_in, gzp.numel()) >= 2**31,
                      FIN_BLOCK=configs.FIN_BLOCK, **_dtype_flags(dx.dtype))
 
-        def run(cfg):  # a timing run: dX without the fold programs (the partials are the real launch's)
-            _launch_dx(key + (cfg_key(cfg),), cfg, flags, ptrs, scalars, 0)
-
-        cfg = _choose("out_dx", (c_in, rows, w, configs.m_bucket(m), str(dx.dtype), tuple(flags.items())),
-                      configs.out_dx_candidates(c_in, rows, w, m), run, config)
+        cfg = _dx_config(c_in, rows, w, m, dx.dtype, config)
+        if cfg.kwargs["BLOCK_R"] * cfg.kwargs["R_STEPS"] != wr.shape[0]:
+            raise ValueError(f"out_dx config {cfg} reads {cfg.kwargs['BLOCK_R'] * cfg.kwargs['R_STEPS']} weight rows; "
+                             f"the re-laid weight has {wr.shape[0]} (configs.out_rows_block)")
         plan = _PLANS[key] = (cfg, flags, next(_PLAN_IDS))
     cfg, flags, plan_id = plan
     _launch_dx(plan_id, cfg, flags, ptrs, scalars, cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK) if fin else 0)
@@ -152,8 +168,7 @@ def _fold_scalars(fin: Optional[tuple]) -> tuple:
 def _launch_dx(key, cfg, flags, ptrs, scalars, fold_programs: int):
     m, c_in = scalars[0], scalars[3]
     grid = (cdiv(m, cfg.kwargs["BLOCK_M"]) + fold_programs, cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
-    # alignment of the weight (the caller's); gz, dx and the fold's buffers are ours
-    OUT_DX.launch((key, aligned(ptrs[1])), grid, ptrs + scalars, flags, cfg)
+    OUT_DX.launch((key, True), grid, ptrs + scalars, flags, cfg)  # every pointer is ours: aligned
 
 
 def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=None, dw_split: Optional[int] = None):
@@ -167,9 +182,11 @@ def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=N
     dx = _empty_cl(n, c_in, h, w, x)
     if n * h * w == 0:
         return dx, dw.zero_(), db.zero_() if has_bias else None
-    gzp = _gz_padded(g, y, weight.shape[-1])
-    dwp, dbp, split = _dw_partials(gzp, x, weight.shape[-1], has_bias, dw_split, dw_config)
-    _dx(gzp, weight, dx, has_bias, (dwp, dbp, dw, db, split), dx_config)
+    ks = weight.shape[-1]
+    rows = ks * ks * padded_channels(c_out)
+    gzp, wr = _prepare(g, y, weight, cdiv(rows, configs.out_rows_block(rows)) * configs.out_rows_block(rows))
+    dwp, dbp, split = _dw_partials(gzp, x, ks, has_bias, dw_split, dw_config)
+    _dx(gzp, wr, weight, dx, has_bias, (dwp, dbp, dw, db, split), dx_config)
     return dx, dw, db
 
 

@@ -84,7 +84,7 @@ def test_without_bias():
 
 
 def test_launch_count():
-    """Forward: torch's conv and tanh, no Triton launch. Backward: gz with its border, dW partials, dX + fold (3)."""
+    """Forward: torch's conv and tanh, no Triton launch. Backward: prep (gz with its border, the re-laid weight), dW partials, dX + fold (3)."""
     x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
     wt = torch.randn(3, 8, 9, 9, device=DEVICE, requires_grad=True)
     b = torch.randn(3, device=DEVICE, requires_grad=True)
@@ -92,7 +92,7 @@ def test_launch_count():
     y = fused_out_conv_triton(x, wt, b)
     assert sum(launch.LAUNCHES.values()) == 0
     y.sum().backward()
-    assert dict(launch.LAUNCHES) == {"out_gz": 1, "out_dw": 1, "out_dx": 1}
+    assert dict(launch.LAUNCHES) == {"out_prep": 1, "out_dw": 1, "out_dx": 1}
 
 
 @pytest.mark.parametrize("index", [0, 1])
@@ -105,11 +105,11 @@ def test_each_dw_config_and_walk(index, c_in, n, h, w, split):
     over several pixel tiles. x, g and y are followed in memory by NaN, so a read past the last pixel
     poisons the result."""
     m = n * h * w
-    assert len(configs.out_dx_candidates(c_in, 75, w, m)) == 1
+    assert len(configs.out_dx_candidates(c_in, 100, w, m)) == 1
     t, grad = make_out_case(c_in, 3, 5, n, h, w, seed=10 + index)
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     y = out_forward(x, wt, b)
-    dw_cfg = configs.out_dw_candidates(c_in, 75, w, m)[index]
+    dw_cfg = configs.out_dw_candidates(c_in, 100, w, m)[index]
     dx, dw, db = out_backward(nan_followed(grad.float().to(DEVICE)), nan_followed(x), nan_followed(y), wt, True,
                               dw_config=dw_cfg, dw_split=split)
     g_ref, g_abs = grads_given_y(t, y, grad)
@@ -142,9 +142,9 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
         chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    assert len(timed) == 2 and counts == {"out_gz": 1, "out_dw": 3, "out_dx": 1}
-    assert chosen == {"out_dw": configs.out_dw_candidates(8, 75, 6, 60)[1].kwargs,
-                      "out_dx": configs.out_dx_candidates(8, 75, 6, 60)[0].kwargs}
+    assert len(timed) == 2 and counts == {"out_prep": 1, "out_dw": 3, "out_dx": 1}
+    assert chosen == {"out_dw": configs.out_dw_candidates(8, 100, 6, 60)[1].kwargs,
+                      "out_dx": configs.out_dx_candidates(8, 100, 6, 60)[0].kwargs}
     g_ref, g_abs = grads_given_y(t, y, grad)
     for name, got in zip(NAMES, grads):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
@@ -159,7 +159,7 @@ def test_kept_dw_partials_need_no_clearing():
     y = out_forward(x, wt, b)
     out_backward(g, x, y, wt, True, dw_split=3)
     kept = [p for key, p in conv3x3._PLANS.items() if key[0] == "out_dw" and key[1] == x.shape and key[7] == 3]
-    assert len(kept) == 1 and kept[0][4].shape == (3, 75, 8) and kept[0][5].shape == (3, 3)
+    assert len(kept) == 1 and kept[0][4].shape == (3, 100, 8) and kept[0][5].shape == (3, 4)  # 5*5 taps x 4 padded channels
     listed = conv3x3.kept_partials()
     assert any(p is kept[0][4] for p in listed) and any(p is kept[0][5] for p in listed)
     kept[0][4].fill_(float("nan"))
