@@ -4,7 +4,8 @@ torch custom ops (kernels and the maths: upconv_kernels.py).
 Launches: forward 2 (combine the weight into the 16 phase taps, then the conv), backward 3 (dX with gz
 made on the fly and written out, dW + db partials from gz, then the finalize that folds the phase taps
 back onto W). When the tuner finds a gz pass of its own faster (GZ_PASS, configs.py) the backward is
-gz pass, dW, then dX with the fold in extra programs, still 3; without an activation dW, dX + fold (2). Plans, tile choice and launch keys work as in conv3x3.py (same plan table, tuner and
+gz pass, dW, then dX with the fold in extra programs, still 3; without an activation dW, dX + fold (2).
+Plans, tile choice and launch keys work as in conv3x3.py (same plan table, tuner and
 one-stream-per-device assumption for the kept dW partials).
 """
 from __future__ import annotations
