@@ -131,12 +131,17 @@ def out_rows_block(rows: int) -> int:
 
 
 def out_dw_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:
-    """The output conv's dW: tiles of 32 rows (tap, output channel) x C_in; the pixel block (64 or 128)
-    is the choice. 32 rows, not 64: with a 64-row tile Triton uses wgmma with the gathered gz operand in
-    registers, which Triton 3.6 (the GPU machine's) compiled to a serialised wgmma loop (ptxas C7515)
-    and 3.9 did only with 64-pixel blocks; under 64 rows it emits mma.sync (HMMA), which has no async
-    pipeline to serialise. The price: x is read once per 32 rows (8 times for the paper's 243)."""
-    return _pixel_block_choices({"BLOCK_R": 32, "BLOCK_C": pow2_block(c_in)})
+    """The output conv's dW (outconv_kernels.py): row tiles x C_in over 128-pixel blocks, two ways of
+    getting a non-serialised MMA loop with the gathered gz as the register A operand (the sm_90 report,
+    bench/RESULTS.md Round 8; 64-row tiles with 4 warps compiled to a serialised wgmma under Triton 3.6):
+      * 64 rows, 8 warps: wgmma (the two warpgroups split C_in), ~60-70 SASS per wgmma;
+      * 32 rows, 4 warps: Triton emits mma.sync for tiles under 64 rows, ~16 SASS per HMMA (a 64x64x16
+        wgmma is 32 of them) and x read once per 32 rows.
+    8 warps despite the note above: pytorch 173068 / triton 1254 is the flattened tap loop of a conv
+    template; this loop walks pixels only, and the GPU kernel tests compile and check both candidates."""
+    block_c = pow2_block(c_in)
+    return [triton.Config({"BLOCK_R": 64, "BLOCK_C": block_c, "BLOCK_P": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_R": 32, "BLOCK_C": block_c, "BLOCK_P": 128}, num_warps=4, num_stages=3)]
 
 
 FIN_BLOCK = 1024           # finalize programs: partial elements per program
