@@ -116,13 +116,15 @@ def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Confi
 
 
 def out_dx_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:
-    """The output conv's dX (outconv_kernels.py): K = rows = KS*KS*C_out (the flattened tap and output
-    channel, gathered), N = C_in. One candidate, nothing to time: BLOCK_M 64 (the sm_90 report: 130
-    registers; 128 holds the gathered operand's 64-bit addresses in 255 and spills), and with 32768+
-    programs at the paper's size the waves need no second choice."""
+    """The output conv's dX (outconv_kernels.py): K = rows = KS*KS*CP (the flattened tap and padded output
+    channel, gathered), N = C_in, 128 pixels a program (32768+ programs at the paper's size: no waves
+    question). Two ways to spend the warps (the sm_90 report, bench/RESULTS.md Round 8): 8 warps, two
+    warpgroups of 64 pixels (80 registers, ~99 instructions per pixel), or 4 (178 registers, ~87).
+    8 warps: see out_dw_candidates; this K loop is unrolled (static_range)."""
     block_r = out_rows_block(rows)
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": pow2_block(c_in, lo=16, hi=64), "BLOCK_R": block_r,
-                           "R_STEPS": cdiv(rows, block_r)}, num_warps=4, num_stages=3)]
+    meta = {"BLOCK_M": 128, "BLOCK_N": pow2_block(c_in, lo=16, hi=64), "BLOCK_R": block_r,
+            "R_STEPS": cdiv(rows, block_r)}
+    return [triton.Config(meta, num_warps=8, num_stages=3), triton.Config(meta, num_warps=4, num_stages=3)]
 
 
 def out_rows_block(rows: int) -> int:

@@ -124,12 +124,6 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):
     OUT_DW.launch((key, aligned(ptrs[1])), (tiles + int(flags["DO_BIAS"]), split, 1), ptrs + scalars, flags, cfg)
 
 
-def _dx_config(c_in: int, rows: int, w: int, m: int, dtype, config):
-    """dX's tile config: one candidate (configs.out_dx_candidates), nothing to time."""
-    return _choose("out_dx", (c_in, rows, w, configs.m_bucket(m), str(dtype)),
-                   configs.out_dx_candidates(c_in, rows, w, m), None, config)
-
-
 def _dx(gzp, wr, weight, dx, has_bias: bool, fin: Optional[tuple], config):
     """dX, and with fin = (dW partials, db partials, dW, db, split) the fold in extra programs."""
     n, c_in, h, w = dx.shape
@@ -144,7 +138,11 @@ def _dx(gzp, wr, weight, dx, has_bias: bool, fin: Optional[tuple], config):
         flags = dict(C_OUT=c_out, CP=cp, KS=ks, FIN_BIAS=has_bias, IDX64=max(m * c_in, gzp.numel()) >= 2**31,
                      FIN_BLOCK=configs.FIN_BLOCK, **_dtype_flags(dx.dtype))
 
-        cfg = _dx_config(c_in, rows, w, m, dx.dtype, config)
+        def run(cfg):  # a timing run: dX without the fold programs (the partials are the real launch's)
+            _launch_dx(key + (cfg_key(cfg),), cfg, flags, ptrs, scalars, 0)
+
+        cfg = _choose("out_dx", (c_in, rows, w, configs.m_bucket(m), str(dx.dtype), tuple(flags.items())),
+                      configs.out_dx_candidates(c_in, rows, w, m), run, config)
         if cfg.kwargs["BLOCK_R"] * cfg.kwargs["R_STEPS"] != wr.shape[0]:
             raise ValueError(f"out_dx config {cfg} reads {cfg.kwargs['BLOCK_R'] * cfg.kwargs['R_STEPS']} weight rows; "
                              f"the re-laid weight has {wr.shape[0]} (configs.out_rows_block)")
