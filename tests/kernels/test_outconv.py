@@ -16,11 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from gafh_fast import ops
-from gafh_fast.kernels import configs, conv3x3, launch
+from gafh_fast.kernels import configs, conv3x3, launch, outconv
+from gafh_fast.kernels.conv3x3_fwd import INTERPRETING
 from gafh_fast.kernels.outconv import fused_out_conv_triton, out_backward, out_forward
 from gafh_fast.ops import fused_out_conv, fused_out_conv_reference
 
 from .test_conv3x3 import DEVICE, assert_within, nan_followed, no_tf32, to_kernel_layout  # noqa: F401
+from .test_host_code import _offset_view
+from .test_memory_bounds import bounds_checked  # noqa: F401
 
 REL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}
 NAMES = ("x", "weight", "bias")
@@ -180,6 +183,58 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b_) for a, b_ in zip(first, second))
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="hooks the Triton interpreter's loads and stores")
+def test_backward_stays_in_bounds(bounds_checked):
+    """Every load and store of the three backward launches stays inside the tensors the launch passed
+    (test_memory_bounds.py's hook): C_in 12 (4 masked lanes of a 16-wide channel tile), C_out 3 (gz and
+    the weight rows padded to 4 channels), rows past R = 100 in the last row tile and K step, two dW
+    chunks of 128 and 22 pixels with the db program. (The mutation run of round 8 had the db program
+    store a lane past its partials row: no value test saw it.)"""
+    t, grad = make_out_case(12, 3, 5, 3, 5, 10, seed=4)
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    y = out_forward(x, wt, b)
+    dx, dw, db = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_split=2)
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def channels_last_at_offset(t: torch.Tensor) -> torch.Tensor:
+    """t's values, channels_last, in a view 8 bytes into its buffer (not 16-byte aligned)."""
+    return _offset_view(t.float().permute(0, 2, 3, 1).contiguous(), 2).permute(0, 3, 1, 2)
+
+
+def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch):
+    """As test_host_code.py's test for the conv: every caller tensor a backward launch reads (x, g, y, the
+    weight; here each 8 bytes into its buffer) is among the tensors whose alignment went into that
+    launch's key (the JIT specialises on 16-byte alignment); only buffers outconv.py allocates are left out."""
+    real_aligned = outconv.aligned
+    real_launch = launch.KernelLauncher.launch
+    pending, launches = [], []
+    monkeypatch.setattr(outconv, "aligned", lambda *ts: pending.append(ts) or real_aligned(*ts))
+
+    def spy(self, key, grid, args, flags, config):
+        launches.append((self.name, args, pending.pop() if pending else ()))
+        pending.clear()
+        return real_launch(self, key, grid, args, flags, config)
+
+    monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
+    t, grad = make_out_case(8, 3, 3, 2, 3, 5)
+    x, g = channels_last_at_offset(t["x"]), channels_last_at_offset(grad)
+    wt, b = _offset_view(t["weight"].float(), 2), t["bias"].float()
+    y = channels_last_at_offset(out_forward(x, wt, b))
+    dx, dw, db = out_backward(g, x, y, wt, True)
+    caller = {a.data_ptr() for a in (x, g, y, wt)}
+    assert [name for name, _, _ in launches] == ["out_prep", "out_dw", "out_dx"]
+    for name, args, keyed in launches:
+        received = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)} & caller
+        assert received <= {a.data_ptr() for a in keyed}, f"{name}: a caller tensor's alignment is not in its key"
+    assert all(real_aligned(*keyed) is not True for _, args, keyed in launches if keyed)  # the offsets reached the keys
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
 def test_inference_and_empty_batch():
     t, _ = make_out_case(8, 3, 5, 1, 3, 4)
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
@@ -200,6 +255,16 @@ def test_bad_arguments_raise_clear_errors():
         fused_out_conv_triton(x, torch.randn(3, 8, 4, 4, device=DEVICE), None)
     with pytest.raises(ValueError, match="does not fit"):
         fused_out_conv_triton(x, torch.randn(3, 7, 3, 3, device=DEVICE), None)
+    with pytest.raises(ValueError, match="does not fit"):  # not square (k read off the last dimension alone)
+        fused_out_conv_triton(x, torch.randn(3, 8, 3, 5, device=DEVICE), None)
+    with pytest.raises(ValueError, match="does not fit"):
+        fused_out_conv_triton(x, torch.randn(3, 8, 3, device=DEVICE), None)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        fused_out_conv_triton(x[0], torch.randn(3, 8, 3, 3, device=DEVICE), None)
+    with pytest.raises(ValueError, match="weight is torch.float64"):
+        fused_out_conv_triton(x, torch.randn(3, 8, 3, 3, device=DEVICE, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="bias is torch.bfloat16"):
+        fused_out_conv_triton(x, torch.randn(3, 8, 3, 3, device=DEVICE), torch.randn(3, device=DEVICE).bfloat16())
     with pytest.raises(ValueError, match="kernels: torch"):
         fused_out_conv_triton(x, torch.randn(16, 8, 9, 9, device=DEVICE), None)  # 1296 rows
     with pytest.raises(ValueError, match="bias"):

@@ -21,10 +21,12 @@ import torch.nn.functional as F
 
 from gafh_fast import ops
 from gafh_fast.kernels import configs, conv3x3, launch, upconv
+from gafh_fast.kernels.conv3x3_fwd import INTERPRETING
 from gafh_fast.kernels.upconv import combine_weight, fused_upconv3x3_triton, up_backward, up_forward
 from gafh_fast.ops import fused_upconv3x3, fused_upconv3x3_reference
 
 from .test_conv3x3 import DEVICE, assert_within, nan_followed, no_tf32, to_kernel_layout  # noqa: F401
+from .test_memory_bounds import bounds_checked  # noqa: F401
 
 REL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8}
 NAMES = ("x", "weight", "bias")
@@ -224,7 +226,10 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
         fn()
         return 2.0 if len(timed) % 2 else 1.0
 
-    timed = []
+    timed, gz_args = [], []
+    real_launch = upconv.UP_GZ.launch
+    monkeypatch.setattr(upconv.UP_GZ, "launch", lambda key, grid, args, *rest: (gz_args.append(args),
+                                                                                real_launch(key, grid, args, *rest)))
     monkeypatch.setattr(conv3x3, "INTERPRETING", False)  # time candidates, as on a GPU
     monkeypatch.setattr(conv3x3, "AUTOTUNE", True)
     old = conv3x3.set_tuner(Tuner(None, "Test GPU", timer))
@@ -241,6 +246,9 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
         conv3x3.set_tuner(old)
     # dX's second candidate is the gz pass: timed once, then run for real, with the fold in dX's launch
     assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_gz": 2, "up_dw": 3}
+    # the timed gz pass is the real one (same tensors, M2 = 2*10*12 full-resolution pixels, C_out, the slope)
+    (timed_gz, real_gz) = gz_args
+    assert all(a is b for a, b in zip(timed_gz[:3], real_gz[:3])) and timed_gz[3:] == real_gz[3:] == (240, 16, 0.2)
     m = 2 * 5 * 6
     assert chosen == {"up_fwd": configs.up_fwd_candidates(8, 16, 6, m)[1].kwargs,
                       "up_dx": configs.up_dx_candidates(8, 16, 6, m, act=True)[1].kwargs,
@@ -281,6 +289,26 @@ def test_fold_in_dx_with_several_channel_tiles(bias):
     launch.LAUNCHES.clear()
     check_up(136, 24, 1, 3, 2, slope=None, bias=bias)
     assert launch.LAUNCHES["up_fin"] == 0 and launch.LAUNCHES["up_dx"] == 1
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="hooks the Triton interpreter's loads and stores")
+@pytest.mark.parametrize("slope", [0.2, None])
+def test_gz_pass_and_fold_stay_in_bounds(bounds_checked, slope):
+    """Every load and store of the round-8 launches stays inside the tensors the launch passed
+    (test_memory_bounds.py's hook): the gz pass (C_out 24: 3 mask bytes a pixel, 8 masked lanes of its
+    32-wide channel block), dW, and dX with the fold programs (C_in 12: 4 masked lanes of dX's channel
+    tile; dW 9*12*24 = 2592 elements, three fold programs of 1024, the last one partial); without an
+    activation dW and dX + fold alone. The forward runs checked as well."""
+    t, grad = make_up_case(12, 24, 1, 3, 5, seed=5)
+    (_, g_ref), (_, g_abs) = up_reference_and_scale(t, grad, slope)
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    y, mask, wc = up_forward(x, wt, b, slope, slope is not None)
+    dx_cfg = configs.up_dx_candidates(12, 24, 5, 15, act=slope is not None)[1]  # with an activation: the gz pass
+    launch.LAUNCHES.clear()
+    got = up_backward(grad.float().to(DEVICE), x, wt, wc, mask, slope, True, dx_config=dx_cfg)
+    assert launch.LAUNCHES["up_fin"] == 0 and launch.LAUNCHES["up_gz"] == (slope is not None)
+    for name, g in zip(NAMES, got):
+        assert_within(f"d{name}", g, g_ref[name], g_abs[name], 1e-5)
 
 
 def test_backward_is_deterministic():

@@ -418,3 +418,38 @@ EQUIVALENT += [
     ("kernels/upconv_kernels.py", "acc = tl.load(base + kh_lo * s_kh + kw_lo * s_kw, mask=ok, other=0.0)", "0.0", "1.0",
      _UNSTORED),
 ]
+
+
+# Issue 11 round 8: the upsampling dX's gz pass and fold (GZ_PASS, FIN) and the output conv's Triton backward
+# (kernels/outconv.py, outconv_kernels.py)
+_NO_FOLD = ("out_backward always folds the dW partials in dX (fin is never None): the placeholders of a launch "
+            "without a fold are never passed")
+EQUIVALENT += [
+    ("kernels/configs.py", "def up_dx_candidates(", "False", "True", _DEFAULT_UNUSED),
+    ("kernels/configs.py", "first = tiles[0]", "0", "1",
+     "which of the heuristic's two legal dX tiles the two GZ_PASS candidates share (the tiles run without an "
+     "activation in test_each_config_and_dw_walk): only GPU timing sees it"),
+    ("kernels/upconv.py", "IDX64=4 * m * max(c_in, c_out) >= 2**31", " >= ", " > ", _IDX64_ONLY_HUGE),
+    ("kernels/upconv.py", "stand_in = (torch.empty(0, dtype=torch.float32, device=g.device)", ", dtype=torch.float32",
+     "", _FLOAT32),
+    ("kernels/outconv.py", "gzp = torch.empty((n, h + ks - 1, w + ks - 1, cp)", ", device=g.device", "", _CUDA),
+    ("kernels/outconv.py", "configs.dw_split(m, c_in, rows, conv3x3._sms(x.device), taps=1)", "m, c_in", "c_in, m",
+     "how many pixel chunks the output conv's dW is split into on a GPU: a speed choice (on CPU _sms is 0: one "
+     "chunk either way); any split sums to the same dW (test_outconv.py runs splits 1 to 3)"),
+    ("kernels/outconv.py", "idx64 = gzp.numel() >= 2**31", " >= ", " > ", _IDX64_ONLY_HUGE),
+    ("kernels/outconv.py", "IDX64=max(m * c_in, gzp.numel()) >= 2**31", "max", "min", _IDX64_ONLY_HUGE),
+    ("kernels/outconv.py", "aligned(g, y, weight)", "g, y", "y, g",
+     "aligned() is True when every tensor is aligned, else a tuple of flags: in another order the tuple still "
+     "tells every alignment pattern apart (one launch key per pattern)"),
+    ("kernels/outconv.py", "if fin is not None else (0, 0, 0, 0, 0)", "0", "1", _NO_FOLD),
+    ("kernels/outconv.py", "cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK) if fin else 0", "0", "1", _NO_FOLD),
+    ("kernels/outconv_kernels.py", "return tl.multiple_of(pixel_rows((n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w, CP,",
+     "(n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w, CP", "CP, (n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w",
+     _COMMUTES),
+]
+OUT_OF_SCOPE_AT += [
+    ("kernels/outconv_kernels.py", "mask=p_ok[:, None] & ci_ok[None, :], other=0.0)", ", other=0.0", "",
+     "the output conv's dW x tile at pixels past the chunk (their gz rows load as 0) and channels >= C_in "
+     "(never stored): the interpreter fills masked lanes with 0 with or without `other`; on a GPU only a NaN "
+     "in undefined registers could show, and only the GPU kernel tests run the compiled load"),
+]
