@@ -187,10 +187,13 @@ def analyze(compiled, arch: int, programs: int, num_warps: int) -> dict:
 
 
 def _config_label(rec: dict) -> str:
-    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_K1", "BLOCK_K2", "BLOCK_KA", "BLOCK_KB", "BLOCK_C", "BLOCK_CO", "BLOCK_P")
+    keep = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_K1", "BLOCK_K2", "BLOCK_KA", "BLOCK_KB", "BLOCK_R", "BLOCK_C",
+            "BLOCK_CO", "BLOCK_P")
     c = rec["constexprs"]
+    warps = rec["options"]["num_warps"]
     return " ".join(f"{k[6:]}={c[k]}" for k in keep if k in c and not (k.endswith(("K2", "KB")) and
-                    c.get(k.replace("BLOCK_", "") + "_STEPS", 1) == 0)) + f" st={rec['options']['num_stages']}"
+                    c.get(k.replace("BLOCK_", "") + "_STEPS", 1) == 0)) + f" st={rec['options']['num_stages']}" + (
+                        f" w={warps}" if warps != 4 else "")
 
 
 def report(arch: int, dtype: torch.dtype, batch: int, opcodes: bool = False) -> list[dict]:
