@@ -131,7 +131,7 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
     split = dw_split(m, nf, rows_cp, 132, taps=1)
     partials = split * rows_cp * nf * FP32
     return [dict(launch="prep: gz with zero border, weight re-laid", flops=0, bytes=2 * small + gzp + 2 * wt * BF16),
-            dict(launch="dW partials (gathered gz, 32-row tiles)", flops=2 * m * (-(-rows_cp // 32) * 32) * nf,
+            dict(launch="dW partials (gathered gz, 32-row tiles; 64: +9 %)", flops=2 * m * (-(-rows_cp // 32) * 32) * nf,
                  bytes=gzp + x + partials),
             dict(launch="dX (gathered gz, 64-row steps) + fold", flops=2 * m * (-(-rows_cp // 64) * 64) * nf,
                  bytes=gzp + rows_cp * nf * BF16 + x + partials)]
