@@ -189,6 +189,17 @@ def conv3x3_bwd_dw_kernel(
 
 
 @triton.jit
+def fold_db(dbp_ptr, db_ptr, offs, SPLIT, C_OUT, row, scale, INTERP_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """db[co] = scale * the sum over the chunks, in order 0..SPLIT-1, of the fp32 partials dbp[s*row + co],
+    for the lanes co of offs below C_OUT (the first program of a finalize or fold)."""
+    b_ok = offs < C_OUT
+    b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        b_acc += tl.load(dbp_ptr + s * row + offs, mask=b_ok, other=0.0)
+    tl.store(db_ptr + offs, cast_rne(b_acc * scale, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+
+
+@triton.jit
 def _finalize_dw(
     dwp_ptr,    # fp32 partials (SPLIT, 9, C_IN, C_OUT) contiguous, unscaled
     dbp_ptr,    # fp32 partials (SPLIT, C_OUT), unscaled; if HAS_BIAS
@@ -210,11 +221,7 @@ def _finalize_dw(
     tl.store(dw_ptr + co * d_co + ci * d_ci + tap * d_tap, cast_rne(acc * scale, dw_ptr.dtype.element_ty, INTERP_BF16),
              mask=ok)
     if HAS_BIAS:
-        b_ok = offs < C_OUT
-        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, SPLIT):
-            b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)
-        tl.store(db_ptr + offs, cast_rne(b_acc * scale, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+        fold_db(dbp_ptr, db_ptr, offs, SPLIT, C_OUT, C_OUT, scale, INTERP_BF16, BLOCK)
 
 
 @triton.jit

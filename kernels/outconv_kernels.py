@@ -32,6 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .conv3x3_bwd import fold_db
 from .conv3x3_fwd import SHAPE_ARGS, cast_rne, pixel_rows
 
 
@@ -179,11 +180,7 @@ def _fold_out_dw(
     tl.store(dw_ptr + co * d_co + ci * d_ci + kh * d_kh + kw * d_kw, cast_rne(acc, dw_ptr.dtype.element_ty, INTERP_BF16),
              mask=ok)
     if HAS_BIAS:
-        b_ok = offs < C_OUT
-        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, SPLIT):
-            b_acc += tl.load(dbp_ptr + s * CP + offs, mask=b_ok, other=0.0)
-        tl.store(db_ptr + offs, cast_rne(b_acc, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+        fold_db(dbp_ptr, db_ptr, offs, SPLIT, C_OUT, CP, 1.0, INTERP_BF16, BLOCK)
 
 
 # the fold's scalars are not specialised on: they follow the dW plan (its split) and dW's layout, which

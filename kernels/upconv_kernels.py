@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv3x3_bwd import dw_channels, dw_dot, dw_store, dw_zeros
+from .conv3x3_bwd import dw_channels, dw_dot, dw_store, dw_zeros, fold_db
 from .conv3x3_fwd import SHAPE_ARGS, act_grad, bias_act, cast_rne, pixel_rows, tap_edge
 
 
@@ -227,11 +227,7 @@ def _fold_dw(
     tl.store(dw_ptr + co * d_co + ci * d_ci + tap * d_tap, cast_rne(acc, dw_ptr.dtype.element_ty, INTERP_BF16),
              mask=ok)
     if HAS_BIAS:
-        b_ok = offs < C_OUT
-        b_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, SPLIT):
-            b_acc += tl.load(dbp_ptr + s * C_OUT + offs, mask=b_ok, other=0.0)
-        tl.store(db_ptr + offs, cast_rne(b_acc, db_ptr.dtype.element_ty, INTERP_BF16), mask=b_ok)
+        fold_db(dbp_ptr, db_ptr, offs, SPLIT, C_OUT, C_OUT, 1.0, INTERP_BF16, BLOCK)
 
 
 # the fold's scalars too: a tuner's timing run passes zeros there (no fold programs) and must compile the
