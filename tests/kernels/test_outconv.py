@@ -199,6 +199,32 @@ def test_backward_stays_in_bounds(bounds_checked):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prep_pads_gz_and_relays_the_weight(dtype):
+    """The prep launch: gz = g * (1 - y^2) rounded once to the I/O dtype (as torch's tanh backward rounds
+    it), in an (N, H + k-1, W + k-1, 4) buffer with a zero border of k//2 pixels and a zero 4th channel;
+    and the weight as dX's B operand, row (a*k + b)*4 + c = W[c, :, k-1-a, k-1-b], zero for c = 3 and
+    for the rows past k*k*4 (the mutation run: gz held in fp32 for bf16 I/O passed every value test)."""
+    t, grad = make_out_case(5, 3, 3, 2, 3, 4, dtype=dtype)
+    x, wt, b = (t[k].to(dtype).to(DEVICE) for k in NAMES)
+    y = out_forward(x, wt, b)
+    g = grad.to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    r_pad = -(-36 // configs.out_rows_block(36)) * configs.out_rows_block(36)   # 3*3*4 rows
+    gzp, wr = outconv._prepare(g, y, wt, r_pad)
+    assert (gzp.dtype, gzp.shape, wr.dtype, wr.shape) == (dtype, (2, 5, 6, 4), dtype, (r_pad, 5))
+    yd, gd = y.double().cpu().permute(0, 2, 3, 1), g.double().cpu().permute(0, 2, 3, 1)
+    inner = torch.zeros(2, 5, 6, 4, dtype=torch.bool)
+    inner[:, 1:4, 1:5, :3] = True
+    assert torch.equal(gzp.cpu()[~inner], torch.zeros((~inner).sum().item(), dtype=dtype))
+    assert_within("gz", gzp.cpu()[inner], (gd * (1 - yd * yd)).flatten(), (gd.abs() * (1 + yd * yd)).flatten(),
+                  1e-6 if dtype == torch.float32 else 2.0**-8)
+    expect = torch.zeros(r_pad, 5, dtype=dtype)
+    for a in range(3):
+        for b_ in range(3):
+            expect[(a * 3 + b_) * 4:(a * 3 + b_) * 4 + 3] = wt.cpu()[:, :, 2 - a, 2 - b_]
+    assert torch.equal(wr.cpu(), expect)
+
+
 def channels_last_at_offset(t: torch.Tensor) -> torch.Tensor:
     """t's values, channels_last, in a view 8 bytes into its buffer (not 16-byte aligned)."""
     return _offset_view(t.float().permute(0, 2, 3, 1).contiguous(), 2).permute(0, 3, 1, 2)

@@ -431,7 +431,7 @@ EQUIVALENT += [
      "activation in test_each_config_and_dw_walk): only GPU timing sees it"),
     ("kernels/upconv.py", "IDX64=4 * m * max(c_in, c_out) >= 2**31", " >= ", " > ", _IDX64_ONLY_HUGE),
     ("kernels/upconv.py", "stand_in = (torch.empty(0, dtype=torch.float32, device=g.device)", ", dtype=torch.float32",
-     "", _FLOAT32),
+     "", "torch.empty's default dtype is float32, the dtype named (nothing in the project changes the default)"),
     ("kernels/outconv.py", "gzp = torch.empty((n, h + ks - 1, w + ks - 1, cp)", ", device=g.device", "", _CUDA),
     ("kernels/outconv.py", "configs.dw_split(m, c_in, rows, conv3x3._sms(x.device), taps=1)", "m, c_in", "c_in, m",
      "how many pixel chunks the output conv's dW is split into on a GPU: a speed choice (on CPU _sms is 0: one "
@@ -443,9 +443,17 @@ EQUIVALENT += [
      "tells every alignment pattern apart (one launch key per pattern)"),
     ("kernels/outconv.py", "if fin is not None else (0, 0, 0, 0, 0)", "0", "1", _NO_FOLD),
     ("kernels/outconv.py", "cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK) if fin else 0", "0", "1", _NO_FOLD),
+    ("kernels/outconv.py", "return (dx,) * 4", "4", "5", _NO_FOLD),
+    ("kernels/outconv.py", "return (dx,) * 4", " * ", " / ", _NO_FOLD),
+    ("kernels/outconv.py", "k = weight.shape[-1] if weight.dim() == 4 else 0", "0", "1",
+     "the k of a weight that is not 4-D: the next check refuses it (weight.dim() != 4) whatever k is"),
     ("kernels/outconv_kernels.py", "return tl.multiple_of(pixel_rows((n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w, CP,",
      "(n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w, CP", "CP, (n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w",
      _COMMUTES),
+]
+EQUIVALENT_AT += [  # positional: the other `1` of the line (x's alignment, ptrs[1]) is not equivalent
+    ("kernels/outconv.py", "(tiles + int(flags[\"DO_BIAS\"]), split, 1)", "1", "2",
+     "the dW kernel reads no program_id(2): a second z-slice of programs writes the same partials again"),
 ]
 OUT_OF_SCOPE_AT += [
     ("kernels/outconv_kernels.py", "mask=p_ok[:, None] & ci_ok[None, :], other=0.0)", ", other=0.0", "",
