@@ -104,26 +104,26 @@ def test_launch_count():
     (8, 3, 5, 10, 2),     # M = 150 in two chunks of 128 (the second partial: p_ok masks)
 ])
 def test_each_dw_config_and_walk(index, c_in, n, h, w, split):
-    """Both dW candidates (pixel blocks of 128 and 64) over several blocks and chunks, dX (one candidate)
-    over several pixel tiles. x, g and y are followed in memory by NaN, so a read past the last pixel
-    poisons the result."""
+    """Both candidates of dW (64-row tiles on 8 warps, 32-row tiles on 4) and of dX (8 or 4 warps) over
+    several pixel blocks and chunks. x, g and y are followed in memory by NaN, so a read past the last
+    pixel poisons the result."""
     m = n * h * w
-    assert len(configs.out_dx_candidates(c_in, 100, w, m)) == 1
     t, grad = make_out_case(c_in, 3, 5, n, h, w, seed=10 + index)
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     y = out_forward(x, wt, b)
+    dx_cfg = configs.out_dx_candidates(c_in, 100, w, m)[index]
     dw_cfg = configs.out_dw_candidates(c_in, 100, w, m)[index]
     dx, dw, db = out_backward(nan_followed(grad.float().to(DEVICE)), nan_followed(x), nan_followed(y), wt, True,
-                              dw_config=dw_cfg, dw_split=split)
+                              dx_config=dx_cfg, dw_config=dw_cfg, dw_split=split)
     g_ref, g_abs = grads_given_y(t, y, grad)
     for name, got in (("x", dx), ("weight", dw), ("bias", db)):
-        assert_within(f"d{name} ({dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
+        assert_within(f"d{name} ({dx_cfg} / {dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
 
 
 def test_timed_choice_launches_each_candidate(monkeypatch):
-    """On a GPU a new dW plan times its two candidates (tuning.Tuner.choose; dX has one, nothing to
-    time). The same path here, with a timer that runs the launch and says the second was faster: dW
-    launches 2 timed + 1 real, its plan keeps the second candidate, and the gradients still match."""
+    """On a GPU each new plan times its two candidates (tuning.Tuner.choose). The same path here, with a
+    timer that runs the launch and says the second was faster: dW and dX launch 2 timed + 1 real, the
+    plans keep the second candidates, and the gradients still match."""
     from gafh_fast.kernels.tuning import Tuner
 
     def timer(fn):
@@ -143,11 +143,13 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
         grads = torch.autograd.grad(y, leaves, grad.float().to(DEVICE))
         counts = dict(launch.LAUNCHES)
         chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
+        warps = {e["kernel"]: e["config"]["num_warps"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    assert len(timed) == 2 and counts == {"out_prep": 1, "out_dw": 3, "out_dx": 1}
+    assert len(timed) == 4 and counts == {"out_prep": 1, "out_dw": 3, "out_dx": 3}
     assert chosen == {"out_dw": configs.out_dw_candidates(8, 100, 6, 60)[1].kwargs,
-                      "out_dx": configs.out_dx_candidates(8, 100, 6, 60)[0].kwargs}
+                      "out_dx": configs.out_dx_candidates(8, 100, 6, 60)[1].kwargs}
+    assert warps == {"out_dw": 4, "out_dx": 4}  # the second candidates: 4 warps
     g_ref, g_abs = grads_given_y(t, y, grad)
     for name, got in zip(NAMES, grads):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
