@@ -124,16 +124,19 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):
     OUT_DW.launch((key, aligned(ptrs[1])), (tiles + int(flags["DO_BIAS"]), split, 1), ptrs + scalars, flags, cfg)
 
 
-def _dx(gzp, wr, weight, dx, has_bias: bool, fin: Optional[tuple], config):
-    """dX, and with fin = (dW partials, db partials, dW, db, split) the fold in extra programs."""
+def _dx(gzp, wr, weight, dx, has_bias: bool, fin: tuple, config):
+    """dX, and the fold of fin = (dW partials, db partials, dW, db, split) in extra programs (dW always
+    runs first here: gz is ready before either)."""
     n, c_in, h, w = dx.shape
     c_out, ks, cp = weight.shape[0], weight.shape[-1], gzp.shape[-1]
     rows = ks * ks * cp
     m = n * h * w
     key = ("out_dx", dx.shape, weight.shape, dx.dtype, dx.device, has_bias, cfg_key(config))
     plan = _PLANS.get(key)
-    ptrs = (gzp, wr, dx) + _fold_ptrs(fin, dx)
-    scalars = (m, h, w, c_in) + _fold_scalars(fin)
+    dwp, dbp, dw, db, split = fin
+    # the fold's pointers (an absent db: any valid pointer) and scalars (split, dW's co / ci / kh / kw strides)
+    ptrs = (gzp, wr, dx, dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw)
+    scalars = (m, h, w, c_in, split, *dw.stride())
     if plan is None:
         flags = dict(C_OUT=c_out, CP=cp, KS=ks, FIN_BIAS=has_bias, IDX64=max(m * c_in, gzp.numel()) >= 2**31,
                      FIN_BLOCK=configs.FIN_BLOCK, **_dtype_flags(dx.dtype))
@@ -148,19 +151,7 @@ def _dx(gzp, wr, weight, dx, has_bias: bool, fin: Optional[tuple], config):
                              f"the re-laid weight has {wr.shape[0]} (configs.out_rows_block)")
         plan = _PLANS[key] = (cfg, flags, next(_PLAN_IDS))
     cfg, flags, plan_id = plan
-    _launch_dx(plan_id, cfg, flags, ptrs, scalars, cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK) if fin else 0)
-
-
-def _fold_ptrs(fin: Optional[tuple], dx) -> tuple:
-    if fin is None:
-        return (dx,) * 4
-    dwp, dbp, dw, db = fin[:4]
-    return dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw
-
-
-def _fold_scalars(fin: Optional[tuple]) -> tuple:
-    """(split, dW's co / ci / kh / kw strides)."""
-    return (fin[4], *fin[2].stride()) if fin is not None else (0, 0, 0, 0, 0)
+    _launch_dx(plan_id, cfg, flags, ptrs, scalars, cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK))
 
 
 def _launch_dx(key, cfg, flags, ptrs, scalars, fold_programs: int):

@@ -422,8 +422,6 @@ EQUIVALENT += [
 
 # Issue 11 round 8: the upsampling dX's gz pass and fold (GZ_PASS, FIN) and the output conv's Triton backward
 # (kernels/outconv.py, outconv_kernels.py)
-_NO_FOLD = ("out_backward always folds the dW partials in dX (fin is never None): the placeholders of a launch "
-            "without a fold are never passed")
 EQUIVALENT += [
     ("kernels/configs.py", "def up_dx_candidates(", "False", "True", _DEFAULT_UNUSED),
     ("kernels/configs.py", "first = tiles[0]", "0", "1",
@@ -441,10 +439,6 @@ EQUIVALENT += [
     ("kernels/outconv.py", "aligned(g, y, weight)", "g, y", "y, g",
      "aligned() is True when every tensor is aligned, else a tuple of flags: in another order the tuple still "
      "tells every alignment pattern apart (one launch key per pattern)"),
-    ("kernels/outconv.py", "if fin is not None else (0, 0, 0, 0, 0)", "0", "1", _NO_FOLD),
-    ("kernels/outconv.py", "cdiv(c_out * c_in * ks * ks, configs.FIN_BLOCK) if fin else 0", "0", "1", _NO_FOLD),
-    ("kernels/outconv.py", "return (dx,) * 4", "4", "5", _NO_FOLD),
-    ("kernels/outconv.py", "return (dx,) * 4", " * ", " / ", _NO_FOLD),
     ("kernels/outconv.py", "k = weight.shape[-1] if weight.dim() == 4 else 0", "0", "1",
      "the k of a weight that is not 4-D: the next check refuses it (weight.dim() != 4) whatever k is"),
     ("kernels/outconv_kernels.py", "return tl.multiple_of(pixel_rows((n * (H + (KS - 1)) + h) * (W + (KS - 1)) + w, CP,",
