@@ -97,10 +97,11 @@ def _window_corner(pix, H, W, CP: tl.constexpr, KS: tl.constexpr, IDX64: tl.cons
 def _row_offsets(r, W, CP: tl.constexpr, KS: tl.constexpr):
     """Offset of row r = (a*KS + b)*CP + c from its pixel's window corner: padded pixel (h + a, w + b),
     channel c, i.e. tap kh = KS-1 - a, kw = KS-1 - b. Along r the offsets run in contiguous stretches of
-    KS*CP (one window row), so a gather reads CP consecutive elements at a time. Rows past KS*KS*CP get
-    offset 0 (a real element: their weight rows are zero and their dW rows are not stored)."""
+    KS*CP (one window row), so a gather reads CP consecutive elements at a time (the hints say so: runs of
+    CP that start at multiples of CP). Rows past KS*KS*CP read the corner pixel's channels, r % CP, which
+    keeps the runs true (real elements: their weight rows are zero and their dW rows are not stored)."""
     off = (r // (KS * CP)) * ((W + (KS - 1)) * CP) + r % (KS * CP)
-    return tl.max_contiguous(tl.multiple_of(tl.where(r < KS * KS * CP, off, 0), CP), CP)
+    return tl.max_contiguous(tl.multiple_of(tl.where(r < KS * KS * CP, off, r % CP), CP), CP)
 
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
