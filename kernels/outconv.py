@@ -243,11 +243,18 @@ class _EagerFusedOutConv(torch.autograd.Function):
         return dx, dw, db
 
 
+_CHECKED: set = set()  # argument signatures check_out_args passed: validation once per shape (issue 11)
+
+
 def fused_out_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Same semantics as gafh_fast.ops.fused_out_conv_reference; y comes back channels_last."""
     needs_grad = _needs_grad(x, weight, bias)
     if not torch.compiler.is_compiling():
-        check_out_args(x, weight, bias)
+        sig = (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device))
+        if sig not in _CHECKED:
+            check_out_args(x, weight, bias)
+            _CHECKED.add(sig)
         if needs_grad:
             return _EagerFusedOutConv.apply(x, weight, bias)
         return out_forward(x, weight, bias)
