@@ -229,7 +229,7 @@ def test_prep_pads_gz_and_relays_the_weight(dtype):
 
 def channels_last_at_offset(t: torch.Tensor) -> torch.Tensor:
     """t's values, channels_last, in a view 8 bytes into its buffer (not 16-byte aligned)."""
-    return _offset_view(t.float().permute(0, 2, 3, 1).contiguous(), 2).permute(0, 3, 1, 2)
+    return _offset_view(t.float().to(DEVICE).permute(0, 2, 3, 1).contiguous(), 2).permute(0, 3, 1, 2)
 
 
 def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch):
@@ -249,7 +249,7 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch):
     monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
     t, grad = make_out_case(8, 3, 3, 2, 3, 5)
     x, g = channels_last_at_offset(t["x"]), channels_last_at_offset(grad)
-    wt, b = _offset_view(t["weight"].float(), 2), t["bias"].float()
+    wt, b = _offset_view(t["weight"].float().to(DEVICE), 2), t["bias"].float().to(DEVICE)
     y = channels_last_at_offset(out_forward(x, wt, b))
     dx, dw, db = out_backward(g, x, y, wt, True)
     caller = {a.data_ptr() for a in (x, g, y, wt)}

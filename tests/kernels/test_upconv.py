@@ -205,7 +205,8 @@ def test_gz_pass(dtype, c_in, c_out, n, h, w):
     y, mask, wc = up_forward(x, wt, b, 0.2, True)
     gz = torch.full_like(y, float("nan"))  # channels_last, as y
     upconv._launch_gz(g, mask, gz, 0.2, False)
-    expect = (g.float() * torch.where(y.float() > 0, 1.0, torch.tensor(0.2, dtype=torch.float32))).to(dtype)
+    slope = torch.tensor(0.2, dtype=torch.float32, device=y.device)
+    expect = (g.float() * torch.where(y.float() > 0, 1.0, slope)).to(dtype)
     assert torch.equal(gz, expect)
     fused, by_pass = (up_backward(g, x, wt, wc, mask, 0.2, True,
                                   dx_config=configs.up_dx_candidates(c_in, c_out, w, n * h * w, act=True)[i])
