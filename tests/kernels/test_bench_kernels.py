@@ -13,6 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import device_profile  # noqa: E402
 import kernels_suite  # noqa: E402
 
+from gafh_fast.kernels.conv3x3_fwd import INTERPRETING  # noqa: E402
+
+# The CPU twins below run the suite's CUDA-only profiling with the device swapped, the Triton path under
+# the interpreter. The GPU kernel-test stage runs tests/kernels without it, where the same calls would
+# hand CPU tensors to compiled kernels: there the suite's own rows are the check.
+cpu_twin = pytest.mark.skipif(not INTERPRETING, reason="the CPU twin of a CUDA-only path (Triton under the "
+                              "interpreter); on a GPU the kernels suite runs the real thing")
+
 
 def test_kernel_sequence_medians_per_launch_position():
     # three calls of fwd, fwd, dx: per position the median of (10, 12, 50), (20, 21, 22), (5, 7, 6)
@@ -60,6 +68,7 @@ def test_workloads_run_with_the_device_swapped_and_count_their_flops():
         assert all(t.grad is not None for t in grads), name
 
 
+@cpu_twin
 def test_profiler_rows_of_the_upsampling_stage_with_the_device_swapped():
     """profiler_rows (CUDA-only in the suite) on CPU: an upsampling stage, both paths, under the
     interpreter. On CPU the profiled events are the top-level operators, not device kernels; what is
@@ -181,6 +190,7 @@ def test_launch_records_group_each_kernel_under_its_layer_and_keep_the_unclaimed
     assert total == sum(range(1, 12))
 
 
+@cpu_twin
 def test_layer_rows_of_a_tiny_generator_with_the_device_swapped():
     """layer_breakdown_rows (CUDA-only in the suite) on CPU: a tiny generator, both paths (triton under the
     interpreter), each operator's self CPU time standing for device time. Per path: the groups, top 6 and
