@@ -72,7 +72,7 @@ def record(run: Callable[[], None], picks: Iterable[int] = range(N_CANDIDATES)) 
 
 
 def launcher(name: str) -> launch.KernelLauncher:
-    """The KernelLauncher a record names (conv3x3.py's fwd, dw, dx, fin; upconv.py's up_*)."""
+    """The KernelLauncher a record names (conv3x3.py's fwd, dw, dx, fin; upconv.py's up_*; outconv.py's out_*)."""
     return launch.LAUNCHERS[name]
 
 
