@@ -87,6 +87,18 @@ def dw_store(dw_ptr, rows, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO: tl.constexpr)
 
 
 @triton.jit
+def next_pixel_block(w_idx, h_idx, step_cols, step_h, H, W):
+    """(w, h, carry) of the pixels one block further on, by adds instead of divides: w moves by
+    step_cols < W (one carry at most, then w < 2W), h by step_h < H plus the carry (one wrap at most)."""
+    w_idx += step_cols
+    carry = w_idx >= W
+    w_idx = tl.where(carry, w_idx - W, w_idx)
+    h_idx += step_h + carry.to(tl.int32)
+    h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
+    return w_idx, h_idx, carry
+
+
+@triton.jit
 def _dw_tile(
     x_ptr, C_I, c_base, g_ptr, dw_ptr,
     pid_tile, tap, split, M, H, W, C_IN_TOTAL, C_OUT, CHUNK,
@@ -128,11 +140,7 @@ def _dw_tile(
         xs = tl.load(x_ptr + pixel_rows(pix, C_I, IDX64)[:, None] + (shift + ci)[None, :],
                      mask=src_ok[:, None] & ci_ld[None, :], other=0.0)
         acc = dw_dot(acc, xs, gz, INTERP_BF16, PRECISION, BLOCK_CO)
-        w_idx += step_cols  # < 2W: one carry at most; then h < 2H: one wrap at most
-        carry = w_idx >= W
-        w_idx = tl.where(carry, w_idx - W, w_idx)
-        h_idx += step_rows + carry.to(tl.int32)
-        h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
+        w_idx, h_idx, carry = next_pixel_block(w_idx, h_idx, step_cols, step_rows, H, W)
     # partials (SPLIT, 9, C_IN_TOTAL, C_OUT): element (ci, co) at ci*C_OUT + co
     dw_store(dw_ptr, (split * 9 + tap) * C_IN_TOTAL + c_base + ci, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO)
 

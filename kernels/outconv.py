@@ -173,7 +173,8 @@ def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=N
         return dx, dw.zero_(), db.zero_() if has_bias else None
     ks = weight.shape[-1]
     rows = ks * ks * padded_channels(c_out)
-    gzp, wr = _prepare(g, y, weight, cdiv(rows, configs.out_rows_block(rows)) * configs.out_rows_block(rows))
+    block = configs.out_rows_block(rows)
+    gzp, wr = _prepare(g, y, weight, cdiv(rows, block) * block)
     dwp, dbp, split = _dw_partials(gzp, x, ks, has_bias, dw_split, dw_config)
     _dx(gzp, wr, weight, dx, has_bias, (dwp, dbp, dw, db, split), dx_config)
     return dx, dw, db

@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv3x3_bwd import dw_channels, dw_dot, dw_store, dw_zeros, fold_db
+from .conv3x3_bwd import dw_channels, dw_dot, dw_store, dw_zeros, fold_db, next_pixel_block
 from .conv3x3_fwd import SHAPE_ARGS, act_grad, bias_act, cast_rne, pixel_rows, tap_edge
 
 
@@ -329,12 +329,8 @@ def _up_dw_tile(
         xs = tl.load(x_ptr + pixel_rows(pix, C_IN, IDX64)[:, None] + (shift + ci)[None, :],
                      mask=src_ok[:, None] & ci_ld[None, :], other=0.0)
         acc = dw_dot(acc, xs, gz, INTERP_BF16, PRECISION, BLOCK_CO)
-        w_idx += step_cols  # < 2W: one carry at most; then h < 2H: one wrap at most
-        carry = w_idx >= W
-        w_idx = tl.where(carry, w_idx - W, w_idx)
+        w_idx, h_idx, carry = next_pixel_block(w_idx, h_idx, step_cols, step_h, H, W)
         hi += tl.where(carry, step_hi + 2 * W, step_hi)
-        h_idx += step_h + carry.to(tl.int32)
-        h_idx = tl.where(h_idx >= H, h_idx - H, h_idx)
     # partials (SPLIT, 16, C_IN, C_OUT): element (ci, co) at ci*C_OUT + co
     dw_store(dw_ptr, (split * 16 + q) * C_IN + ci, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO)
 
