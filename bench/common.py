@@ -257,8 +257,8 @@ def env_info(device: torch.device) -> dict:
 # ----------------------------------------------------------------------------------------------
 _COLUMNS = (("suite", "{}"), ("name", "{}"), ("path", "{}"), ("baseline", "{}"), ("batch", "{}"),
             ("ms", "{:.3f}"), ("img/s", "{:.1f}"), ("TFLOP/s", "{:.3g}"), ("MFU", "{:.1%}"),
-            ("speedup", "{:.2f}x"), ("peak MiB", "{:.0f}"), ("status", "{}"))
-_KEY = {"img/s": "img_s", "TFLOP/s": "tflops", "MFU": "mfu", "peak MiB": "peak_mem_mb"}
+            ("speedup", "{:.2f}x"), ("x floor", "{:.1f}x"), ("peak MiB", "{:.0f}"), ("status", "{}"))
+_KEY = {"img/s": "img_s", "TFLOP/s": "tflops", "MFU": "mfu", "peak MiB": "peak_mem_mb", "x floor": "x_floor"}
 
 
 def _cell(row: dict, column: str, fmt: str) -> str:
@@ -314,6 +314,8 @@ def markdown_rows(data: dict) -> str:
         nums = [_cell(r, c, f) for c, f in _COLUMNS if c in ("ms", "img/s", "TFLOP/s", "MFU", "speedup", "peak MiB")]
         notes = [f"spread {r['spread_pct']:.0f}% over {r.get('repeats')} repeats"] if r.get("spread_pct") is not None else []
         notes += [shared] if shared else []
+        if r.get("x_floor"):  # bench/floors.py: the cost model's time for this row's work
+            notes.append(f"{r['x_floor']:.1f}x its floor {r['floor_ms']:.3f} ms ({r['floor_of']})")
         out.append("| " + " | ".join([env["date"][:16].replace("T", " "), card, commit, f"`{env['command']}`",
                                       r["suite"], r["name"], str(r["path"] or ""), str(r.get("baseline") or ""),
                                       str(r["batch"]), *nums, "; ".join(notes)]) + " |")

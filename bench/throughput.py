@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from common import (env_info, error_row, format_table, markdown_rows, normalise_row,  # noqa: E402
                     resolve_device, skipped_row, write_json)
+from floors import annotate  # noqa: E402
 
 SUITES = ("kernels", "model", "train", "data", "infer")
 
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=None, metavar="JSON",
                         help="print bench/RESULTS.md rows for the ok rows of a JSON written earlier, and exit")
     args = parser.parse_args(argv)
-    if args.markdown:
-        print(markdown_rows(json.loads(Path(args.markdown).read_text())))
+    if args.markdown:  # JSONs written before bench/floors.py get their floors here
+        data = json.loads(Path(args.markdown).read_text())
+        annotate(data["rows"], data["env"].get("device_name"))
+        print(markdown_rows(data))
         return 0
 
     suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(",") if s.strip())
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             rows.append(error_row(suite, "(suite)", f"{type(e).__name__}: {e}"))
         finally:
+            annotate(rows, env["device_name"])  # each kernels row's floor (bench/floors.py)
             if args.json:  # after every suite, so a later hang or kill keeps what was measured
                 write_json(args.json, env, rows)
     print(format_table(rows))

@@ -16,56 +16,70 @@ from .configs import dw_split
 BF16, FP32 = 2, 4
 
 
-def idb_launches(batch: int, nf: int = 64, gc: int = 32, side: int = 32, sms: int = 132) -> list[dict]:
+# The Triton kernel that runs each launch (`kernel`), as torch.profiler names it: bench/floors.py matches a
+# measured kernel row to its launch by this name, in launch order.
+FWD, DX, DW, FIN = "conv3x3_fwd_kernel", "conv3x3_bwd_dx_kernel", "conv3x3_bwd_dw_kernel", "conv3x3_bwd_finalize_kernel"
+
+
+def idb_launches(batch: int, nf: int = 64, gc: int = 32, side: int = 32, sms: int = 132,
+                 train: bool = True) -> list[dict]:
+    """Per launch of one IDB forward + backward, in launch order (train=False: the forward alone, as in
+    inference, with no masks written)."""
     m = batch * side * side
     act = lambda c: m * c * BF16  # noqa: E731  one bf16 activation of c channels
-    bits = lambda c: m * c // 8  # noqa: E731  one bit-packed mask
+    bits = lambda c: m * c // 8 if train else 0  # noqa: E731  one bit-packed mask
     w1, w2 = 9 * nf * gc, 9 * (nf + gc) * nf
     s2, s1 = dw_split(m, nf + gc, nf, sms), dw_split(m, nf, gc, sms)
-    return [
-        dict(launch="fwd conv1", flops=2 * m * w1, bytes=act(nf) + act(gc) + bits(gc) + w1 * BF16),
-        dict(launch="fwd conv2", flops=2 * m * w2,
+    forward = [
+        dict(launch="fwd conv1", kernel=FWD, flops=2 * m * w1, bytes=act(nf) + act(gc) + bits(gc) + w1 * BF16),
+        dict(launch="fwd conv2", kernel=FWD, flops=2 * m * w2,
              bytes=act(nf) + act(gc) + act(nf) + act(nf) + bits(nf) + w2 * BF16),  # x, h1, x0 in; y out
-        dict(launch="bwd gz1 (+ gz2 written)", flops=2 * m * 9 * nf * gc,  # g, mask2, mask1 in; gz1, gz2 out
+    ]
+    if not train:
+        return forward
+    return forward + [
+        dict(launch="bwd gz1 (+ gz2 written)", kernel=DX, flops=2 * m * 9 * nf * gc,  # g, mask2, mask1 in; gz1, gz2 out
              bytes=act(nf) + bits(nf) + bits(gc) + act(gc) + act(nf)),
-        dict(launch="bwd dW2 + db2", flops=2 * m * w2,  # x, h1, gz2 in; partials out
+        dict(launch="bwd dW2 + db2", kernel=DW, flops=2 * m * w2,  # x, h1, gz2 in; partials out
              bytes=act(nf) + act(gc) + act(nf) + s2 * w2 * FP32),
-        dict(launch="bwd dW1 + db1", flops=2 * m * w1, bytes=act(nf) + act(gc) + s1 * w1 * FP32),
-        dict(launch="bwd dx + finalize", flops=2 * m * 9 * nf * (nf + gc),
+        dict(launch="bwd dW1 + db1", kernel=DW, flops=2 * m * w1, bytes=act(nf) + act(gc) + s1 * w1 * FP32),
+        dict(launch="bwd dx + finalize", kernel=DX, flops=2 * m * 9 * nf * (nf + gc),
              bytes=act(nf) + act(gc) + act(nf) + (s1 * w1 + s2 * w2) * FP32),
     ]
 
 
 def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int = 32, side: int = 32,
-                  sms: int = 132) -> list[dict]:
-    """Per launch of one RIDB forward + backward (n_idb IDBs and the closing conv, with the DNB residual).
-    fused=False: per-IDB Functions (idb_launches per IDB, the conv's 3 launches, and autograd's adds of
-    x0's gradient terms, each reading two tensors and writing one); fused=True: kernels/ridb.py (each
-    IDB's gz2 written by the launch before it, x0's gradient summed in the dX epilogues)."""
+                  sms: int = 132, residual2: bool = True) -> list[dict]:
+    """Per launch of one RIDB forward + backward (n_idb IDBs and the closing conv; residual2: with the DNB
+    residual, as the DNB's last RIDB). fused=False: per-IDB Functions (idb_launches per IDB, the conv's 3
+    launches, and autograd's adds of x0's gradient terms, each reading two tensors and writing one);
+    fused=True: kernels/ridb.py in launch order (the forwards, then the conv's backward, then each IDB's
+    from the last: its gz2 written by the launch before it, x0's gradient summed in the dX epilogues)."""
     m = batch * side * side
     act = lambda c: m * c * BF16  # noqa: E731
     bits = lambda c: m * c // 8  # noqa: E731
     wc = 9 * nf * nf
     sc = dw_split(m, nf, nf, sms)
-    rows = [dict(launch=f"IDB {q} {r['launch']}", flops=r["flops"], bytes=r["bytes"])
-            for q in range(n_idb) for r in idb_launches(batch, nf, gc, side, sms)]
-    rows += [dict(launch="conv fwd", flops=2 * m * wc, bytes=3 * act(nf) + act(nf) + wc * BF16),  # x, x0, r2 in
-             dict(launch="conv bwd dW + db", flops=2 * m * wc, bytes=2 * act(nf) + sc * wc * FP32)]
+    idbs = [[dict(r, launch=f"IDB {q} {r['launch']}") for r in idb_launches(batch, nf, gc, side, sms)]
+            for q in range(n_idb)]
+    conv_fwd = dict(launch="conv fwd", kernel=FWD, flops=2 * m * wc,  # x, x0 (and r2) in; out
+                    bytes=(3 if residual2 else 2) * act(nf) + act(nf) + wc * BF16)
+    conv_dw = dict(launch="conv bwd dW + db", kernel=DW, flops=2 * m * wc, bytes=2 * act(nf) + sc * wc * FP32)
     if not fused:
-        rows.append(dict(launch="conv bwd dX + finalize", flops=2 * m * wc, bytes=2 * act(nf) + sc * wc * FP32))
+        rows = [r for idb in idbs for r in idb] + [conv_fwd, conv_dw]
+        rows.append(dict(launch="conv bwd dX + finalize", kernel=DX, flops=2 * m * wc, bytes=2 * act(nf) + sc * wc * FP32))
         rows += [dict(launch=f"autograd add {i} (x0's gradient)", flops=0, bytes=3 * act(nf)) for i in range(n_idb + 1)]
         return rows
+    rows = [r for idb in idbs for r in idb[:2]] + [conv_fwd, conv_dw]
     # the conv's dX also writes gz2 of the last IDB (its mask read) and starts x0's sum (g read once)
-    rows.append(dict(launch="conv bwd dX + finalize (+ gz2, sum)", flops=2 * m * wc,
+    rows.append(dict(launch="conv bwd dX + finalize (+ gz2, sum)", kernel=DX, flops=2 * m * wc,
                      bytes=2 * act(nf) + bits(nf) + act(nf) + sc * wc * FP32))
-    for q in range(n_idb):
-        i1 = next(i for i, r in enumerate(rows) if r["launch"] == f"IDB {q} bwd gz1 (+ gz2 written)")
-        rows[i1] = dict(launch=f"IDB {q} bwd gz1 (gz2 ready)", flops=rows[i1]["flops"],
-                        bytes=act(nf) + bits(gc) + act(gc))  # gz2, mask1 in; gz1 out
-        i4 = next(i for i, r in enumerate(rows) if r["launch"] == f"IDB {q} bwd dx + finalize")
+    for q in reversed(range(n_idb)):
+        gz1, dw2, dw1, dx = idbs[q][2:]
         prev = bits(nf) + act(nf) if q > 0 else -act(nf)  # the previous IDB's gz2 (mask in) or no output at all
-        rows[i4] = dict(launch=f"IDB {q} bwd dx + finalize (+ sum)", flops=rows[i4]["flops"],
-                        bytes=rows[i4]["bytes"] + prev + 2 * act(nf))  # x0's running sum in and out
+        rows += [dict(gz1, launch=f"IDB {q} bwd gz1 (gz2 ready)", bytes=act(nf) + bits(gc) + act(gc)),  # gz2, mask1 in; gz1 out
+                 dw2, dw1,
+                 dict(dx, launch=f"IDB {q} bwd dx + finalize (+ sum)", bytes=dx["bytes"] + prev + 2 * act(nf))]  # x0's sum in, out
     return rows
 
 
@@ -95,17 +109,22 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
             continue
         wc = 16 * nf * nf
         split = dw_split(m_lo, nf, nf, sms, taps=16)
-        rows += [dict(launch=f"{tag} combine weights", flops=0, bytes=wt * BF16 + wc * BF16),
-                 dict(launch=f"{tag} fwd (4 phases)", flops=2 * m_lo * wc, bytes=lo + hi + bits + wc * BF16)]
+        rows += [dict(launch=f"{tag} combine weights", kernel="upconv_combine_kernel", flops=0, bytes=wt * BF16 + wc * BF16),
+                 dict(launch=f"{tag} fwd (4 phases)", kernel="upconv_fwd_kernel", flops=2 * m_lo * wc,
+                      bytes=lo + hi + bits + wc * BF16)]
         fold = split * wc * FP32 + wt * BF16
         if gz_pass:  # gz, dW, then dX with the fold in extra programs
-            rows += [dict(launch=f"{tag} bwd gz pass", flops=0, bytes=hi + bits + hi),
-                     dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
-                     dict(launch=f"{tag} bwd dX (gz ready) + fold", flops=2 * m_lo * wc, bytes=hi + lo + fold)]
+            rows += [dict(launch=f"{tag} bwd gz pass", kernel="upconv_gz_kernel", flops=0, bytes=hi + bits + hi),
+                     dict(launch=f"{tag} bwd dW + db", kernel="upconv_bwd_dw_kernel", flops=2 * m_lo * wc,
+                          bytes=lo + hi + split * wc * FP32),
+                     dict(launch=f"{tag} bwd dX (gz ready) + fold", kernel="upconv_bwd_dx_kernel", flops=2 * m_lo * wc,
+                          bytes=hi + lo + fold)]
         else:
-            rows += [dict(launch=f"{tag} bwd dX (+ gz written)", flops=2 * m_lo * wc, bytes=hi + bits + hi + lo),
-                     dict(launch=f"{tag} bwd dW + db", flops=2 * m_lo * wc, bytes=lo + hi + split * wc * FP32),
-                     dict(launch=f"{tag} bwd finalize (fold)", flops=0, bytes=fold)]
+            rows += [dict(launch=f"{tag} bwd dX (+ gz written)", kernel="upconv_bwd_dx_kernel", flops=2 * m_lo * wc,
+                          bytes=hi + bits + hi + lo),
+                     dict(launch=f"{tag} bwd dW + db", kernel="upconv_bwd_dw_kernel", flops=2 * m_lo * wc,
+                          bytes=lo + hi + split * wc * FP32),
+                     dict(launch=f"{tag} bwd finalize (fold)", kernel="upconv_bwd_finalize_kernel", flops=0, bytes=fold)]
     return rows
 
 
@@ -130,22 +149,81 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
     gzp = batch * (side + k - 1) ** 2 * cp * BF16
     split = dw_split(m, nf, rows_cp, 132, taps=1)
     partials = split * rows_cp * nf * FP32
-    return [dict(launch="prep: gz with zero border, weight re-laid", flops=0, bytes=2 * small + gzp + 2 * wt * BF16),
-            dict(launch="dW partials (gathered gz, 32-row tiles; 64: +9 %)", flops=2 * m * (-(-rows_cp // 32) * 32) * nf,
-                 bytes=gzp + x + partials),
-            dict(launch="dX (gathered gz, 64-row steps) + fold", flops=2 * m * (-(-rows_cp // 64) * 64) * nf,
-                 bytes=gzp + rows_cp * nf * BF16 + x + partials)]
+    return [dict(launch="prep: gz with zero border, weight re-laid", kernel="outconv_prep_kernel", flops=0,
+                 bytes=2 * small + gzp + 2 * wt * BF16),
+            dict(launch="dW partials (gathered gz, 32-row tiles; 64: +9 %)", kernel="outconv_bwd_dw_kernel",
+                 flops=2 * m * (-(-rows_cp // 32) * 32) * nf, bytes=gzp + x + partials),
+            dict(launch="dX (gathered gz, 64-row steps) + fold", kernel="outconv_bwd_dx_kernel",
+                 flops=2 * m * (-(-rows_cp // 64) * 64) * nf, bytes=gzp + rows_cp * nf * BF16 + x + partials)]
+
+
+def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> dict:
+    """The output layer's forward, y = tanh(conv k x k (nf -> c_out)) + bias: one pass over x (cuDNN and
+    torch's tanh on both paths; the floor counts them as one launch)."""
+    m = batch * side * side
+    return dict(launch="fwd conv + tanh (cuDNN)", flops=2 * m * k * k * c_out * nf,
+                bytes=m * nf * BF16 + m * c_out * BF16 + k * k * c_out * nf * BF16)
+
+
+def plain_conv_launches(batch: int, c_in: int, c_out: int, k: int, side: int, dgrad: bool = True) -> list[dict]:
+    """A conv (k x k, same size) forward + backward at its real K and N, each pass reading its inputs and
+    writing its output once: fwd, dgrad (dgrad=False: the input needs no gradient), wgrad with db."""
+    m = batch * side * side
+    w = k * k * c_in * c_out
+    x, y = m * c_in * BF16, m * c_out * BF16
+    rows = [dict(launch="conv fwd", flops=2 * m * w, bytes=x + y + w * BF16)]
+    if dgrad:
+        rows.append(dict(launch="conv bwd dgrad", flops=2 * m * w, bytes=y + w * BF16 + x))
+    return rows + [dict(launch="conv bwd wgrad + db", flops=2 * m * w, bytes=y + x + w * BF16)]
+
+
+def generator_launches(batch: int, nf: int = 64, gc: int = 32, lr: int = 32, n_dnb: int = 4, n_ridb: int = 3,
+                       n_idb: int = 4, sfm_k: int = 9, out_k: int = 9, c_img: int = 3, sms: int = 132) -> list[dict]:
+    """The whole generator's forward + backward (the kernels suite's gen_fwd_bwd: the LR input needs no
+    gradient), layer by layer in forward order, each launch tagged with its `layer`: the SFM conv, every
+    RIDB as kernels/ridb.py runs it, the fusion conv with its BatchNorm and the SFM residual, the three
+    upsampling steps as upconv.py's sub-pixel phases (gz made in dX), and the output layer at its real
+    K and N (cuDNN's forward and backward: the owned backward pads its rows, so its floor is higher).
+    Elementwise work that a fused kernel could fold in (autograd's gradient sums) is left out: a floor.
+    Each launch also says its `phase` (fwd or bwd)."""
+    m = batch * lr * lr
+    act = m * nf * BF16
+    rows = [dict(r, layer="sfm conv", launch=f"sfm {r['launch']}")
+            for r in plain_conv_launches(batch, c_img, nf, sfm_k, lr, dgrad=False)]
+    for d in range(n_dnb):
+        for r in range(n_ridb):
+            rows += [dict(x, layer=f"DNB {d} RIDB {r}") for x in
+                     ridb_launches(batch, True, n_idb, nf, gc, lr, sms, residual2=r == n_ridb - 1)]
+    fusion = plain_conv_launches(batch, nf, nf, 3, lr)
+    rows += [dict(fusion[0], layer="fusion", launch="fusion conv fwd"),
+             # training BatchNorm + the SFM residual: the statistics read x, the apply reads x and sfm and
+             # writes; its backward's reductions read g and x, then dx reads both again and writes
+             dict(layer="fusion", launch="fusion BatchNorm + residual fwd", flops=0, bytes=4 * act),
+             dict(layer="fusion", launch="fusion BatchNorm bwd", flops=0, bytes=5 * act)]
+    rows += [dict(r, layer="fusion", launch=f"fusion {r['launch']}") for r in fusion[1:]]
+    rows += [dict(r, layer=f"upsampling {r['launch'].split()[0]}")
+             for r in upsample_launches(batch, True, nf, lr, 3, sms)]
+    side = 8 * lr
+    rows.append(dict(out_conv_forward(batch, nf, c_img, out_k, side), layer="output"))
+    rows += [dict(r, layer="output") for r in out_conv_launches(batch, False, nf, c_img, out_k, side)]
+    for r in rows:  # forward or backward: the profiler's layer groups are one or the other
+        r["phase"] = "fwd" if "fwd" in r["launch"].split() or "combine" in r["launch"] else "bwd"
+    return rows
+
+
+def floor_us(rows: list[dict], tflops: float, tbps: float) -> float:
+    """Sum over launches of max(FLOPs / rate, bytes / bandwidth), in us."""
+    return sum(max(r["flops"] / (tflops * 1e12), r["bytes"] / (tbps * 1e12)) for r in rows) * 1e6
 
 
 def _print(rows, tflops, tbps, title) -> float:
-    total_us = total_f = total_b = 0.0
+    total_us = floor_us(rows, tflops, tbps)
+    total_f = sum(r["flops"] for r in rows)
+    total_b = sum(r["bytes"] for r in rows)
     print(title)
     for r in rows:
         t_f = r["flops"] / (tflops * 1e12) * 1e6
         t_b = r["bytes"] / (tbps * 1e12) * 1e6
-        total_us += max(t_f, t_b)
-        total_f += r["flops"]
-        total_b += r["bytes"]
         print(f"  {r['launch']:40s} {r['flops'] / 1e9:6.2f} GFLOP {r['bytes'] / 1e6:7.2f} MB  "
               f"compute {t_f:6.2f} us  memory {t_b:6.2f} us  floor {max(t_f, t_b):6.2f} us")
     print(f"  {'total (sum of launch floors)':40s} {total_f / 1e9:6.2f} GFLOP {total_b / 1e6:7.2f} MB  "
@@ -163,6 +241,8 @@ def main() -> None:
                         help="also the 3 upsampling steps: interpolate + conv against upconv.py's phases")
     parser.add_argument("--out", action="store_true",
                         help="also the output layer's backward (64 -> 3, 9x9 at 256x256): torch + cuDNN against outconv.py")
+    parser.add_argument("--gen", action="store_true",
+                        help="also the whole paper generator forward + backward, per layer (the fused decomposition)")
     args = parser.parse_args()
     _print(idb_launches(args.batch), args.tflops, args.tbps,
            f"IDB nf 64 gc 32 32x32 batch {args.batch} bf16; floor = max(FLOP/{args.tflops:g}T, bytes/{args.tbps:g}TB/s)")
@@ -183,6 +263,24 @@ def main() -> None:
                    f"output layer backward, tanh(conv 9x9 64->3) at 256x256, batch {args.batch}, "
                    + ("outconv.py (gathered (tap, channel) rows)" if owned else "torch tanh backward + cuDNN"))
 
+    if args.gen:
+        _print_layers(generator_launches(args.batch), args.tflops, args.tbps,
+                      f"paper generator forward + backward, batch {args.batch}, per layer (fused decomposition)")
+
+
+def _print_layers(rows, tflops, tbps, title) -> None:
+    layers: dict[str, list[dict]] = {}
+    for r in rows:
+        layers.setdefault(r["layer"], []).append(r)
+    total = floor_us(rows, tflops, tbps)
+    print(title)
+    for name, launches in layers.items():
+        us = floor_us(launches, tflops, tbps)
+        print(f"  {name:24s} {sum(r['flops'] for r in launches) / 1e9:8.2f} GFLOP "
+              f"{sum(r['bytes'] for r in launches) / 1e6:9.2f} MB  floor {us:8.2f} us ({us / total:5.1%}, "
+              f"{len(launches)} launches)")
+    print(f"  {'total':24s} {sum(r['flops'] for r in rows) / 1e9:8.2f} GFLOP {sum(r['bytes'] for r in rows) / 1e6:9.2f} MB"
+          f"  floor {total:8.2f} us ({len(rows)} launches)")
 
 if __name__ == "__main__":
     main()
