@@ -117,6 +117,9 @@ def layer_launches(group: str, batch: int, dims: dict | None = None) -> list[dic
              "aten::batch_norm": lambda name, launch: launch.startswith("fusion BatchNorm")}.get(base)
     if base in ("NativeBatchNormBackward0", "CudnnBatchNormBackward0"):
         layer, phase = (lambda name, launch: launch.startswith("fusion BatchNorm")), "bwd"
+    if base == "_EagerFusedUpOutConv":  # the last upsampling step and the output layer (kernels/upout.py)
+        last = f"upsampling {dims['lr'] * 4}->{dims['lr'] * 8}"
+        layer = lambda name, launch: name in (last, "output")  # noqa: E731
     if base == "_EagerFusedUpconv3x3" and side:  # the forward's input is the stage's; the backward's g twice it
         low = side if phase == "fwd" else side // 2
         layer = lambda name, launch: name == f"upsampling {low}->{2 * low}"  # noqa: E731

@@ -356,7 +356,8 @@ def up_rows(rounds: int, iters: int, side: int = 8) -> list[dict]:
 def out_rows(rounds: int, iters: int, side: int = 2) -> list[dict]:
     """This tree only: the output layer (tanh(conv 9x9, 64 -> 3), bf16, channels_last input, NCHW weight)
     forward + backward in plain torch (conv2d + tanh: no Triton launch; on a GPU 5 launches: conv, tanh,
-    their backwards) and through fused_out_conv_triton (the same forward, 3 Triton launches backward).
+    their backwards) and through fused_out_conv_triton (the same forward, 3 Triton launches backward);
+    then the generator's pair, the last upsampling step with it, through fused_up_out_conv_triton (2 + 5).
     2x2 images by default: the CPU conv then costs little next to the host code."""
     import torch.nn.functional as F
 
@@ -368,13 +369,17 @@ def out_rows(rounds: int, iters: int, side: int = 2) -> list[dict]:
     w = torch.randn(3, 64, 9, 9, **fmt).requires_grad_()
     b = torch.zeros(3, **fmt, requires_grad=True)
     gy = torch.randn(1, 3, side, side, **fmt).contiguous(memory_format=torch.channels_last)
+    x_lo = torch.randn(1, 64, side // 2, side // 2, **fmt).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w_up = torch.randn(64, 64, 3, 3, **fmt).requires_grad_()
+    b_up = torch.zeros(64, **fmt, requires_grad=True)
     paths = {"torch (conv2d + tanh)": lambda: torch.tanh(F.conv2d(x, w, b, padding=4)),
-             "fused_out_conv (Triton backward)": lambda: kernels.fused_out_conv_triton(x, w, b)}
+             "fused_out_conv (Triton backward)": lambda: kernels.fused_out_conv_triton(x, w, b),
+             "fused_up_out_conv (with the last step)": lambda: kernels.fused_up_out_conv_triton(x_lo, w_up, b_up, w, b)}
     rows = []
-    for name, (launches, host_us, host_min_us) in _alternating(_fwd_bwd_calls(paths, gy, (x, w, b)), counter, rounds,
-                                                                 iters).items():
+    calls = _fwd_bwd_calls(paths, gy, (x, w, b, x_lo, w_up, b_up))
+    for name, (launches, host_us, host_min_us) in _alternating(calls, counter, rounds, iters).items():
         rows.append(dict(out=name, side=side, launches=launches, host_us=host_us, host_min_us=host_min_us))
-        print(f"output layer fwd+bwd, {name:34s}: {launches} Triton launches, host {host_us:7.1f} us "
+        print(f"output layer fwd+bwd, {name:38s}: {launches} Triton launches, host {host_us:7.1f} us "
               f"(fastest round {host_min_us:.1f}; the torch path's CPU conv included)")
     return rows
 

@@ -3,7 +3,8 @@
 Every 3x3 convolution of the generator trunk calls `fused_conv3x3`, every internal dense block
 `fused_idb` (its two convs in one autograd Function), every RIDB `fused_ridb` (its IDBs and closing
 conv in one autograd Function), every nearest-x2 upsampling step with its conv `fused_upconv3x3`,
-the output layer (conv + tanh) `fused_out_conv`.
+the output layer (conv + tanh) `fused_out_conv`, and the last upsampling step with the output layer
+`fused_up_out_conv`.
 Their `torch` backend below is the reference semantics; the `triton` backend (gafh_fast.kernels)
 computes the same thing in fewer passes.
 
@@ -364,3 +365,37 @@ def fused_out_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     from gafh_fast.kernels import fused_out_conv_triton
 
     return fused_out_conv_triton(x, weight, bias)
+
+
+def fused_up_out_conv_reference(x: torch.Tensor, up_weight: torch.Tensor, up_bias: Optional[torch.Tensor],
+                                out_weight: torch.Tensor, out_bias: Optional[torch.Tensor],
+                                negative_slope: Optional[float] = 0.2) -> torch.Tensor:
+    """The generator's last upsampling step, then its output layer, in plain PyTorch (the two references)."""
+    return fused_out_conv_reference(fused_upconv3x3_reference(x, up_weight, up_bias, negative_slope),
+                                    out_weight, out_bias)
+
+
+def fused_up_out_conv(x: torch.Tensor, up_weight: torch.Tensor, up_bias: Optional[torch.Tensor],
+                      out_weight: torch.Tensor, out_bias: Optional[torch.Tensor], *,
+                      negative_slope: Optional[float] = 0.2, backend: str = "auto") -> torch.Tensor:
+    """fused_out_conv(fused_upconv3x3(x, up_weight, up_bias), out_weight, out_bias) as one op: the
+    generator's last upsampling step and its output layer, (N, C, H, W) -> (N, C_out, 2H, 2W).
+
+    The triton backend hands the gradient from one to the other in the output layer's dX epilogue, which
+    applies the step's LeakyReLU' and writes its gz once (gafh_fast/kernels/upout.py)."""
+    if up_weight.shape[-2:] != (3, 3):
+        raise ValueError(f"fused_up_out_conv takes a 3x3 upsampling weight, got {tuple(up_weight.shape)}")
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "auto":
+        from gafh_fast.kernels import fused_up_out_conv_triton
+
+        tensors = (x, up_weight, up_bias, out_weight, out_bias)
+        key = _shape_key("up_out_conv", tensors, _needs_grad(tensors), negative_slope)
+        chosen = AUTO.choose(key, {"triton": lambda *a: fused_up_out_conv_triton(*a, negative_slope),
+                                   "torch": lambda *a: fused_up_out_conv_reference(*a, negative_slope)},
+                             tensors, key[3])
+    if chosen == "torch":
+        return fused_up_out_conv_reference(x, up_weight, up_bias, out_weight, out_bias, negative_slope)
+    from gafh_fast.kernels import fused_up_out_conv_triton
+
+    return fused_up_out_conv_triton(x, up_weight, up_bias, out_weight, out_bias, negative_slope)

@@ -34,7 +34,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from . import conv3x3, launch
-from .conv3x3_fwd import INTERPRETING
+from .conv3x3_fwd import INTERPRETING, mask_shape
 from .precompile import record
 
 SMS = 132
@@ -45,12 +45,15 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
     """Every launch of one IDB forward + backward, one two-residual conv forward + backward, one
-    upsampling step (upconv.py) forward + backward, one fused RIDB (2 IDBs) forward + backward and the
-    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256; its forward is cuDNN's)."""
+    upsampling step (upconv.py) forward + backward, one fused RIDB (2 IDBs) forward + backward, the
+    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256; its forward is cuDNN's) and the backward
+    of the last upsampling step with the output layer (upout.py: the output layer's dX making the step's
+    gz, then the step's dW and dX + fold at 128 -> 256)."""
     from .op import fused_conv3x3_triton, fused_idb_triton
     from .outconv import out_backward
     from .ridb import fused_ridb_triton
-    from .upconv import fused_upconv3x3_triton
+    from .upconv import PHASE_TAPS, fused_upconv3x3_triton
+    from .upout import up_out_backward
 
     nf, gc, s = 64, 32, 32
     fmt = dict(dtype=dtype)
@@ -65,12 +68,16 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
     x_out = torch.empty(batch, nf, hr, hr, **fmt).contiguous(memory_format=cl)
     y_out, g_out = (torch.empty(batch, 3, hr, hr, **fmt).contiguous(memory_format=cl) for _ in range(2))
     w_out = torch.empty(3, nf, 9, 9, **fmt)
+    x_last = torch.empty(batch, nf, hr // 2, hr // 2, **fmt).contiguous(memory_format=cl)  # the last step's input
+    wc_last = torch.empty(nf, PHASE_TAPS, nf, **fmt)
+    mask_last = torch.empty(mask_shape(batch, hr, hr, nf), dtype=torch.uint8)
     workloads = [
         ("idb", lambda: fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).backward(torch.ones_like(x))),
         ("ridb_conv", lambda: fused_conv3x3_triton([x], w3, b3, None, x, 0.2, x, 0.2).backward(torch.ones_like(x))),
         ("up_conv", lambda: fused_upconv3x3_triton(x, w3, b3, 0.2).backward(g_up)),
         ("ridb", lambda: fused_ridb_triton(x, [(w1, b1, w2, b2)] * 2, w3, b3, 0.2, x, 0.2).backward(torch.ones_like(x))),
         ("out_conv", lambda: out_backward(g_out, x_out, y_out, w_out, True)),
+        ("up_out", lambda: up_out_backward(g_out, x_last, w3, wc_last, mask_last, x_out, w_out, y_out, 0.2, True, True)),
     ]
     old_sms = conv3x3._sms
     conv3x3._sms = lambda device: SMS  # the dW split the H100 would get

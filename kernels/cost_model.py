@@ -84,12 +84,14 @@ def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int
 
 
 def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, steps: int = 3,
-                      sms: int = 132, gz_pass: bool = False) -> list[dict]:
+                      sms: int = 132, gz_pass: bool = False, gz_ready_last: bool = False) -> list[dict]:
     """Per launch of the generator's upsampling steps (nearest x2 -> conv nf -> nf -> LeakyReLU, from
     side to 2*side, `steps` times) forward + backward. fused=False: F.interpolate and its backward around
     the activated conv3x3 at the high resolution (conv3x3.py: 1 + 3 launches); fused=True: upconv.py's
     sub-pixel phases (2 + 3 launches: 16 taps per low-resolution pixel, no upsampled tensor); with
-    gz_pass, gz in a pass of its own, dW, then dX with the fold (2 + 3: the tuner's GZ_PASS candidate)."""
+    gz_pass, gz in a pass of its own, dW, then dX with the fold (2 + 3: the tuner's GZ_PASS candidate).
+    gz_ready_last: the last step gets its gz from the output layer (kernels/upout.py): dW, then dX with
+    the fold (2 + 2)."""
     rows = []
     for k in range(steps):
         s = side << k
@@ -113,9 +115,11 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
                  dict(launch=f"{tag} fwd (4 phases)", kernel="upconv_fwd_kernel", flops=2 * m_lo * wc,
                       bytes=lo + hi + bits + wc * BF16)]
         fold = split * wc * FP32 + wt * BF16
-        if gz_pass:  # gz, dW, then dX with the fold in extra programs
-            rows += [dict(launch=f"{tag} bwd gz pass", kernel="upconv_gz_kernel", flops=0, bytes=hi + bits + hi),
-                     dict(launch=f"{tag} bwd dW + db", kernel="upconv_bwd_dw_kernel", flops=2 * m_lo * wc,
+        ready = gz_ready_last and k == steps - 1
+        if gz_pass or ready:  # (gz,) dW, then dX with the fold in extra programs
+            if not ready:
+                rows.append(dict(launch=f"{tag} bwd gz pass", kernel="upconv_gz_kernel", flops=0, bytes=hi + bits + hi))
+            rows += [dict(launch=f"{tag} bwd dW + db", kernel="upconv_bwd_dw_kernel", flops=2 * m_lo * wc,
                           bytes=lo + hi + split * wc * FP32),
                      dict(launch=f"{tag} bwd dX (gz ready) + fold", kernel="upconv_bwd_dx_kernel", flops=2 * m_lo * wc,
                           bytes=hi + lo + fold)]
@@ -128,21 +132,24 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
     return rows
 
 
-def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> list[dict]:
+def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256,
+                      act_mask: bool = False) -> list[dict]:
     """Per launch of the output layer's backward, y = tanh(conv k x k (nf -> c_out)) at side x side.
     owned=False: torch's tanh backward and cuDNN's dgrad and wgrad (their FLOPs at the real K and N);
     owned=True: outconv.py (prep: gz with a zero border and its channels padded to 4, and the weight
     re-laid; dW over 32-row tiles; dX + fold over 64-row steps: the (tap, channel) rows padded as the
-    kernels compute them). The forward (cuDNN + tanh) is the same."""
+    kernels compute them). The forward (cuDNN + tanh) is the same. act_mask: dX times the LeakyReLU' of
+    the layer before, from its bit mask (kernels/upout.py: 1 bit per element more read)."""
     m = batch * side * side
     x = m * nf * BF16
+    bits = m * nf // 8 if act_mask else 0
     small = m * c_out * BF16  # g, y or gz at the I/O dtype
     rows = k * k * c_out
     wt = rows * nf
     if not owned:
         flops = 2 * m * rows * nf
         return [dict(launch="tanh backward (torch)", flops=0, bytes=3 * small),
-                dict(launch="dgrad (cuDNN)", flops=flops, bytes=small + x + wt * BF16),
+                dict(launch="dgrad (cuDNN)", flops=flops, bytes=small + x + bits + wt * BF16),
                 dict(launch="wgrad (cuDNN)", flops=flops, bytes=small + x + wt * BF16)]
     cp = 1 << max(0, c_out - 1).bit_length()
     rows_cp = k * k * cp
@@ -154,7 +161,7 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
             dict(launch="dW partials (gathered gz, 32-row tiles; 64: +9 %)", kernel="outconv_bwd_dw_kernel",
                  flops=2 * m * (-(-rows_cp // 32) * 32) * nf, bytes=gzp + x + partials),
             dict(launch="dX (gathered gz, 64-row steps) + fold", kernel="outconv_bwd_dx_kernel",
-                 flops=2 * m * (-(-rows_cp // 64) * 64) * nf, bytes=gzp + rows_cp * nf * BF16 + x + partials)]
+                 flops=2 * m * (-(-rows_cp // 64) * 64) * nf, bytes=gzp + rows_cp * nf * BF16 + x + bits + partials)]
 
 
 def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> dict:
@@ -182,8 +189,9 @@ def generator_launches(batch: int, nf: int = 64, gc: int = 32, lr: int = 32, n_d
     """The whole generator's forward + backward (the kernels suite's gen_fwd_bwd: the LR input needs no
     gradient), layer by layer in forward order, each launch tagged with its `layer`: the SFM conv, every
     RIDB as kernels/ridb.py runs it, the fusion conv with its BatchNorm and the SFM residual, the three
-    upsampling steps as upconv.py's sub-pixel phases (gz made in dX), and the output layer at its real
-    K and N (cuDNN's forward and backward: the owned backward pads its rows, so its floor is higher).
+    upsampling steps as upconv.py's sub-pixel phases (gz made in dX; the last step's handed to it by the
+    output layer, kernels/upout.py), and the output layer at its real K and N (cuDNN's forward and
+    backward with the mask read: the owned backward pads its rows, so its floor is higher).
     Elementwise work that a fused kernel could fold in (autograd's gradient sums) is left out: a floor.
     Each launch also says its `phase` (fwd or bwd)."""
     m = batch * lr * lr
@@ -202,10 +210,10 @@ def generator_launches(batch: int, nf: int = 64, gc: int = 32, lr: int = 32, n_d
              dict(layer="fusion", launch="fusion BatchNorm bwd", flops=0, bytes=5 * act)]
     rows += [dict(r, layer="fusion", launch=f"fusion {r['launch']}") for r in fusion[1:]]
     rows += [dict(r, layer=f"upsampling {r['launch'].split()[0]}")
-             for r in upsample_launches(batch, True, nf, lr, 3, sms)]
+             for r in upsample_launches(batch, True, nf, lr, 3, sms, gz_ready_last=True)]
     side = 8 * lr
     rows.append(dict(out_conv_forward(batch, nf, c_img, out_k, side), layer="output"))
-    rows += [dict(r, layer="output") for r in out_conv_launches(batch, False, nf, c_img, out_k, side)]
+    rows += [dict(r, layer="output") for r in out_conv_launches(batch, False, nf, c_img, out_k, side, act_mask=True)]
     for r in rows:  # forward or backward: the profiler's layer groups are one or the other
         r["phase"] = "fwd" if "fwd" in r["launch"].split() or "combine" in r["launch"] else "bwd"
     return rows

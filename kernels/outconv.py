@@ -124,22 +124,24 @@ def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):
     OUT_DW.launch((key, aligned(ptrs[1])), (tiles + int(flags["DO_BIAS"]), split, 1), ptrs + scalars, flags, cfg)
 
 
-def _dx(gzp, wr, weight, dx, has_bias: bool, fin: tuple, config):
+def _dx(gzp, wr, weight, dx, has_bias: bool, fin: tuple, config, act: Optional[tuple] = None):
     """dX, and the fold of fin = (dW partials, db partials, dW, db, split) in extra programs (dW always
-    runs first here: gz is ready before either)."""
+    runs first here: gz is ready before either). act = (mask, slope): dX times LeakyReLU'(z) of the layer
+    before, from its bit mask (N, H, W, ceil(C_in/8)) (kernels/upout.py)."""
     n, c_in, h, w = dx.shape
     c_out, ks, cp = weight.shape[0], weight.shape[-1], gzp.shape[-1]
     rows = ks * ks * cp
     m = n * h * w
-    key = ("out_dx", dx.shape, weight.shape, dx.dtype, dx.device, has_bias, cfg_key(config))
+    key = ("out_dx", dx.shape, weight.shape, dx.dtype, dx.device, has_bias, act is not None, cfg_key(config))
     plan = _PLANS.get(key)
     dwp, dbp, dw, db, split = fin
-    # the fold's pointers (an absent db: any valid pointer) and scalars (split, dW's co / ci / kh / kw strides)
-    ptrs = (gzp, wr, dx, dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw)
-    scalars = (m, h, w, c_in, split, *dw.stride())
+    # the fold's pointers (an absent db or mask: any valid pointer) and scalars (split, dW's co / ci / kh / kw
+    # strides, the slope)
+    ptrs = (gzp, wr, dx, act[0] if act else dx, dwp, dbp if dbp is not None else dwp, dw, db if db is not None else dw)
+    scalars = (m, h, w, c_in, split, *dw.stride(), float(act[1]) if act else 0.0)
     if plan is None:
-        flags = dict(C_OUT=c_out, CP=cp, KS=ks, FIN_BIAS=has_bias, IDX64=max(m * c_in, gzp.numel()) >= 2**31,
-                     FIN_BLOCK=configs.FIN_BLOCK, **_dtype_flags(dx.dtype))
+        flags = dict(C_OUT=c_out, CP=cp, KS=ks, FIN_BIAS=has_bias, ACT=act is not None,
+                     IDX64=max(m * c_in, gzp.numel()) >= 2**31, FIN_BLOCK=configs.FIN_BLOCK, **_dtype_flags(dx.dtype))
 
         def run(cfg):  # a timing run: dX without the fold programs (the partials are the real launch's)
             _launch_dx(key + (cfg_key(cfg),), cfg, flags, ptrs, scalars, 0)
@@ -157,12 +159,14 @@ def _dx(gzp, wr, weight, dx, has_bias: bool, fin: tuple, config):
 def _launch_dx(key, cfg, flags, ptrs, scalars, fold_programs: int):
     m, c_in = scalars[0], scalars[3]
     grid = (cdiv(m, cfg.kwargs["BLOCK_M"]) + fold_programs, cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
-    OUT_DX.launch((key, True), grid, ptrs + scalars, flags, cfg)  # every pointer is ours: aligned
+    OUT_DX.launch((key, True), grid, ptrs + scalars, flags, cfg)  # every pointer is ours (the mask: upout.py's): aligned
 
 
-def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=None, dw_split: Optional[int] = None):
+def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=None, dw_split: Optional[int] = None,
+                 act: Optional[tuple] = None):
     """(dx, dW, db or None) of y = tanh(conv(x, W) + b), given the forward's y; dW laid out as
-    conv3x3.dw_strides(weight) says."""
+    conv3x3.dw_strides(weight) says. act = (mask, slope): x = LeakyReLU(z) with z > 0 in the bit mask
+    (N, H, W, ceil(C_in/8)); the first result is then dL/dz, not dL/dx (kernels/upout.py)."""
     g, x, y = _cl(grad), _cl(x), _cl(y)
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
@@ -176,7 +180,7 @@ def out_backward(grad, x, y, weight, has_bias: bool, dx_config=None, dw_config=N
     block = configs.out_rows_block(rows)
     gzp, wr = _prepare(g, y, weight, cdiv(rows, block) * block)
     dwp, dbp, split = _dw_partials(gzp, x, ks, has_bias, dw_split, dw_config)
-    _dx(gzp, wr, weight, dx, has_bias, (dwp, dbp, dw, db, split), dx_config)
+    _dx(gzp, wr, weight, dx, has_bias, (dwp, dbp, dw, db, split), dx_config, act)
     return dx, dw, db
 
 

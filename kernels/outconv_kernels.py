@@ -23,7 +23,8 @@ Kernels (host code: outconv.py):
     atomics), plus db partials from an extra program. 32-row tiles: Triton then emits mma.sync, whose
     register operands need no async pipeline (64-row tiles got wgmma, serialised under Triton 3.6).
   * `outconv_bwd_dx_kernel`: dX; extra programs fold the dW partials in a fixed order (deterministic)
-    into dW in the weight's layout, and db.
+    into dW in the weight's layout, and db. With ACT, dX times the LeakyReLU' of the layer before
+    (kernels/upout.py: the generator's last upsampling step and this layer as one op).
 Launches: backward 3 (prep, dW, then dX + fold).
 Layouts: activations channels_last (element (n, c, h, w) at pixel*C + c).
 """
@@ -33,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .conv3x3_bwd import fold_db
-from .conv3x3_fwd import SHAPE_ARGS, cast_rne, pixel_rows
+from .conv3x3_fwd import SHAPE_ARGS, act_grad, cast_rne, pixel_rows
 
 
 @triton.jit(do_not_specialize=["N", "H", "W", "N_GZ_PROGS"])
@@ -186,21 +187,26 @@ def _fold_out_dw(
 
 # the fold's scalars are not specialised on: they follow the dW plan (its split) and dW's layout, which
 # the dX plan's launch key does not hold
-@triton.jit(do_not_specialize=SHAPE_ARGS + ["FIN_SPLIT", "d_co", "d_ci", "d_kh", "d_kw"])
+@triton.jit(do_not_specialize=SHAPE_ARGS + ["FIN_SPLIT", "d_co", "d_ci", "d_kh", "d_kw", "slope"])
 def outconv_bwd_dx_kernel(
     gzp_ptr,    # padded gz (outconv_prep_kernel)
     wr_ptr,     # the weight as B operand, (R_STEPS*BLOCK_R, C_IN) contiguous (outconv_prep_kernel)
-    dx_ptr,     # out: dL/dx, (N, C_IN, H, W) channels_last
+    dx_ptr,     # out: dL/dx, (N, C_IN, H, W) channels_last; with ACT, dL/dz of the layer before (below)
+    amask_ptr,  # ACT: the layer before's (N, H, W, ceil(C_IN/8)) bit mask of z > 0 (x = LeakyReLU(z));
+                # else any valid pointer, never read
     fin_dwp, fin_dbp, fin_dw, fin_db,   # the fold (see _fold_out_dw)
     M, H, W, C_IN,
     FIN_SPLIT, d_co, d_ci, d_kh, d_kw,
-    C_OUT: tl.constexpr, CP: tl.constexpr, KS: tl.constexpr, FIN_BIAS: tl.constexpr,
+    slope,      # ACT: that LeakyReLU's negative slope
+    C_OUT: tl.constexpr, CP: tl.constexpr, KS: tl.constexpr, FIN_BIAS: tl.constexpr, ACT: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_STEPS: tl.constexpr,
     FIN_BLOCK: tl.constexpr,
 ):
     # grid = (BLOCK_M tiles of the M pixels + fold programs (channel tile 0 only), BLOCK_N tiles of C_IN);
-    # K = KS*KS*CP rows, in R_STEPS blocks of BLOCK_R (wr's zero rows pad the last).
+    # K = KS*KS*CP rows, in R_STEPS blocks of BLOCK_R (wr's zero rows pad the last). With ACT the epilogue
+    # hands the gradient on through the LeakyReLU before this layer (kernels/upout.py: the last upsampling
+    # step's gz, written here once instead of dx written, read back and multiplied there).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m >= tl.cdiv(M, BLOCK_M):
@@ -225,5 +231,7 @@ def outconv_bwd_dx_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ACT:
+            acc = act_grad(acc, amask_ptr, offs_m, m_ok, offs_n, n_ok, C_IN, slope, IDX64)
         tl.store(dx_ptr + pixel_rows(offs_m, C_IN, IDX64)[:, None] + offs_n[None, :],
                  cast_rne(acc, dx_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & n_ok[None, :])

@@ -80,7 +80,9 @@ def test_match_kernels_takes_the_way_that_fits_or_none():
     ("_EagerFusedRIDB (64,64,32,32)", 12 * (4 * 2 + 1)),
     ("_EagerFusedRIDBBackward (64,64,32,32)", 12 * (4 * 4 + 2)),
     ("_EagerFusedUpconv3x3 (64,64,128,128)", 2),
-    ("_EagerFusedUpconv3x3Backward (64,64,256,256)", 3),
+    ("_EagerFusedUpconv3x3Backward (64,64,128,128)", 3),  # the 64->128 step (the last is in UpOutConv)
+    ("_EagerFusedUpOutConv w(3,64,9,9) in 256x256", 2 + 1),     # the last step's combine and conv, the output's
+    ("_EagerFusedUpOutConvBackward (64,3,256,256)", 2 + 3),     # the step's dW, dX + fold; the output's 3
     ("_EagerFusedOutConv w(3,64,9,9) in 256x256", 1),
     ("_EagerFusedOutConvBackward (64,3,256,256)", 3),
     ("_EagerFusedConv3x3 (64,64,3,3)", 1),

@@ -131,10 +131,12 @@ def test_every_fused_call_gets_the_configured_backend(monkeypatch):
     monkeypatch.setattr(generator_module, "fused_ridb", recording("ridb", ops.fused_ridb))
     monkeypatch.setattr(generator_module, "fused_upconv3x3", recording("upconv", ops.fused_upconv3x3))
     monkeypatch.setattr(generator_module, "fused_out_conv", recording("out", ops.fused_out_conv))
+    monkeypatch.setattr(generator_module, "fused_up_out_conv", recording("up_out", ops.fused_up_out_conv))
     # (variant, RIDB calls, IDBs per RIDB, other fused calls, their ops): defaults = BN fusion + nearest
-    # up-convs (fused_upconv3x3), 2 x 3 RIDBs of 2 IDBs; the other = fusion without BN (its residual fused)
-    # + pixel-shuffle up-convs (fused_conv3x3), 1 RIDB of 3 IDBs; both: the output conv (fused_out_conv)
-    for variant, ridbs, idbs, convs, ops_called in (("defaults", 6, 2, 1 + 3 + 1, ("conv", "out", "ridb", "upconv")),
+    # up-convs (two fused_upconv3x3, then the last with the output conv: fused_up_out_conv), 2 x 3 RIDBs of
+    # 2 IDBs; the other = fusion without BN (its residual fused) + pixel-shuffle up-convs (fused_conv3x3),
+    # 1 RIDB of 3 IDBs, and the output conv (fused_out_conv)
+    for variant, ridbs, idbs, convs, ops_called in (("defaults", 6, 2, 1 + 2 + 1, ("conv", "ridb", "up_out", "upconv")),
                                                     ("pixel_shuffle-no_norm-k3k5", 1, 3, 1 + 3 + 1, ("conv", "out", "ridb"))):
         model = build_generator(load_config(None, TINY_G + G_VARIANTS[variant] + ("kernels=triton",)))
         for kernels in ("triton", "torch"):

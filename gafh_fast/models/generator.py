@@ -3,7 +3,8 @@
 Every RIDB (its IDBs and its closing conv) goes through `gafh_fast.ops.fused_ridb` (one fused op),
 the other trunk 3x3 convs through `gafh_fast.ops.fused_conv3x3`; an IDB on its own (IDB.forward) is
 `gafh_fast.ops.fused_idb`, each nearest-x2 upsampling step and its conv `gafh_fast.ops.fused_upconv3x3`,
-the output conv and its tanh `gafh_fast.ops.fused_out_conv`. The SFM conv (3 -> nf at the input size) is
+the output conv and its tanh `gafh_fast.ops.fused_out_conv`, or with nearest-x2 upsampling the last step
+and the output conv together `gafh_fast.ops.fused_up_out_conv` (the gradient handed between them). The SFM conv (3 -> nf at the input size) is
 nn.Conv2d's own. The `nn.Conv2d` modules only hold parameters, so the state-dict keys are the same whichever backend runs.
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gafh_fast.config import GeneratorConfig
-from gafh_fast.ops import fused_conv3x3, fused_idb, fused_out_conv, fused_ridb, fused_upconv3x3, unlogged_choice
+from gafh_fast.ops import (fused_conv3x3, fused_idb, fused_out_conv, fused_ridb, fused_up_out_conv, fused_upconv3x3,
+                           unlogged_choice)
 
 
 def _kaiming_(module: nn.Module, scale: float) -> None:
@@ -121,7 +123,11 @@ class Generator(nn.Module):
                 [x], self.fusion.weight, self.fusion.bias, negative_slope=None,
                 residual=sfm, backend=self.kernels,
             )
-        for conv in self.upconvs:
+        for i, conv in enumerate(self.upconvs):
+            if self.cfg.upsample == "nearest_conv" and i == len(self.upconvs) - 1:
+                # the last step and the output layer as one op, whose backward hands the step its gz
+                return fused_up_out_conv(x, conv.weight, conv.bias, self.out.weight, self.out.bias,
+                                         backend=self.kernels)  # (N, 3, 8h, 8w)
             if self.cfg.upsample == "nearest_conv":  # nearest x2 -> conv -> LeakyReLU, as one op
                 x = fused_upconv3x3(x, conv.weight, conv.bias, backend=self.kernels)
             else:

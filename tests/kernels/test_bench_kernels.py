@@ -196,7 +196,7 @@ def test_layer_rows_of_a_tiny_generator_with_the_device_swapped():
     interpreter), each operator's self CPU time standing for device time. Per path: the groups, top 6 and
     `other`, add up to the device sum row, and that sum is every top-level operator's time (nothing
     dropped); the output conv's groups (its weight shape, forward and backward) are there on both paths,
-    the last upsampling conv's only on eager (triton fuses it into one op); the rows render through
+    the last upsampling conv's only on eager (triton runs it and the output conv as one op); the rows render through
     bench/common's table and RESULTS.md markdown."""
     import torch
     from torch.autograd import DeviceType
@@ -229,9 +229,9 @@ def test_layer_rows_of_a_tiny_generator_with_the_device_swapped():
         assert total["layer_groups"] == 6 + len(layers[-1]["layers"])
         assert total["kernels_per_call"] == sum(r["kernels_per_call"] for r in layers)
         groups[path] = {g for r in layers for g in r["layers"]}
-    out_conv = "w(3,8,9,9) in 16x16"  # the output conv: cuDNN's on the eager path, fused_out_conv's on triton's
+    out_conv = "w(3,8,9,9) in 16x16"  # the output conv: cuDNN's on the eager path, on triton's in fused_up_out_conv
     assert {f"aten::conv2d {out_conv}", f"ConvolutionBackward0 {out_conv}"} <= groups["eager"]
-    assert {f"_EagerFusedOutConv {out_conv}", "_EagerFusedOutConvBackward (1,3,16,16)"} <= groups["triton"]
+    assert {f"_EagerFusedUpOutConv {out_conv}", "_EagerFusedUpOutConvBackward (1,3,16,16)"} <= groups["triton"]
     last_up = "aten::conv2d w(8,8,3,3) in 16x16"
     assert last_up in groups["eager"] and last_up not in groups["triton"]
 

@@ -82,7 +82,7 @@ def test_compile_caches_are_keyed_on_the_ops_source():
     import gafh_fast.kernels as kernels
 
     here = os.path.dirname(kernels.__file__)
-    files = ("op.py", "ridb.py", "upconv.py", "outconv.py")  # every file that defines a custom op
+    files = ("op.py", "ridb.py", "upconv.py", "outconv.py", "upout.py")  # every file that defines a custom op
     digest = hashlib.sha256(b"".join(open(os.path.join(here, f), "rb").read() for f in files))
     assert kernels.OPS_SOURCE_HASH == digest.hexdigest()[:16]
     assert f"gafh_fast-ops-{kernels.OPS_SOURCE_HASH}" in torch.compiler.config.cache_key_tag.split("|")
