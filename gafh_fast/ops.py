@@ -382,18 +382,28 @@ def fused_up_out_conv(x: torch.Tensor, up_weight: torch.Tensor, up_bias: Optiona
     generator's last upsampling step and its output layer, (N, C, H, W) -> (N, C_out, 2H, 2W).
 
     The triton backend hands the gradient from one to the other in the output layer's dX epilogue, which
-    applies the step's LeakyReLU' and writes its gz once (gafh_fast/kernels/upout.py)."""
+    applies the step's LeakyReLU' and writes its gz once (gafh_fast/kernels/upout.py). `auto` also times
+    each layer on its own backend (triton step and torch output, and the other way round)."""
     if up_weight.shape[-2:] != (3, 3):
         raise ValueError(f"fused_up_out_conv takes a 3x3 upsampling weight, got {tuple(up_weight.shape)}")
     chosen = resolve_backend(backend, x.device)
     if chosen == "auto":
-        from gafh_fast.kernels import fused_up_out_conv_triton
+        from gafh_fast.kernels import fused_out_conv_triton, fused_up_out_conv_triton, fused_upconv3x3_triton
 
         tensors = (x, up_weight, up_bias, out_weight, out_bias)
         key = _shape_key("up_out_conv", tensors, _needs_grad(tensors), negative_slope)
+        # besides the pair on one backend, each layer on its own: what the two ops' own decisions could pick
+        mixed = {
+            "triton step, torch output": lambda x, uw, ub, ow, ob: fused_out_conv_reference(
+                fused_upconv3x3_triton(x, uw, ub, negative_slope), ow, ob),
+            "torch step, triton output": lambda x, uw, ub, ow, ob: fused_out_conv_triton(
+                fused_upconv3x3_reference(x, uw, ub, negative_slope), ow, ob),
+        }
         chosen = AUTO.choose(key, {"triton": lambda *a: fused_up_out_conv_triton(*a, negative_slope),
-                                   "torch": lambda *a: fused_up_out_conv_reference(*a, negative_slope)},
+                                   "torch": lambda *a: fused_up_out_conv_reference(*a, negative_slope), **mixed},
                              tensors, key[3])
+        if chosen in mixed:
+            return mixed[chosen](*tensors)
     if chosen == "torch":
         return fused_up_out_conv_reference(x, up_weight, up_bias, out_weight, out_bias, negative_slope)
     from gafh_fast.kernels import fused_up_out_conv_triton

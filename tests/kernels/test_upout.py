@@ -223,19 +223,26 @@ def test_torch_compile_fullgraph():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_auto_times_both_backends_per_shape(monkeypatch):
+def test_auto_times_the_pair_and_each_layer_on_its_own(monkeypatch):
     """auto on a CUDA-less machine is torch (resolve_backend); with the device check bypassed, the op's
-    decision is timed once per shape over both backends, as the other ops' (ops.AutoChooser)."""
+    decision is timed once per shape, as the other ops' (ops.AutoChooser), over four candidates: the pair
+    on triton (this op), on torch, and each layer on its own backend (what two separate decisions could
+    pick). A mixed choice runs that mix: the upsampling step's Triton launches, no output-layer launch."""
     timed = []
-    chooser = ops.AutoChooser(timer=lambda call, device: (call(), timed.append(1), 0.5 if len(timed) == 1 else 1.0)[2])
+    # the third candidate (triton step, torch output) is the fastest
+    chooser = ops.AutoChooser(timer=lambda call, device: (call(), timed.append(1), 0.5 if len(timed) == 3 else 1.0)[2])
     monkeypatch.setattr(ops, "AUTO", chooser)
     monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "auto")
-    t, _ = make_case(8, 8, 3, 3, 1, 2, 2)
+    t, grad = make_case(8, 8, 3, 3, 1, 2, 2)
     args = [t[name].float().to(DEVICE).requires_grad_(True) for name in NAMES]
-    launch.LAUNCHES.clear()
     fused_up_out_conv(*args)
-    assert launch.LAUNCHES["out_dx"] == 1  # the triton candidate ran its backward while timed
-    fused_up_out_conv(*args)
-    assert len(timed) == 2 and len(chooser.decisions) == 1
+    assert len(timed) == 4 and len(chooser.decisions) == 1
     ((key, choice),) = chooser.decisions.items()
-    assert key[0] == "up_out_conv" and choice == "triton"
+    assert key[0] == "up_out_conv" and choice == "triton step, torch output"
+    assert list(chooser.timings[key]) == ["triton", "torch", "triton step, torch output", "torch step, triton output"]
+    launch.LAUNCHES.clear()
+    y = fused_up_out_conv(*args)
+    y.backward(grad.float().to(DEVICE))
+    assert len(timed) == 4 and dict(launch.LAUNCHES) == {"up_combine": 1, "up_fwd": 1, "up_dx": 1, "up_dw": 1, "up_fin": 1}
+    assert_within("y", y, fused_up_out_conv_reference(*[a.detach() for a in args]),
+                  fused_up_out_conv_reference(*[a.detach().abs() for a in args]), 1e-5)
