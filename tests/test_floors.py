@@ -125,3 +125,49 @@ def test_layer_rows_and_markdown_carry_the_floor():
     line = common.markdown_rows({"env": env, "rows": normalised}).splitlines()[0]
     assert f"{8.0 / want:.1f}x its floor {want:.3f} ms" in line
     assert f"{8.0 / want:.1f}x" in common.format_table(normalised)
+
+
+@pytest.mark.parametrize("workload, launches", [
+    ("ridb_fwd_bwd", lambda b: cm.ridb_launches(b, True, 4, 64, 32, 32)),           # fused_ridb's, not 5 Functions'
+    ("up_fwd_bwd", lambda b: cm.upsample_launches(b, True, 64, 32, steps=1)),        # 32 -> 64, gz made in dX
+    ("out_fwd_bwd", lambda b: [cm.out_conv_forward(b, 64)] + cm.out_conv_launches(b, False, 64)),
+    ("gen_fwd_bwd", lambda b: cm.generator_launches(b)),
+])
+def test_each_workload_floor_is_its_model(workload, launches):
+    row = _row(workload, "eager", batch=8)
+    floors.annotate([row])
+    assert row["floor_ms"] == pytest.approx(cm.floor_us(launches(8), 800, 3.0) / 1000)
+
+
+@pytest.mark.parametrize("workload, order", [
+    ("up_fwd_bwd", cm.upsample_launches(8, True, 64, 32, steps=1)),          # the fused way (no gz pass)
+    ("out_fwd_bwd", cm.out_conv_launches(8, True, 64)),                      # the owned backward's launches
+    ("idb_fwd_bwd", cm.idb_launches(8, 64, 32, 32)),
+])
+def test_kernel_rows_of_each_profiled_workload(workload, order):
+    rows = [_row(f"{workload} kernel {i}: {r['kernel']}", "triton (device)", batch=8, ms=0.1, kernel=r["kernel"])
+            for i, r in enumerate(order)]
+    floors.annotate(rows)
+    assert [r["floor_ms"] for r in rows] == pytest.approx([cm.floor_us([r], 800, 3.0) / 1000 for r in order])
+
+
+def test_generator_convs_by_label():
+    """The paper generator's convs as the eager path's profile groups them: 48 conv1, 48 conv2, 12 RIDB
+    convs and the fusion conv at 32x32, one upsampling conv at each of 64, 128 and 256, the SFM and output."""
+    convs = floors.generator_convs(**floors.PAPER)
+    assert convs == {(64, 3, 9, 32): 1, (32, 64, 3, 32): 48, (64, 96, 3, 32): 48, (64, 64, 3, 32): 13,
+                     (64, 64, 3, 64): 1, (64, 64, 3, 128): 1, (64, 64, 3, 256): 1, (3, 64, 9, 256): 1}
+    (up,) = floors.layer_launches("aten::conv2d w(64,64,3,3) in 128x128", 8)
+    assert up["flops"] == cm.plain_conv_launches(8, 64, 64, 3, 128)[0]["flops"]
+    (conv1,) = floors.layer_launches("aten::conv2d w(32,64,3,3) in 32x32", 8)  # batch 8: not one of the sizes
+    assert (conv1["flops"], conv1["bytes"]) == (48 * 2 * 8 * 1024 * 9 * 64 * 32,
+                                                48 * (8 * 1024 * (64 + 32) * 2 + 9 * 64 * 32 * 2))
+
+
+def test_floor_table_lists_the_rows_with_a_floor():
+    data = {"env": {"device_name": H100},
+            "rows": [dict(_row("idb_fwd", "eager", ms=0.1), card=None), _row("idb_fwd", "triton", ms=None),
+                     _row("triton configs", "triton", ms=0.0)]}
+    lines = floors.floor_table(data).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| idb_fwd | eager | 64 | 0.100 | ")
+    assert "floor_ms" not in data["rows"][0]  # the JSON's rows are not changed

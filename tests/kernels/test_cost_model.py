@@ -107,3 +107,63 @@ def test_output_layer_launch_order_is_the_kernels(monkeypatch):
     names = _recorded(monkeypatch)
     fused_out_conv_triton(x, wt, None).sum().backward()
     assert names == [r["kernel"] for r in cm.out_conv_launches(1, True, 8, 3, 9, 5)]
+
+
+def test_launch_bytes_by_hand():
+    """One hand count per kind of launch the floors use (the mutation run of round 9 found byte terms no
+    other test pinned). bf16 activations of m pixels: m * C * 2 bytes; masks m * C / 8; weights k*k*Cin*Cout
+    * 2; fp32 partials split * taps * Cin * Cout * 4 (one chunk at these sizes)."""
+    # RIDB (nf 8, gc 4, 4x4, batch 2: m = 32): act(8) = 512, act(4) = 256, bits(8) = 32, bits(4) = 16,
+    # conv weight 576 elements (1152 B bf16, 2304 B fp32)
+    fused = {r["launch"]: r["bytes"] for r in cm.ridb_launches(2, True, 1, 8, 4, 4, residual2=True)}
+    assert fused["conv fwd"] == 3 * 512 + 512 + 1152                     # x, x0, r2 in; out
+    assert {r["launch"]: r["bytes"] for r in cm.ridb_launches(2, True, 1, 8, 4, 4, residual2=False)}["conv fwd"] \
+        == 2 * 512 + 512 + 1152
+    assert fused["conv bwd dW + db"] == 2 * 512 + 2304                   # x, g in; partials out
+    assert fused["conv bwd dX + finalize (+ gz2, sum)"] == 2 * 512 + 32 + 512 + 2304
+    assert fused["IDB 0 bwd gz1 (gz2 ready)"] == 512 + 16 + 256          # gz2, mask1 in; gz1 out
+    apart = {r["launch"]: r["bytes"] for r in cm.ridb_launches(2, False, 1, 8, 4, 4)}
+    assert apart["conv bwd dX + finalize"] == 2 * 512 + 2304
+    # upsampling 2x2 -> 4x4, nf 8, batch 2: lo 128, hi 512, bits 32; Wc 1024 elements, W 576
+    up = {r["launch"]: r["bytes"] for r in cm.upsample_launches(2, True, 8, 2, steps=1, gz_pass=True)}
+    assert up["2->4 bwd gz pass"] == 512 + 32 + 512
+    assert up["2->4 bwd dW + db"] == 128 + 512 + 1024 * 4
+    assert up["2->4 bwd dX (gz ready) + fold"] == 512 + 128 + 1024 * 4 + 576 * 2
+    ready = [r["launch"] for r in cm.upsample_launches(2, True, 8, 2, steps=2, gz_ready_last=True)]
+    assert "2->4 bwd finalize (fold)" in ready and "4->8 bwd finalize (fold)" not in ready  # only the last step's gz is handed in
+    # output layer 3x3, 8 -> 3 at 4x4, batch 1 (m = 16): x 256, g / y 96, W 216 elements; gz padded to 4
+    # channels with a 1-pixel border: 6 * 6 * 4 * 2 = 288; rows 36, rounded up to 64 in both GEMMs
+    owned = {r["launch"]: r for r in cm.out_conv_launches(1, True, 8, 3, 3, 4, act_mask=True)}
+    assert owned["prep: gz with zero border, weight re-laid"]["bytes"] == 2 * 96 + 288 + 2 * 216 * 2
+    assert owned["dW partials (gathered gz, 32-row tiles; 64: +9 %)"]["flops"] == 2 * 16 * 64 * 8
+    dx = owned["dX (gathered gz, 64-row steps) + fold"]
+    assert (dx["flops"], dx["bytes"]) == (2 * 16 * 64 * 8, 288 + 36 * 8 * 2 + 256 + 16 + 36 * 8 * 4)
+    real = {r["launch"]: r["bytes"] for r in cm.out_conv_launches(1, False, 8, 3, 3, 4, act_mask=True)}
+    assert real["dgrad (cuDNN)"] == 96 + 256 + 16 + 216 * 2                # g, mask in; dx out; W
+    fwd = cm.out_conv_forward(1, 8, 3, 3, 4)
+    assert (fwd["flops"], fwd["bytes"]) == (2 * 16 * 9 * 3 * 8, 256 + 96 + 216 * 2)
+
+
+def test_generator_launches_defaults_and_layers_by_hand():
+    """The defaults are the paper's sizes (the CLI's --gen uses them); the fusion's BatchNorm moves 4
+    activations forward and 5 backward; the output layer's dgrad reads the last step's mask."""
+    paper = dict(nf=64, gc=32, lr=32, n_dnb=4, n_ridb=3, n_idb=4, sfm_k=9, out_k=9, c_img=3)
+    assert cm.generator_launches(8) == cm.generator_launches(8, **paper)
+    rows = {r["launch"]: r for r in cm.generator_launches(2, nf=8, gc=4, lr=2, n_dnb=1, n_ridb=1, n_idb=1,
+                                                            sfm_k=3, out_k=3, c_img=3)}
+    act = 2 * 2 * 2 * 8 * 2
+    assert rows["fusion BatchNorm + residual fwd"]["bytes"] == 4 * act
+    assert rows["fusion BatchNorm bwd"]["bytes"] == 5 * act
+    assert rows["dgrad (cuDNN)"]["bytes"] == {r["launch"]: r["bytes"] for r in cm.out_conv_launches(
+        2, False, 8, 3, 3, 16, act_mask=True)}["dgrad (cuDNN)"]
+
+
+def test_cli_total_is_the_sum_of_floors(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["cost_model", "--gen", "--batch", "8"])
+    cm.main()
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("paper generator"))
+    layers = [line for line in lines[start + 1:] if line.strip() and not line.strip().startswith("total")]
+    total = float(lines[-1].split("floor")[1].split("us")[0])
+    assert total == pytest.approx(cm.floor_us(cm.generator_launches(8), 800, 3.0), abs=0.01)
+    assert sum(float(line.split("floor")[1].split("us")[0]) for line in layers) == pytest.approx(total, abs=0.1)

@@ -153,12 +153,19 @@ def test_backward_stays_in_bounds(bounds_checked):
     check(8, 12, 3, 3, 3, 2, 3, seed=3)
 
 
-def test_inference_and_empty_batch():
+def test_inference_and_empty_batch(monkeypatch):
+    """Without autograd: the step's forward keeps no mask (nothing will read it) and the output equals the
+    two forwards; an empty batch has zero parameter gradients."""
+    import gafh_fast.kernels.upout as upout
+
     t, _ = make_case(8, 8, 3, 5, 1, 2, 3)
     args = [t[name].float().to(DEVICE) for name in NAMES]
+    saved = []
+    monkeypatch.setattr(upout, "up_forward", lambda *a: saved.append(a[4]) or up_forward(*a))
     with torch.no_grad():
         launch.LAUNCHES.clear()
         y = fused_up_out_conv_triton(*args, SLOPE)
+        assert saved == [False]
         assert dict(launch.LAUNCHES) == {"up_combine": 1, "up_fwd": 1}
         assert torch.equal(y, out_forward(up_forward(args[0], args[1], args[2], SLOPE, False)[0], args[3], args[4]))
     empty = [torch.randn(0, 8, 2, 3, device=DEVICE).requires_grad_(True)] + [a.clone().requires_grad_(True)
@@ -193,18 +200,21 @@ def test_ops_switch_runs_the_kernels():
     assert_within("y", y, y_ref, fused_up_out_conv_reference(args[0].abs(), *(a.abs() for a in args[1:])), 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_forward_and_backward_ops(dtype):
-    """torch.library.opcheck: schemas, fakes (shapes, strides, dtypes) and autograd registration."""
-    t, grad = make_case(8, 8, 3, 3, 1, 2, 3, dtype=dtype)
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_opcheck_forward_and_backward_ops(dtype, bias):
+    """torch.library.opcheck: schemas, fakes (shapes, strides, dtypes) and autograd registration; the
+    forward op with and without its mask saved (training, inference), the backward op with and without
+    biases. 6 input and 8 mid channels, so a fake that confuses the two shows."""
+    t, grad = make_case(6, 8, 3, 3, 1, 2, 3, dtype=dtype, bias=bias)
     leaves = leaves_of(t, dtype, "nchw")
-    args = [leaves[name] for name in NAMES]
+    args = [leaves.get(name) for name in NAMES]
     torch.library.opcheck(fused_up_out_conv_fwd, (*args, SLOPE, True))
+    plain = [a.detach() if a is not None else None for a in args]
+    torch.library.opcheck(fused_up_out_conv_fwd, (*plain, SLOPE, False))
     with torch.no_grad():
-        y, x3, mask, wc = fused_up_out_conv_fwd(*[a.detach() for a in args], SLOPE, True)
+        y, x3, mask, wc = fused_up_out_conv_fwd(*plain, SLOPE, True)
     g = grad.to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)
-    torch.library.opcheck(fused_up_out_conv_bwd, (g, args[0].detach(), args[1].detach(), wc, mask, x3,
-                                                  args[3].detach(), y, SLOPE, True, True))
+    torch.library.opcheck(fused_up_out_conv_bwd, (g, plain[0], plain[1], wc, mask, x3, plain[3], y, SLOPE, bias, bias))
 
 
 def test_custom_op_autograd_matches_the_function():

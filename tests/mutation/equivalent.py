@@ -455,3 +455,22 @@ OUT_OF_SCOPE_AT += [
      "(never stored): the interpreter fills masked lanes with 0 with or without `other`; on a GPU only a NaN "
      "in undefined registers could show, and only the GPU kernel tests run the compiled load"),
 ]
+
+
+# Issue 11 round 9: the output layer's dX with the last upsampling step's mask (kernels/upout.py, the ACT
+# epilogue in outconv.py)
+EQUIVALENT += [
+    ("kernels/outconv.py", 'key = ("out_dx", dx.shape, weight.shape, dx.dtype, dx.device, has_bias, act is not None',
+     " is not ", " is ", "the plan key's mask flag inverted: still one plan with the mask epilogue and one without"),
+    ("kernels/outconv.py", "float(act[1]) if act else 0.0)", "0.0", "1.0",
+     "the slope a launch without ACT passes: the kernel reads it only under ACT"),
+    ("kernels/outconv.py", "IDX64=max(m * c_in, gzp.numel()) >= 2**31", " * ", " / ", _IDX64_ONLY_HUGE),
+    ("kernels/upout.py", "return torch.empty_strided(shape, (h * w * c, 1, w * c, c), dtype=like.dtype, device=like.device)",
+     ", device=like.device", "", _CUDA + " (the GPU kernel-test stage runs test_upout.py's opchecks on the GPU)"),
+    ("kernels/upout.py", "check_out_args(x.new_empty((0, up_weight.shape[0], 1, 1)), out_weight, out_bias)", "1", "2",
+     "the stand-in for the step's output: check_out_args reads its dim, dtype, device and channels, not H or W"),
+]
+EQUIVALENT_AT += [  # positional: the `0` of shape[0] (the stand-in's channels) is not equivalent
+    ("kernels/upout.py", "x.new_empty((0,", "0", "1",
+     "the stand-in's batch: check_out_args reads its dim, dtype, device and channels, not N"),
+]
