@@ -52,9 +52,8 @@ def workload_launches(workload: str, batch: int) -> tuple[list[dict], str] | Non
         return cm.ridb_launches(batch, True, 4, NF, GC, LR), "RIDB forward + backward, fused_ridb's launches"
     if workload == "up_fwd_bwd":
         return cm.upsample_launches(batch, True, NF, LR, steps=1), "upsampling 32->64 by sub-pixel phases"
-    if workload == "out_fwd_bwd":
-        return ([cm.out_conv_forward(batch, NF)] + cm.out_conv_launches(batch, False, NF),
-                "output layer at its real K and N")
+    if workload == "up_out_fwd_bwd":
+        return cm.up_out_launches(batch, False, NF, 4 * LR), "last upsampling step + output layer (real K and N)"
     if workload == "gen_fwd_bwd":
         return cm.generator_launches(batch, **PAPER), "generator, cost_model.generator_launches"
     return None
@@ -67,8 +66,8 @@ def triton_launch_orders(workload: str, batch: int) -> list[list[dict]]:
         return [cm.idb_launches(batch, NF, GC, LR)]
     if workload == "up_fwd_bwd":
         return [cm.upsample_launches(batch, True, NF, LR, steps=1, gz_pass=g) for g in (False, True)]
-    if workload == "out_fwd_bwd":  # the forward is cuDNN's: no Triton kernel
-        return [cm.out_conv_launches(batch, True, NF)]
+    if workload == "up_out_fwd_bwd":  # the output layer's forward is cuDNN's: no Triton kernel
+        return [cm.up_out_launches(batch, True, NF, 4 * LR)]
     return []
 
 

@@ -8,8 +8,9 @@ On a CUDA GPU, at LR 32x32, nf 64, gc 32, bf16, channels_last, for each batch it
     up_fwd_bwd   the generator's first upsampling step forward + backward (nearest x2 -> conv nf -> nf ->
                  LeakyReLU, 32x32 -> 64x64; triton: kernels/upconv.py's sub-pixel phases, 4/9 of the
                  FLOPs, no upsampled tensor; TFLOP/s count the reference conv's FLOPs)
-    out_fwd_bwd  the generator's output layer forward + backward (tanh(conv 9x9, nf -> 3) at 256x256;
-                 triton: cuDNN's forward, kernels/outconv.py's backward)
+    up_out_fwd_bwd the generator's last upsampling step and output layer forward + backward (128x128 ->
+                 256x256, then tanh(conv 9x9, nf -> 3); triton: kernels/upout.py, the output layer's
+                 Triton backward handing the step its gz; eager: interpolate, conv, LeakyReLU, conv, tanh)
     gen_fwd_bwd  the whole paper generator forward + backward (32x32 -> 256x256)
 three ways: `triton` (kernels=triton), `eager` (kernels=torch, cudnn.benchmark on), `compile`
 (torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
@@ -22,7 +23,7 @@ So that one GPU call tells whether a slow row is host time or device time, each 
                  device time (the wall rows minus these is the host's share)
     idb_fwd_bwd kernel i   torch.profiler device time of each kernel of one IDB forward + backward
                  (triton), and `device sum` rows for triton and eager next to their wall time; the same
-                 rows for up_fwd_bwd (the upsampling stage's kernels) and out_fwd_bwd
+                 rows for up_fwd_bwd (the upsampling stage's kernels) and up_out_fwd_bwd
     gen_fwd_bwd layer i    where the whole generator's forward + backward spends its device time, per
                  layer (bench/device_profile.py: kernels grouped by the operator that launched them,
                  the top 15 groups and one `other` row, for triton and eager, and a `device sum` row
@@ -55,7 +56,7 @@ import torch
 
 from gafh_fast.config import load_config
 from gafh_fast.models.generator import IDB, RIDB, Generator, precompile_kernels
-from gafh_fast.ops import fused_out_conv, fused_upconv3x3
+from gafh_fast.ops import fused_up_out_conv, fused_upconv3x3
 from device_profile import (ITERS, TOP, group_by_layer, kernel_rows, launch_records, layer_rows, profile_kernels,
                             profiled_events)
 
@@ -109,16 +110,19 @@ class UpsampleStep(torch.nn.Module):
         return fused_upconv3x3(x, self.conv.weight, self.conv.bias, backend=self.kernels)
 
 
-class OutputLayer(torch.nn.Module):
-    """The generator's output layer: fused_out_conv (tanh(conv k x k, nf -> 3)) with the module's backend."""
+class UpOutLayer(torch.nn.Module):
+    """The generator's last upsampling step and output layer (its `nearest_conv` path): fused_up_out_conv
+    (nearest x2, conv3x3 nf -> nf, LeakyReLU, then tanh(conv k x k, nf -> 3)) with the module's backend."""
 
     def __init__(self, nf: int, k: int):
         super().__init__()
+        self.up = torch.nn.Conv2d(nf, nf, 3, padding=1)
         self.conv = torch.nn.Conv2d(nf, 3, k, padding=k // 2)
         self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_out_conv(x, self.conv.weight, self.conv.bias, backend=self.kernels)
+        return fused_up_out_conv(x, self.up.weight, self.up.bias, self.conv.weight, self.conv.bias,
+                                 backend=self.kernels)
 
 
 def _workloads(cfg, batch: int, device: torch.device):
@@ -132,9 +136,9 @@ def _workloads(cfg, batch: int, device: torch.device):
     gen = Generator(cfg.model.generator, kernels="torch").to(**fmt).to(memory_format=torch.channels_last)
     up = UpsampleStep(NF).to(**fmt).to(memory_format=torch.channels_last)
     k_out = cfg.model.generator.out_kernel
-    out = OutputLayer(NF, k_out).to(**fmt).to(memory_format=torch.channels_last)
+    up_out = UpOutLayer(NF, k_out).to(**fmt).to(memory_format=torch.channels_last)
     x_leaf = x.clone().requires_grad_(True)
-    hr_leaf = torch.randn(batch, NF, 8 * LR_SIZE, 8 * LR_SIZE, **fmt).contiguous(
+    half_leaf = torch.randn(batch, NF, 4 * LR_SIZE, 4 * LR_SIZE, **fmt).contiguous(  # the last step's input
         memory_format=torch.channels_last).requires_grad_(True)
 
     def idb_fwd(module):
@@ -158,9 +162,9 @@ def _workloads(cfg, batch: int, device: torch.device):
             module(x_leaf).sum().backward()
         return fn
 
-    def out_fwd_bwd(module):
+    def up_out_fwd_bwd(module):
         def fn():
-            module(hr_leaf).float().mean().backward()
+            module(half_leaf).float().mean().backward()
         return fn
 
     def gen_fwd_bwd(module):
@@ -174,8 +178,9 @@ def _workloads(cfg, batch: int, device: torch.device):
         "ridb_fwd_bwd": (ridb, ridb_fwd_bwd, 3 * ridb_forward_flops(cfg, batch), [x_leaf, *ridb.parameters()]),
         "up_fwd_bwd": (up, up_fwd_bwd, 3 * batch * conv_flops(NF, NF, 3, 2 * LR_SIZE, 2 * LR_SIZE),
                        [x_leaf, *up.parameters()]),
-        "out_fwd_bwd": (out, out_fwd_bwd, 3 * batch * conv_flops(NF, 3, k_out, 8 * LR_SIZE, 8 * LR_SIZE),
-                        [hr_leaf, *out.parameters()]),
+        "up_out_fwd_bwd": (up_out, up_out_fwd_bwd, 3 * batch * (conv_flops(NF, NF, 3, 8 * LR_SIZE, 8 * LR_SIZE)
+                                                                + conv_flops(NF, 3, k_out, 8 * LR_SIZE, 8 * LR_SIZE)),
+                           [half_leaf, *up_out.parameters()]),
         "gen_fwd_bwd": (gen, gen_fwd_bwd, 3 * generator_forward_flops(cfg, batch), list(gen.parameters())),
     }
 
@@ -469,7 +474,7 @@ def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: in
             print(f"{name:12s} {path + ' graph':14s} batch {batch:4d}: {ms:9.3f} ms")
     # the upsampling stage too: its dX makes gz in the GEMM's operand (RESULTS, Round 7: split it if its
     # device time is far above its floor)
-    for name in ("idb_fwd_bwd", "up_fwd_bwd", "out_fwd_bwd"):
+    for name in ("idb_fwd_bwd", "up_fwd_bwd", "up_out_fwd_bwd"):
         module, make_fn, _, grads = workloads[name]
         try:
             rows.extend(profiler_rows(module, make_fn, grads, batch, card,
@@ -493,7 +498,7 @@ def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: in
 def cpu_plumbing_rows() -> list[dict]:
     """Without CUDA: run what can run (nothing timed) and say so in skipped rows."""
     base = {"suite": "kernels", "card": "cpu"}
-    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, ridb_fwd_bwd, up_fwd_bwd, out_fwd_bwd, gen_fwd_bwd", path="triton, eager, compile, CUDA graphs",
+    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, ridb_fwd_bwd, up_fwd_bwd, up_out_fwd_bwd, gen_fwd_bwd", path="triton, eager, compile, CUDA graphs",
                  batch=None, skipped="numbers need CUDA (the Triton interpreter is never timed)")]
     idb = IDB(8, 4).to(memory_format=torch.channels_last)
     x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)

@@ -172,6 +172,17 @@ def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side:
                 bytes=m * nf * BF16 + m * c_out * BF16 + k * k * c_out * nf * BF16)
 
 
+def up_out_launches(batch: int, owned: bool, nf: int = 64, side: int = 128, c_out: int = 3, k: int = 9,
+                    sms: int = 132) -> list[dict]:
+    """The last upsampling step (side -> 2 side) and the output layer as one op (kernels/upout.py), forward +
+    backward in launch order: the step's 2 forward launches, the output layer's forward (cuDNN + tanh), its
+    backward with the step's mask read in dX (owned: outconv.py's 3 launches; else at the real K and N),
+    then the step's gz-ready dW and dX + fold."""
+    up = upsample_launches(batch, True, nf, side, steps=1, sms=sms, gz_ready_last=True)
+    out = out_conv_launches(batch, owned, nf, c_out, k, 2 * side, act_mask=True)
+    return up[:2] + [out_conv_forward(batch, nf, c_out, k, 2 * side)] + out + up[2:]
+
+
 def plain_conv_launches(batch: int, c_in: int, c_out: int, k: int, side: int, dgrad: bool = True) -> list[dict]:
     """A conv (k x k, same size) forward + backward at its real K and N, each pass reading its inputs and
     writing its output once: fwd, dgrad (dgrad=False: the input needs no gradient), wgrad with db."""

@@ -130,7 +130,7 @@ def test_layer_rows_and_markdown_carry_the_floor():
 @pytest.mark.parametrize("workload, launches", [
     ("ridb_fwd_bwd", lambda b: cm.ridb_launches(b, True, 4, 64, 32, 32)),           # fused_ridb's, not 5 Functions'
     ("up_fwd_bwd", lambda b: cm.upsample_launches(b, True, 64, 32, steps=1)),        # 32 -> 64, gz made in dX
-    ("out_fwd_bwd", lambda b: [cm.out_conv_forward(b, 64)] + cm.out_conv_launches(b, False, 64)),
+    ("up_out_fwd_bwd", lambda b: cm.up_out_launches(b, False, 64, 128)),            # the output layer at real K, N
     ("gen_fwd_bwd", lambda b: cm.generator_launches(b)),
 ])
 def test_each_workload_floor_is_its_model(workload, launches):
@@ -141,7 +141,7 @@ def test_each_workload_floor_is_its_model(workload, launches):
 
 @pytest.mark.parametrize("workload, order", [
     ("up_fwd_bwd", cm.upsample_launches(8, True, 64, 32, steps=1)),          # the fused way (no gz pass)
-    ("out_fwd_bwd", cm.out_conv_launches(8, True, 64)),                      # the owned backward's launches
+    ("up_out_fwd_bwd", [r for r in cm.up_out_launches(8, True, 64, 128) if r.get("kernel")]),  # no cuDNN
     ("idb_fwd_bwd", cm.idb_launches(8, 64, 32, 32)),
 ])
 def test_kernel_rows_of_each_profiled_workload(workload, order):

@@ -56,8 +56,8 @@ def test_workloads_run_with_the_device_swapped_and_count_their_flops():
 
     cfg = load_config(None, [f"data.hr_size={kernels_suite.LR_SIZE * 8}"])
     work = kernels_suite._workloads(cfg, 1, torch.device("cpu"))
-    assert set(work) == {"idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "up_fwd_bwd", "out_fwd_bwd", "gen_fwd_bwd"}
-    for name in ("idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "up_fwd_bwd", "out_fwd_bwd"):
+    assert set(work) == {"idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "up_fwd_bwd", "up_out_fwd_bwd", "gen_fwd_bwd"}
+    for name in ("idb_fwd", "idb_fwd_bwd", "ridb_fwd_bwd", "up_fwd_bwd", "up_out_fwd_bwd"):
         module, make_fn, flops, grads = work[name]
         kernels_suite._set_kernels(module, "torch")
         counter = FlopCounterMode(display=False)

@@ -101,6 +101,22 @@ def test_upsampling_launch_order_is_the_kernels_both_ways(monkeypatch, gz_pass):
     assert names == [r["kernel"] for r in cm.upsample_launches(1, True, 8, 3, steps=1, gz_pass=gz_pass)]
 
 
+def test_last_step_with_output_layer_launch_order_is_the_kernels(monkeypatch):
+    """kernels/upout.py: the step's forward, the output layer's backward (its dX with the step's mask), then
+    the step's gz-ready dW and dX + fold; cost_model.up_out_launches in the same order (cuDNN's launches,
+    no Triton kernel, left out)."""
+    from gafh_fast.kernels.upout import fused_up_out_conv_triton
+
+    x = torch.randn(1, 8, 2, 3, device=DEVICE, requires_grad=True)
+    w_up = torch.randn(8, 8, 3, 3, device=DEVICE, requires_grad=True)
+    w_out = torch.randn(3, 8, 9, 9, device=DEVICE, requires_grad=True)
+    names = _recorded(monkeypatch)
+    fused_up_out_conv_triton(x, w_up, None, w_out, None).sum().backward()
+    owned = cm.up_out_launches(1, True, 8, 2)
+    assert names == [r["kernel"] for r in owned if r.get("kernel")]
+    assert len(owned) == len(names) + 1 and "kernel" not in owned[2]  # the output layer's cuDNN forward
+
+
 def test_output_layer_launch_order_is_the_kernels(monkeypatch):
     x = torch.randn(1, 8, 5, 5, device=DEVICE, requires_grad=True)
     wt = torch.randn(3, 8, 9, 9, device=DEVICE, requires_grad=True)
