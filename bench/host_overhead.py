@@ -1,7 +1,7 @@
 """Host overhead of the fused kernels' launch path, on CPU, with a stand-in launcher.
 
     python bench/host_overhead.py [--batch 1] [--rounds 5] [--iters 200] [--json out.json] [--phases] [--ridb]
-    python bench/host_overhead.py --ridb-ops | --up   [--rounds 5] [--iters 200] [--json out.json]
+    python bench/host_overhead.py --ridb-ops | --up | --out | --gen   [--rounds 5] [--iters 200] [--json out.json]
 
 Times the Python around the kernels for one IDB forward + backward (nf 64, gc 32, 32x32, bf16,
 channels_last activations) with every Triton launch replaced by a stand-in that only counts: the
@@ -384,6 +384,43 @@ def out_rows(rounds: int, iters: int, side: int = 2) -> list[dict]:
     return rows
 
 
+def gen_rows(rounds: int, iters: int, lr: int = 2) -> list[dict]:
+    """This tree only: the whole paper generator (4 DNBs x 3 RIDBs x 4 IDBs, nf 64, gc 32, bf16, channels_last)
+    forward + backward at lr x lr input (2x2 by default: 16x16 output), once with kernels=torch (every op
+    runs on this CPU; at these sizes their arithmetic is small next to PyTorch's per-op cost, which is what
+    an eager step pays per layer on a GPU before any kernel) and once with kernels=triton through the
+    stand-in launcher (our host code and the launches' count; the ops that stay torch's, the SFM and
+    output convs, the BatchNorm and tanh, run on this CPU as on the eager path). The device check of the
+    triton backend is lifted for this, as the stand-in makes the CUDA-only launch a count.
+    Estimate for a GPU host: each path's time plus COMPILED_US per Triton launch; the eager path's CUDA
+    launches are not counted (a lower bound)."""
+    import gafh_fast.ops as ops
+    from gafh_fast.config import load_config
+    from gafh_fast.models.generator import Generator
+
+    counter, _ = _install_standin()
+    ops.triton_unavailable_reason = lambda device: None  # the stand-in launches: no CUDA needed (this tool only)
+    cfg = load_config(None)  # the paper generator (it takes any input size)
+    fmt = dict(dtype=torch.bfloat16)
+    x = torch.rand(1, 3, lr, lr, **fmt).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(1, 3, 8 * lr, 8 * lr, **fmt).contiguous(memory_format=torch.channels_last)
+    models = {kernels: Generator(cfg.model.generator, kernels=kernels).to(**fmt).to(memory_format=torch.channels_last)
+              for kernels in ("torch", "triton")}
+    paths = {"kernels=torch (eager)": lambda: models["torch"](x),
+             "kernels=triton (stand-in launches)": lambda: models["triton"](x)}
+    params = [p for m in models.values() for p in m.parameters()]
+    rows = []
+    for name, (launches, host_us, host_min_us) in _alternating(_fwd_bwd_calls(paths, gy, params), counter, rounds,
+                                                                 iters).items():
+        estimate = host_us + launches * COMPILED_US
+        rows.append(dict(gen=name, lr=lr, launches=launches, host_us=host_us, host_min_us=host_min_us,
+                         estimate_us=round(estimate, 1)))
+        print(f"paper generator fwd+bwd at {lr}x{lr}, {name:36s}: {launches} Triton launches, host "
+              f"{host_us / 1000:7.2f} ms (fastest round {host_min_us / 1000:.2f}; + {COMPILED_US:g} us per launch: "
+              f"{estimate / 1000:.2f} ms)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -402,11 +439,13 @@ def main() -> None:
                         help="only time one upsampling stage: interpolate + conv against fused_upconv3x3")
     parser.add_argument("--out", action="store_true",
                         help="only time the output layer: conv2d + tanh against fused_out_conv")
+    parser.add_argument("--gen", action="store_true",
+                        help="only time the whole paper generator at 2x2 input: kernels=torch against kernels=triton")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.ridb_ops or args.up or args.out:
+    if args.ridb_ops or args.up or args.out or args.gen:
         rows = (ridb_op_rows(args.rounds, args.iters) if args.ridb_ops else up_rows(args.rounds, args.iters)
-                if args.up else out_rows(args.rounds, args.iters))
+                if args.up else out_rows(args.rounds, args.iters) if args.out else gen_rows(args.rounds, args.iters))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -67,3 +67,15 @@ def test_output_layer_through_kept_compiled_kernels(tmp_path):
     output layer's dX with the step's mask)."""
     rows = _host_overhead_rows("--out", tmp_path)
     assert [(r["launches"], r["host_us"] > 0) for r in rows] == [(0, True), (3, True), (7, True)], rows
+
+
+def test_whole_generator_through_kept_compiled_kernels(tmp_path):
+    """The paper generator (4 DNBs x 3 RIDBs x 4 IDBs) forward + backward on the direct-launch path, every
+    Triton launch after the warm-up through a kept kernel: 12 RIDBs of 9 + 18 launches, the fusion conv 1 + 2,
+    the first two upsampling steps 2 + 3 each, then the last with the output layer 2 + 5 (344); the eager
+    generator launches none."""
+    rows = _host_overhead_rows("--gen", tmp_path)
+    assert [(r["gen"], r["launches"]) for r in rows] == [("kernels=torch (eager)", 0),
+                                                          ("kernels=triton (stand-in launches)", 344)], rows
+    assert 12 * (9 + 18) + (1 + 2) + 2 * (2 + 3) + (2 + 5) == 344
+    assert all(r["host_us"] > 0 for r in rows)
