@@ -4,8 +4,8 @@ Every RIDB (its IDBs and its closing conv) goes through `gafh_fast.ops.fused_rid
 the other trunk 3x3 convs through `gafh_fast.ops.fused_conv3x3`; an IDB on its own (IDB.forward) is
 `gafh_fast.ops.fused_idb`, each nearest-x2 upsampling step and its conv `gafh_fast.ops.fused_upconv3x3`,
 the output conv and its tanh `gafh_fast.ops.fused_out_conv`, or with nearest-x2 upsampling the last step
-and the output conv together `gafh_fast.ops.fused_up_out_conv` (the gradient handed between them). The SFM conv (3 -> nf at the input size) is
-nn.Conv2d's own. The `nn.Conv2d` modules only hold parameters, so the state-dict keys are the same whichever backend runs.
+and the output conv together `gafh_fast.ops.fused_up_out_conv` (the gradient handed between them). The
+SFM conv (3 -> nf at the input size) is nn.Conv2d's own. The `nn.Conv2d` modules only hold parameters, so the state-dict keys are the same whichever backend runs.
 """
 from __future__ import annotations
 
