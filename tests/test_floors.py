@@ -21,7 +21,7 @@ def _row(name, path, batch=64, ms=1.0, card=H100, **extra):
     return dict(suite="kernels", name=name, path=path, batch=batch, ms=ms, card=card, **extra)
 
 
-@pytest.mark.parametrize("card, expected", [(H100, (800.0, 3.0)), ("NVIDIA H200", (800.0, 4.8)),
+@pytest.mark.parametrize("card, expected", [(H100, (800.0, 3.0)), ("NVIDIA H200", (800.0, 4.3)),
                                             ("NVIDIA A100-SXM4-80GB", None), ("cpu", None), (None, None)])
 def test_rates_by_card_name(card, expected):
     assert floors.rates(card) == expected
