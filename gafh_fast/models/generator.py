@@ -165,7 +165,11 @@ def precompile_kernels(passes, lr_size: int, *, workers=None):
     BatchNorm statistics are untouched; their fused ops only record their launches. What the kernels
     specialise on is the twins' (channel counts, dtypes, strides, alignment): the fused ops hand them
     channels_last activations whatever layout the model's input has, and the values, the module's
-    train/eval mode and the upstream gradient change no launch."""
+    train/eval mode and the upstream gradient change no launch.
+
+    With nearest-x2 upsampling a training pass also records the last step and the output layer as two
+    ops: `kernels: auto` times them apart against fused_up_out_conv (gafh_fast.ops), and what it times
+    would otherwise compile inside the first step (with `kernels: triton` these few variants go unused)."""
     from gafh_fast.kernels.precompile import precompile
 
     twins = [(_kernel_twin(g), batch, train) for g, batch, train in passes]
@@ -178,6 +182,12 @@ def precompile_kernels(passes, lr_size: int, *, workers=None):
                 y = twin(lr)
             if train:
                 y.float().mean().backward()
+            if train and twin.cfg.upsample == "nearest_conv":
+                last = twin.upconvs[-1]
+                x = torch.zeros(batch, last.in_channels, 4 * lr_size, 4 * lr_size, dtype=like.dtype, device=like.device,
+                                requires_grad=True).contiguous(memory_format=torch.channels_last)
+                up = fused_upconv3x3(x, last.weight, last.bias, backend="triton")
+                fused_out_conv(up, twin.out.weight, twin.out.bias, backend="triton").float().mean().backward()
 
     with unlogged_choice("triton", "triton"):  # the twins' backend is not the run's: keep it out of the log
         return precompile(run, workers)
