@@ -185,6 +185,14 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def require_mask(mask: torch.Tensor, m: int, c: int, op: str, flag: str = "save_mask") -> None:
+    """A clear error when the forward kept no bit mask of its activation (m pixels, c channels) for the
+    backward to differentiate: the forward ran with `flag` False."""
+    if mask.numel() != m * cdiv(c, 8):
+        raise RuntimeError(f"{op} backward: the forward saved no activation mask (it ran with {flag}=False); "
+                           "cannot differentiate the LeakyReLU")
+
+
 def _empty_cl(n, c, h, w, like: torch.Tensor) -> torch.Tensor:
     """Uninitialised channels_last (N, C, H, W): torch.empty(memory_format=...) costs ~1.7 us more host
     time per call than empty_strided with the same strides (measured on CPU: 3.9 vs 2.2 us)."""
@@ -325,9 +333,8 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
     ga, wa, base_a = src_a
     n, ca, h, w = ga.shape
     m = n * h * w
-    if a_mask is not None and a_mask.numel() != m * cdiv(ca, 8):
-        raise RuntimeError("fused_conv3x3 backward: the forward saved no activation mask "
-                           "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
+    if a_mask is not None:
+        require_mask(a_mask, m, ca, "fused_conv3x3")
     n1 = out1.shape[1]
     n_tot = n1 + (out2.shape[1] if out2 is not None else 0)
     key = ("dx", ga.shape, wa.shape, wa.stride(), base_a, None if src_b is None else (src_b[1].shape,

@@ -198,7 +198,7 @@ def _(x, weight, bias):
     check_out_args(x, weight, bias)
     n, _, h, w = x.shape
     c_out = weight.shape[0]
-    return torch.empty_strided((n, c_out, h, w), (h * w * c_out, 1, w * c_out, c_out), dtype=x.dtype, device=x.device)
+    return _empty_cl(n, c_out, h, w, x)
 
 
 @torch.library.custom_op("gafh_fast::fused_out_conv_bwd", mutates_args=())
@@ -212,8 +212,7 @@ def fused_out_conv_bwd(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wei
 @fused_out_conv_bwd.register_fake
 def _(grad, x, y, weight, has_bias):
     n, c_in, h, w = x.shape
-    dx = torch.empty_strided(x.shape, (h * w * c_in, 1, w * c_in, c_in), dtype=x.dtype, device=x.device)
-    return [dx, _grad_like(weight, weight), weight.new_empty(weight.shape[0] if has_bias else 0)]
+    return [_empty_cl(n, c_in, h, w, x), _grad_like(weight, weight), weight.new_empty(weight.shape[0] if has_bias else 0)]
 
 
 def _out_setup_context(ctx, inputs, output):

@@ -18,7 +18,7 @@ import triton
 from . import configs, conv3x3
 from .configs import cdiv
 from .conv3x3 import (_FIN_CONFIG, _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags, _empty_cl, _grad_like, _wstrides,
-                      cfg_key)
+                      cfg_key, require_mask)
 from .conv3x3_fwd import mask_shape
 from .launch import KernelLauncher, aligned
 from .op import _needs_grad
@@ -252,9 +252,8 @@ def up_backward(grad, x, weight, wc, mask, slope: Optional[float], has_bias: boo
     dx = _empty_cl(n, c_in, h, w, x)
     if n * h * w == 0:
         return dx, dw.zero_(), db.zero_() if has_bias else None
-    if slope is not None and mask.numel() != 4 * n * h * w * cdiv(c_out, 8):
-        raise RuntimeError("fused_upconv3x3 backward: the forward saved no activation mask "
-                           "(it ran with save_mask=False); cannot differentiate the LeakyReLU")
+    if slope is not None:
+        require_mask(mask, 4 * n * h * w, c_out, "fused_upconv3x3")
     gz = _empty_cl(n, c_out, 2 * h, 2 * w, g) if slope is not None else None
     _, kernel_cfg, flags, gz_pass, plan_id = _up_dx_plan(g, mask, gz, wc, dx, slope, has_bias, dx_config)
     m = n * h * w
@@ -292,8 +291,7 @@ def _(x, weight, bias, negative_slope, save_mask):
     n, _, h, w = x.shape
     c_out = weight.shape[0]
     save = save_mask and negative_slope is not None
-    y = torch.empty_strided((n, c_out, 2 * h, 2 * w), (4 * h * w * c_out, 1, 2 * w * c_out, c_out), dtype=x.dtype,
-                            device=x.device)
+    y = _empty_cl(n, c_out, 2 * h, 2 * w, x)
     mask = torch.empty(mask_shape(n, 2 * h, 2 * w, c_out) if save else (0,), dtype=torch.uint8, device=x.device)
     return y, mask, x.new_empty((c_out, PHASE_TAPS, weight.shape[1]))
 
@@ -309,8 +307,7 @@ def fused_upconv3x3_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 @fused_upconv3x3_bwd.register_fake
 def _(grad, x, weight, wc, mask, negative_slope, has_bias):
     n, c_in, h, w = x.shape
-    dx = torch.empty_strided(x.shape, (h * w * c_in, 1, w * c_in, c_in), dtype=x.dtype, device=x.device)
-    return [dx, _grad_like(weight, weight), weight.new_empty(weight.shape[0] if has_bias else 0)]
+    return [_empty_cl(n, c_in, h, w, x), _grad_like(weight, weight), weight.new_empty(weight.shape[0] if has_bias else 0)]
 
 
 def _up_setup_context(ctx, inputs, output):

@@ -16,12 +16,11 @@ once and read twice (apart: twice and twice, or with the gz pass twice and three
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from .conv3x3 import _cl, _grad_like
+from .conv3x3 import _cl, _empty_cl, _grad_like, require_mask
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad
 from .outconv import check_out_args, out_backward, out_forward
@@ -39,10 +38,9 @@ def up_out_backward(grad, x, up_weight, wc, mask, x3, out_weight, y, slope: Opti
                     out_has_bias: bool):
     """(dx, dW_up, db_up or None, dW_out, db_out or None), each dW laid out as its weight says."""
     act = (mask, slope) if slope is not None else None
-    n, c_mid, h, w = x3.shape
-    if act is not None and mask.numel() != math.prod(mask_shape(n, h, w, c_mid)):
-        raise RuntimeError("fused_up_out_conv backward: the forward saved no activation mask "
-                           "(it ran with save=False); cannot differentiate the LeakyReLU")
+    if act is not None:
+        n, c_mid, h, w = x3.shape
+        require_mask(mask, n * h * w, c_mid, "fused_up_out_conv", flag="save")
     gz, dw_out, db_out = out_backward(grad, x3, y, out_weight, out_has_bias, act=act)
     dx, dw_up, db_up = up_backward(gz, x, up_weight, wc, mask, None, up_has_bias)  # gz ready: no activation left
     return dx, dw_up, db_up, dw_out, db_out
@@ -63,11 +61,6 @@ def fused_up_out_conv_fwd(x: torch.Tensor, up_weight: torch.Tensor, up_bias: Opt
     return out_forward(x3, out_weight, out_bias), x3, mask, wc
 
 
-def _cl_empty(shape, like: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = shape
-    return torch.empty_strided(shape, (h * w * c, 1, w * c, c), dtype=like.dtype, device=like.device)
-
-
 @fused_up_out_conv_fwd.register_fake
 def _(x, up_weight, up_bias, out_weight, out_bias, negative_slope, save):
     check_up_out_args(x, up_weight, up_bias, out_weight, out_bias)
@@ -75,7 +68,7 @@ def _(x, up_weight, up_bias, out_weight, out_bias, negative_slope, save):
     c_mid, c_out = up_weight.shape[0], out_weight.shape[0]
     keep = save and negative_slope is not None
     mask = torch.empty(mask_shape(n, 2 * h, 2 * w, c_mid) if keep else (0,), dtype=torch.uint8, device=x.device)
-    return (_cl_empty((n, c_out, 2 * h, 2 * w), x), _cl_empty((n, c_mid, 2 * h, 2 * w), x), mask,
+    return (_empty_cl(n, c_out, 2 * h, 2 * w, x), _empty_cl(n, c_mid, 2 * h, 2 * w, x), mask,
             x.new_empty((c_mid, PHASE_TAPS, up_weight.shape[1])))
 
 
@@ -94,7 +87,7 @@ def fused_up_out_conv_bwd(grad: torch.Tensor, x: torch.Tensor, up_weight: torch.
 
 @fused_up_out_conv_bwd.register_fake
 def _(grad, x, up_weight, wc, mask, x3, out_weight, y, negative_slope, up_has_bias, out_has_bias):
-    return [_cl_empty(tuple(x.shape), x), _grad_like(up_weight, up_weight),
+    return [_empty_cl(*x.shape, x), _grad_like(up_weight, up_weight),
             up_weight.new_empty(up_weight.shape[0] if up_has_bias else 0), _grad_like(out_weight, out_weight),
             out_weight.new_empty(out_weight.shape[0] if out_has_bias else 0)]
 

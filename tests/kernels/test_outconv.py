@@ -51,6 +51,13 @@ def grads_given_y(t, y, grad):
     return out
 
 
+def assert_fp32_grads(t, y, grad, dx, dw, db):
+    """out_backward's (dx, dW, db) in fp32 against float64 autograd given y, within 1e-5."""
+    g_ref, g_abs = grads_given_y(t, y, grad)
+    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
 def check_out(c_in, c_out, k, n, h, w, *, bias=True, dtype=torch.float32, layout="channels_last", seed=0,
               entry=fused_out_conv_triton):
     t, grad = make_out_case(c_in, c_out, k, n, h, w, bias=bias, dtype=dtype, seed=seed)
@@ -170,9 +177,7 @@ def test_kept_dw_partials_need_no_clearing():
     kept[0][4].fill_(float("nan"))
     kept[0][5].fill_(float("nan"))
     dx, dw, db = out_backward(g, x, y, wt, True, dw_split=3)
-    g_ref, g_abs = grads_given_y(t, y, grad)
-    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
-        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+    assert_fp32_grads(t, y, grad, dx, dw, db)
 
 
 def test_backward_is_deterministic():
@@ -196,9 +201,7 @@ def test_backward_stays_in_bounds(bounds_checked):
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     y = out_forward(x, wt, b)
     dx, dw, db = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_split=2)
-    g_ref, g_abs = grads_given_y(t, y, grad)
-    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
-        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+    assert_fp32_grads(t, y, grad, dx, dw, db)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -258,9 +261,7 @@ def test_launch_keys_hold_the_alignment_of_every_caller_tensor(monkeypatch):
         received = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)} & caller
         assert received <= {a.data_ptr() for a in keyed}, f"{name}: a caller tensor's alignment is not in its key"
     assert all(real_aligned(*keyed) is not True for _, args, keyed in launches if keyed)  # the offsets reached the keys
-    g_ref, g_abs = grads_given_y(t, y, grad)
-    for name, got in (("x", dx), ("weight", dw), ("bias", db)):
-        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+    assert_fp32_grads(t, y, grad, dx, dw, db)
 
 
 def test_inference_and_empty_batch():

@@ -411,10 +411,6 @@ EQUIVALENT += [
     ("kernels/configs.py", "n_tiles = cdiv(n_channels, block_n) * programs_per_tile", " * ", " / ", _TILE_ORDER),
     ("kernels/configs.py", "for bm, st in _block_m_choices(m, n_tiles)]", "m, n_tiles", "n_tiles, m", _TILE_ORDER),
     ("kernels/upconv.py", "IDX64=4 * m * max(c_in, c_out) >= 2**31", " * ", " / ", _IDX64_ONLY_HUGE),
-    ("kernels/upconv.py", "                            device=x.device)", ",\n                            device=x.device",
-     "", "the forward fake's output device (its second line): " + _CUDA),
-    ("kernels/upconv.py", "dx = torch.empty_strided(x.shape, (h * w * c_in, 1, w * c_in, c_in), dtype=x.dtype,",
-     ", device=x.device", "", "the backward fake's dx device: " + _CUDA),
     ("kernels/upconv_kernels.py", "acc = tl.load(base + kh_lo * s_kh + kw_lo * s_kw, mask=ok, other=0.0)", "0.0", "1.0",
      _UNSTORED),
 ]
@@ -465,8 +461,6 @@ EQUIVALENT += [
     ("kernels/outconv.py", "float(act[1]) if act else 0.0)", "0.0", "1.0",
      "the slope a launch without ACT passes: the kernel reads it only under ACT"),
     ("kernels/outconv.py", "IDX64=max(m * c_in, gzp.numel()) >= 2**31", " * ", " / ", _IDX64_ONLY_HUGE),
-    ("kernels/upout.py", "return torch.empty_strided(shape, (h * w * c, 1, w * c, c), dtype=like.dtype, device=like.device)",
-     ", device=like.device", "", _CUDA + " (the GPU kernel-test stage runs test_upout.py's opchecks on the GPU)"),
     ("kernels/upout.py", "check_out_args(x.new_empty((0, up_weight.shape[0], 1, 1)), out_weight, out_bias)", "1", "2",
      "the stand-in for the step's output: check_out_args reads its dim, dtype, device and channels, not H or W"),
 ]
