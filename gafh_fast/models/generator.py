@@ -167,22 +167,22 @@ def precompile_kernels(passes, lr_size: int, *, workers=None):
     channels_last activations whatever layout the model's input has, and the values, the module's
     train/eval mode and the upstream gradient change no launch.
 
-    With nearest-x2 upsampling a training pass also records the last step and the output layer as two
-    ops: `kernels: auto` times them apart against fused_up_out_conv (gafh_fast.ops), and what it times
-    would otherwise compile inside the first step (with `kernels: triton` these few variants go unused)."""
+    With nearest-x2 upsampling and `kernels: auto`, a training pass also records the last step and the
+    output layer as two ops: auto times them apart against fused_up_out_conv (gafh_fast.ops), and what it
+    times would otherwise compile inside the first step (`kernels: triton` never runs them apart)."""
     from gafh_fast.kernels.precompile import precompile
 
-    twins = [(_kernel_twin(g), batch, train) for g, batch, train in passes]
+    twins = [(_kernel_twin(g), batch, train, g.kernels == "auto") for g, batch, train in passes]
 
     def run() -> None:
-        for twin, batch, train in twins:
+        for twin, batch, train, auto in twins:
             like = next(twin.parameters())
             lr = torch.zeros(batch, 3, lr_size, lr_size, dtype=like.dtype, device=like.device)
             with torch.set_grad_enabled(train):
                 y = twin(lr)
             if train:
                 y.float().mean().backward()
-            if train and twin.cfg.upsample == "nearest_conv":
+            if train and auto and twin.cfg.upsample == "nearest_conv":
                 last = twin.upconvs[-1]
                 x = torch.zeros(batch, last.in_channels, 4 * lr_size, 4 * lr_size, dtype=like.dtype, device=like.device,
                                 requires_grad=True).contiguous(memory_format=torch.channels_last)
