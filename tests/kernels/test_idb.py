@@ -138,8 +138,9 @@ def test_idb_bad_arguments_raise_clear_errors():
 
 def test_auto_times_triton_and_torch_per_shape(monkeypatch, caplog):
     """kernels=auto's CUDA path (ops.fused_idb -> AutoChooser over the real triton and torch
-    backends), run with the device swapped: CPU tensors, Triton interpreted. The interpreter is far
-    slower, so torch must win; the decision is logged once and the result is the reference's."""
+    backends). Without a GPU it runs with the device swapped: CPU tensors, Triton interpreted, far
+    slower, so torch must win. Either way the faster timing wins, the decision is logged once, and the
+    result is the chosen backend's."""
     import logging
 
     from gafh_fast import ops
@@ -148,11 +149,14 @@ def test_auto_times_triton_and_torch_per_shape(monkeypatch, caplog):
     # the real timer, at its smallest (2 warm-up calls, 1 timed): interpreted launches are slow
     monkeypatch.setattr(ops, "AUTO", ops.AutoChooser(lambda fn, dev: ops.median_ms_per_call(fn, dev, 1, 1)))
     t, grad = make_idb(4, 4, 1, 2, 3, torch.float32, seed=9)
-    leaves = [t[k].float().requires_grad_(True) for k in NAMES]
+    leaves = [t[k].float().to(DEVICE).requires_grad_(True) for k in NAMES]
     with caplog.at_level(logging.INFO, logger="gafh_fast"):
         y = ops.fused_idb(*leaves, backend="auto")
         ops.fused_idb(*leaves, backend="auto")
     (key, times), = ops.AUTO.timings.items()
-    assert set(times) == {"triton", "torch"} and ops.AUTO.decisions[key] == "torch"
+    chosen = ops.AUTO.decisions[key]
+    assert set(times) == {"triton", "torch"} and chosen == min(times, key=times.get)
+    assert chosen == "torch" or DEVICE == "cuda"  # the interpreter never wins
     assert sum("kernels=auto" in r.getMessage() for r in caplog.records) == 1
-    torch.testing.assert_close(y, ops.fused_idb_reference(*leaves), rtol=0, atol=0)
+    exact = chosen == "torch"  # the reference itself, else the kernels' fp32 bound
+    torch.testing.assert_close(y, ops.fused_idb_reference(*leaves), rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)

@@ -15,6 +15,8 @@ import torch
 from gafh_fast.kernels import configs, conv3x3
 from gafh_fast.kernels.tuning import Tuner, config_to_dict
 
+from .test_conv3x3 import DEVICE
+
 TRUNK = dict(nf=64, gc=32, side=32)
 
 
@@ -157,9 +159,10 @@ def test_host_path_asks_with_bucketed_keys():
         keys = []
         for batch in (1, 2):
             recorder.keys.clear()
-            x = torch.randn(batch, 8, 3, 5, requires_grad=True)
-            w1, b1 = torch.randn(4, 8, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
-            w2, b2 = torch.randn(8, 12, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+            x = torch.randn(batch, 8, 3, 5, device=DEVICE, requires_grad=True)
+            w1 = torch.randn(4, 8, 3, 3, device=DEVICE, requires_grad=True)
+            w2 = torch.randn(8, 12, 3, 3, device=DEVICE, requires_grad=True)
+            b1, b2 = (torch.randn(c, device=DEVICE, requires_grad=True) for c in (4, 8))
             fused_idb_triton(x, x, w1, b1, w2, b2).sum().backward()
             keys.append(list(recorder.keys))
     finally:
