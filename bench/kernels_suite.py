@@ -38,6 +38,7 @@ returns skipped rows that say what ran.
 
     python bench/kernels_suite.py [--batches 8 64 256] [--smoke]
     python bench/kernels_suite.py --probe generator|idb --batch 64 --device cuda --probe-json out.json
+    python bench/kernels_suite.py --autotune-only rows.json [--batch 64] [--device cuda]
 """
 from __future__ import annotations
 
@@ -529,7 +530,14 @@ def main() -> None:
     parser.add_argument("--probe", choices=("generator", "idb"), help="the autotune probe (run_probe starts it)")
     parser.add_argument("--batch", type=int, default=AUTOTUNE_BATCH, help="the probe's batch")
     parser.add_argument("--probe-json", help="where the probe writes its result")
+    parser.add_argument("--autotune-only", metavar="JSON",
+                        help="only the cold and warm autotune rows (at --batch), written to JSON")
     args = parser.parse_args()
+    if args.autotune_only:
+        dev = torch.device(args.device)
+        card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        Path(args.autotune_only).write_text(json.dumps(autotune_rows(args.batch, dev, card), default=str, indent=1))
+        return
     if args.probe:
         result = probe(args.probe, args.batch, args.device)
         Path(args.probe_json).write_text(json.dumps(result, default=str))

@@ -10,7 +10,9 @@ pointer is 16-byte aligned; the device index is added here.
 Raw launch paths:
   * CUDA: the first launch of a key goes through kernel[grid](...) (compiles or loads from Triton's
     disk cache) and keeps the CompiledKernel; later launches call it with every argument in signature
-    order (constexprs included: the launch convention of Triton >= 3.3).
+    order (constexprs included: the launch convention of Triton >= 3.3), through `direct_runner`: the
+    call Triton's own runner makes, with its per-launch Python (a closure, the driver's device and
+    stream lookups, launch metadata for hooks nobody registered) done once per key instead.
   * Interpreter: every launch goes through kernel[grid](...) (there is no compiled kernel).
   * STANDIN (bench/host_overhead.py): a callable that replaces both, so the host path can be timed
     on a machine without a GPU.
@@ -43,10 +45,52 @@ def _triton_version() -> tuple[int, int]:
 
 
 DIRECT_LAUNCH = _triton_version() >= _MIN_DIRECT
+# Kept CompiledKernels launch through direct_runner (True) or Triton's runner, compiled[grid](...) (False).
+# Read when a key's kernel is kept: bench/launch_profile.py flips it (and forgets the kept kernels) to
+# time both on one GPU.
+DIRECT_RUNNER = True
 
 
 def _is_constexpr(annotation) -> bool:
     return annotation is tl.constexpr or (isinstance(annotation, str) and "constexpr" in annotation)
+
+
+def _no_hook(hook) -> bool:
+    """Triton >= 3.4 keeps launch hooks in a HookChain (empty unless proton or a user added one)."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
+def direct_runner(compiled, constexprs: tuple) -> Callable:
+    """-> launch(grid, args): compiled[grid](*args, *constexprs), with Triton's per-launch Python hoisted.
+
+    Triton's runner (CompiledKernel.__getitem__, the same in 3.3 to 3.9) makes a closure per launch,
+    asks the driver for the current device and its stream, and builds launch metadata for the launch
+    hooks, then calls compiled.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+    enter_hook, exit_hook, *args). Here the handles and the driver's two lookups are bound once; with no
+    hook registered the metadata and hooks are None, which the launcher skips as it skips empty chains.
+    With a hook registered (proton, a user's) the launch goes through Triton's runner, so it sees it.
+    tests/kernels/test_host_code.py checks the call against Triton's runner's."""
+    compiled._init_handles()
+    run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    driver = triton.runtime.driver.active
+    current_device, current_stream = driver.get_current_device, driver.get_current_stream
+    runtime = triton.knobs.runtime
+
+    def launch(grid, args):
+        if _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook):
+            run(grid[0], grid[1], grid[2], current_stream(current_device()), function, packed, None, None, None,
+                *args, *constexprs)
+        else:
+            compiled[grid](*args, *constexprs)
+    return launch
+
+
+def _kept_runner(compiled, constexprs: tuple) -> Callable:
+    """launch(grid, args) for a kept kernel: direct_runner for Triton's own CompiledKernel, else (the
+    stand-ins of bench/host_overhead.py and the tests) its runner."""
+    if DIRECT_RUNNER and hasattr(triton, "knobs") and isinstance(compiled, triton.compiler.CompiledKernel):
+        return direct_runner(compiled, constexprs)
+    return lambda grid, args: compiled[grid](*args, *constexprs)
 
 
 class KernelLauncher:
@@ -57,7 +101,7 @@ class KernelLauncher:
             raise ValueError(f"a KernelLauncher named {name!r} launches another kernel already")
         self.kernel = kernel
         self.name = name
-        self._compiled: dict[Any, tuple[Any, tuple]] = {}
+        self._compiled: dict[Any, Callable] = {}  # launch key -> launch(grid, args) of its kept kernel
         sig = inspect.signature(kernel.fn).parameters  # JITFunction and InterpretedFunction both have .fn
         params = list(sig)
         self._constexpr_names = [n for n, p in sig.items() if _is_constexpr(p.annotation)]
@@ -74,9 +118,9 @@ class KernelLauncher:
         # pads a shorter grid itself. A 1-d grid crashed the first H100 run of this path.
         if len(grid) != 3:
             grid = (*grid, *(1,) * (3 - len(grid)))
-        hit = self._compiled.get(key)
-        if hit is not None:
-            hit[0][grid](*args, *hit[1])
+        kept = self._compiled.get(key)
+        if kept is not None:
+            kept(grid, args)
             return
         constexprs = {**flags, **config.kwargs}
         unknown = set(constexprs) - set(self._constexpr_names)
@@ -88,7 +132,7 @@ class KernelLauncher:
         else:
             compiled = self.kernel[grid](*args, **constexprs, **options)
         if compiled is not None and (DIRECT_LAUNCH or STANDIN is not None) and not INTERPRETING:
-            self._compiled[key] = (compiled, tuple(constexprs[n] for n in self._constexpr_names))
+            self._compiled[key] = _kept_runner(compiled, tuple(constexprs[n] for n in self._constexpr_names))
 
     def forget(self) -> None:
         """Drop the kept compiled kernels (the host-overhead bench's cold measurement)."""

@@ -193,6 +193,63 @@ def test_kept_compiled_kernel_gets_every_argument_in_signature_order(monkeypatch
     assert launch.LAUNCHES["fin-under-test"] == 3
 
 
+def _fake_compiled_kernel(calls):
+    """Triton's own CompiledKernel class, its handles and launcher faked (no GPU here): its runner's call
+    of compiled.run is recorded."""
+    from triton.compiler import CompiledKernel
+
+    ck = CompiledKernel.__new__(CompiledKernel)
+    ck.module = None  # no handles to unload (its __del__ reads this)
+    ck._init_handles = lambda: None
+    ck._run = lambda *a: calls.append(a)  # what its `run` property returns once the handles are there
+    ck.function, ck.packed_metadata, ck.name, ck.src = 0xF00, ("warps", 4), "fake", None
+    return ck
+
+
+class _FakeDriver:
+    get_current_device = staticmethod(lambda: 3)
+    get_current_stream = staticmethod(lambda device: 1000 + device)
+
+
+def test_direct_runner_makes_tritons_runner_call(monkeypatch):
+    """The CUDA launch path with the driver swapped: direct_runner calls compiled.run with what Triton's
+    runner passes (grid, the current device's stream, handle, metadata, every argument in order), but None
+    for the launch metadata and hooks when no hook is registered; with one registered it launches
+    through Triton's runner, so the hook sees the launch."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeDriver())
+    theirs, ours = [], []
+    args, constexprs = ("x", 7, 0.5), (True, 64)
+    _fake_compiled_kernel(theirs)[(5, 2, 1)](*args, *constexprs)
+    launch.direct_runner(_fake_compiled_kernel(ours), constexprs)((5, 2, 1), args)
+    (t,), (o,) = theirs, ours
+    assert o == (5, 2, 1, 1003, 0xF00, ("warps", 4), None, None, None, "x", 7, 0.5, True, 64)
+    assert t[:6] == o[:6] and t[9:] == o[9:]
+    runtime = triton.knobs.runtime
+    assert launch._no_hook(t[7]) and launch._no_hook(t[8])  # Triton's empty chains: nothing is called either way
+    seen = []
+    hook = seen.append
+    runtime.launch_enter_hook.add(hook)
+    try:
+        ours.clear()
+        launch.direct_runner(_fake_compiled_kernel(ours), constexprs)((5, 2, 1), args)
+    finally:
+        runtime.launch_enter_hook.remove(hook)
+    (o,) = ours
+    assert o[7] is runtime.launch_enter_hook and o[6] is not None and o[:6] == t[:6] and o[9:] == t[9:]
+
+
+def test_kept_kernels_launch_through_direct_runner_only_when_they_are_tritons(monkeypatch):
+    """A CompiledKernel of Triton's is kept as a direct_runner (unless DIRECT_RUNNER is off, as the
+    launch profile's baseline sets it); any other kept object (the stand-ins) through its runner."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeDriver())
+    calls = []
+    launch._kept_runner(_fake_compiled_kernel(calls), (1,))((2, 1, 1), ("a",))
+    assert calls[-1][6:9] == (None, None, None)
+    monkeypatch.setattr(launch, "DIRECT_RUNNER", False)
+    launch._kept_runner(_fake_compiled_kernel(calls), (1,))((2, 1, 1), ("a",))
+    assert calls[-1][6] is not None and calls[-1][:6] == calls[-2][:6]
+
+
 @triton.jit
 def _constexpr_in_the_middle(a_ptr, B: tl.constexpr, n):
     tl.store(a_ptr + tl.arange(0, B), tl.zeros((B,), dtype=tl.float32) + n)

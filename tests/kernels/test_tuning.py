@@ -123,6 +123,34 @@ def test_choice_is_timed_once_and_persisted_atomically(tmp_path):
     assert len(json.loads(path.read_text())) == 2  # merged, not overwritten
 
 
+def test_cuda_timer_times_each_call_between_events_behind_one_sleep():
+    """cuda_timer's CUDA path with the device swapped: its events read a fake device clock that each
+    call of fn advances by a scripted duration. The warm-up calls come first and are not timed, one
+    sleep is queued before the timed calls (so the host enqueues them all before the device runs them),
+    and the result is the median timed call."""
+    from gafh_fast.kernels.tuning import QUEUE_AHEAD_CYCLES, cuda_timer
+
+    log, clock = [], [0.0]
+    durations = iter([9.0, 9.0, 9.0, 1.0, 5.0, 2.0, 4.0, 3.0])  # 3 warm-up calls, then 5 timed
+
+    class ClockEvent:
+        def record(self):
+            self.t = clock[0]
+            log.append("event")
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    def fn():
+        clock[0] += next(durations)
+        log.append("call")
+
+    ms = cuda_timer(fn, warmup=3, reps=5, event=ClockEvent, sleep=lambda cycles: log.append(("sleep", cycles)),
+                    synchronize=lambda: log.append("sync"))
+    assert ms == 3.0
+    assert log == ["call"] * 3 + ["sync", ("sleep", QUEUE_AHEAD_CYCLES)] + ["event", "call", "event"] * 5 + ["sync"]
+
+
 def test_no_timer_and_no_cached_choice_is_an_error(tmp_path):
     tuner = Tuner(str(tmp_path / "a.json"), "Test GPU", None)
     with pytest.raises(RuntimeError, match="no timer"):
