@@ -12,8 +12,9 @@ On a CUDA GPU, at LR 32x32, nf 64, gc 32, bf16, channels_last, for each batch it
                  256x256, then tanh(conv 9x9, nf -> 3); triton: kernels/upout.py, the output layer's
                  Triton backward handing the step its gz; eager: interpolate, conv, LeakyReLU, conv, tanh)
     gen_fwd_bwd  the whole paper generator forward + backward (32x32 -> 256x256)
-three ways: `triton` (kernels=triton), `eager` (kernels=torch, cudnn.benchmark on), `compile`
-(torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
+four ways: `triton` (kernels=triton), `auto` (kernels=auto: the per-shape timed choice between the two,
+made in the warm-up call; issue 11's goal that it is never slower than eager), `eager` (kernels=torch,
+cudnn.benchmark on), `compile` (torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
 warm-up call that also runs the autotuner), conv TFLOP/s (analytic: 2*Cin*Cout*k*k*H*W per image for
 the forward, x3 for forward + backward), speedup vs eager, and peak memory above the inputs and
 parameters (torch.cuda.max_memory_allocated).
@@ -62,7 +63,7 @@ from device_profile import (ITERS, TOP, group_by_layer, kernel_rows, launch_reco
                             profiled_events)
 
 NF, GC, LR_SIZE = 64, 32, 32
-PATHS = ("triton", "eager", "compile")
+PATHS = ("eager", "triton", "auto", "compile")  # eager first: the others' speedups are against it
 AUTOTUNE_BATCH = 64  # the issue's autotune goal is for one batch size: the trunk benchmark's
 # The generator's per-layer breakdown runs at one batch, the goals' (the run's first batch when 64 is not
 # in it): at 8 the host, not the device, sets the time (the device sum rows say that much), and 256 only
@@ -195,10 +196,15 @@ def _set_kernels(module, kernels: str) -> None:
                 m.kernels = kernels
 
 
+def kernels_of(path: str) -> str:
+    """The `kernels:` setting a timed path runs with (compile compiles the eager reference)."""
+    return path if path in ("triton", "auto") else "torch"
+
+
 def _time_one(module, make_fn, path: str, grads_to_clear, rep_ms: int):
     import triton.testing
 
-    _set_kernels(module, "triton" if path == "triton" else "torch")
+    _set_kernels(module, kernels_of(path))
     runner = torch.compile(module) if path == "compile" else module
     fn = make_fn(runner)
     fn()  # warm-up: autotuning, cudnn.benchmark search, compilation all happen here, outside timing
@@ -417,7 +423,7 @@ def run(device: str, batches=(8, 64, 256), smoke: bool = False) -> list[dict]:
         wall_ms: dict = {}
         for name, (module, make_fn, flops, grads) in workloads.items():
             eager_ms = None
-            for path in ("eager", "triton", "compile"):
+            for path in PATHS:
                 if smoke and path == "compile" and name == "gen_fwd_bwd":
                     continue  # compiling the whole generator takes minutes: not in a smoke run
                 if path == "compile" and name == "ridb_fwd_bwd":
@@ -499,7 +505,7 @@ def device_time_rows(workloads, batch: int, card: str, wall_ms: dict, rep_ms: in
 def cpu_plumbing_rows() -> list[dict]:
     """Without CUDA: run what can run (nothing timed) and say so in skipped rows."""
     base = {"suite": "kernels", "card": "cpu"}
-    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, ridb_fwd_bwd, up_fwd_bwd, up_out_fwd_bwd, gen_fwd_bwd", path="triton, eager, compile, CUDA graphs",
+    rows = [dict(base, name="idb_fwd, idb_fwd_bwd, ridb_fwd_bwd, up_fwd_bwd, up_out_fwd_bwd, gen_fwd_bwd", path="triton, auto, eager, compile, CUDA graphs",
                  batch=None, skipped="numbers need CUDA (the Triton interpreter is never timed)")]
     idb = IDB(8, 4).to(memory_format=torch.channels_last)
     x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_(True)

@@ -79,3 +79,29 @@ def test_whole_generator_through_kept_compiled_kernels(tmp_path):
                                                           ("kernels=triton (stand-in launches)", 344)], rows
     assert 12 * (9 + 18) + (1 + 2) + 2 * (2 + 3) + (2 + 5) == 344
     assert all(r["host_us"] > 0 for r in rows)
+
+
+def test_launch_profile_plumbing_on_cpu(tmp_path):
+    """bench/launch_profile.py without a GPU (a subprocess: it installs the stand-in launcher): its rows
+    for the IDB and G at tiny sizes, each path with its Triton launch count, the two triton runners
+    compared only where kernels ran (not here), and a cProfile report per workload."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    out, top = tmp_path / "launch.json", tmp_path / "top.txt"
+    proc = subprocess.run([sys.executable, str(bench / "launch_profile.py"), "--device", "cpu", "--iters", "1",
+                           "--json", str(out), "--profile-out", str(top)], capture_output=True, text=True,
+                          timeout=300, cwd=bench)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["name"], r["path"]) for r in rows] == [
+        (name, path) for name in ("idb_fwd_bwd batch 1", "gen_fwd_bwd batch 1")
+        for path in ("eager", "triton, Triton's runner", "triton, direct runner")]
+    assert [r["triton_launches"] for r in rows] == [0, 6, 6, 0, 344, 344]  # the IDB's 2 + 4, the paper G's
+    assert all(r["ms"] > 0 for r in rows)
+    assert [r["identical_to_runner"] for r in rows if "identical_to_runner" in r] == [None, None]
+    report = top.read_text()
+    assert report.count("cProfile, own time") == 2 and "calls profiled" in report

@@ -68,6 +68,27 @@ def test_workloads_run_with_the_device_swapped_and_count_their_flops():
         assert all(t.grad is not None for t in grads), name
 
 
+def test_every_timed_path_sets_a_kernels_backend_every_workload_runs():
+    """The suite's paths map to kernels= settings (auto: the per-shape timed choice on CUDA, torch on
+    the CPU), and a workload's module runs a forward + backward with the new `auto` path's setting (the
+    upsampling stage, batch 1, on CPU: auto resolves to torch there)."""
+    import torch
+
+    from gafh_fast.config import load_config
+
+    assert {p: kernels_suite.kernels_of(p) for p in kernels_suite.PATHS} == {
+        "eager": "torch", "triton": "triton", "auto": "auto", "compile": "torch"}
+    cfg = load_config(None, ["data.hr_size=256"])
+    work = kernels_suite._workloads(cfg, 1, torch.device("cpu"))
+    module, make_fn, _, grads = work["up_fwd_bwd"]
+    for path in ("auto", "eager"):
+        kernels_suite._set_kernels(module, kernels_suite.kernels_of(path))
+        for t in grads:
+            t.grad = None
+        make_fn(module)()
+        assert all(t.grad is not None for t in grads), path
+
+
 @cpu_twin
 def test_profiler_rows_of_the_upsampling_stage_with_the_device_swapped():
     """profiler_rows (CUDA-only in the suite) on CPU: an upsampling stage, both paths, under the
