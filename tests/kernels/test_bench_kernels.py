@@ -314,3 +314,18 @@ def test_floors_cover_a_tiny_generators_profiled_layers_exactly():
     assert Counter(map(key, modelled["triton"])) == Counter(map(key, cm.generator_launches(2, **dims)))
     sfm_dgrad = conv_flops(3, 8, 9, 2, 2)
     assert sum(r["flops"] for r in modelled["eager"]) == 2 * (3 * generator_flops(cfg, 2) - sfm_dgrad)
+
+
+def test_autotune_only_writes_the_probe_rows(tmp_path):
+    """`kernels_suite.py --autotune-only JSON` (the probes alone, as the H200's calls D3/D4 ran them): on
+    CPU the tiny-IDB probe under the interpreter, its row written with the launch plans it made."""
+    import json
+    import subprocess
+
+    out = tmp_path / "autotune.json"
+    proc = subprocess.run([sys.executable, str(Path(kernels_suite.__file__)), "--autotune-only", str(out),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert (row["name"], row["path"], row["batch"]) == ("autotune probe", "cold process", 1)
+    assert "interpreter: nothing timed" in row["skipped"] and row["configs"]
