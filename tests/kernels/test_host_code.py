@@ -200,9 +200,12 @@ def _fake_compiled_kernel(calls):
 
     ck = CompiledKernel.__new__(CompiledKernel)
     ck.module = None  # no handles to unload (its __del__ reads this)
-    ck._init_handles = lambda: None
     ck._run = lambda *a: calls.append(a)  # what its `run` property returns once the handles are there
-    ck.function, ck.packed_metadata, ck.name, ck.src = 0xF00, ("warps", 4), "fake", None
+    ck.function, ck.packed_metadata, ck.name, ck.src = None, ("warps", 4), "fake", None
+
+    def init_handles():  # the function handle exists once the module is loaded
+        ck.function = 0xF00
+    ck._init_handles = init_handles
     return ck
 
 
