@@ -14,10 +14,10 @@ On a CUDA GPU, at LR 32x32, nf 64, gc 32, bf16, channels_last, for each batch it
     gen_fwd_bwd  the whole paper generator forward + backward (32x32 -> 256x256)
 four ways: `triton` (kernels=triton), `auto` (kernels=auto: the per-shape timed choice between the two,
 made in the warm-up call; issue 11's goal that it is never slower than eager), `eager` (kernels=torch,
-cudnn.benchmark on), `compile` (torch.compile of the eager reference). Each row: ms (median of triton.testing.do_bench, after a
-warm-up call that also runs the autotuner), conv TFLOP/s (analytic: 2*Cin*Cout*k*k*H*W per image for
-the forward, x3 for forward + backward), speedup vs eager, and peak memory above the inputs and
-parameters (torch.cuda.max_memory_allocated).
+cudnn.benchmark on), `compile` (torch.compile of the eager reference). Each row: ms (median of
+triton.testing.do_bench, after a warm-up call that also runs the autotuner), conv TFLOP/s (analytic:
+2*Cin*Cout*k*k*H*W per image for the forward, x3 for forward + backward), speedup vs eager, and peak
+memory above the inputs and parameters (torch.cuda.max_memory_allocated).
 
 So that one GPU call tells whether a slow row is host time or device time, each batch also gets:
     idb_fwd / idb_fwd_bwd  `triton (CUDA graph)` and `eager (CUDA graph)`: one graph replay, pure

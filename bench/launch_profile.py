@@ -2,7 +2,7 @@
 
     python bench/launch_profile.py [--device cuda] [--iters 100] [--json out.json] [--profile-out top.txt]
 
-The H200 run of 2026-11-27 (bench/RESULTS.md, Round 10) found the triton path host-bound: one IDB
+The H200 run of 2026-11-27 (bench/RESULTS.md, calls D1-D4) found the triton path host-bound: one IDB
 forward + backward took 1.02 ms of wall time for 0.215 ms of device time at batch 64, and the paper G at
 batch 8 22.9 ms for 4.1 ms. bench/host_overhead.py times our host code with a stand-in launcher on CPU
 (~130 us per IDB), so most of that gap is in what only a GPU machine runs: Triton's launch of each kept
@@ -35,13 +35,10 @@ import torch
 from gafh_fast.config import load_config
 from gafh_fast.kernels import launch
 from gafh_fast.models.generator import IDB, Generator, precompile_kernels
+from kernels_suite import _set_kernels as set_kernels
 
 NF, GC, LR = 64, 32, 32
 WAYS = ("eager", "triton, Triton's runner", "triton, direct runner")
-
-
-def _kernels_of(way: str) -> str:
-    return "torch" if way == "eager" else "triton"
 
 
 def _set_way(module, way: str) -> None:
@@ -50,13 +47,7 @@ def _set_way(module, way: str) -> None:
     launch.DIRECT_RUNNER = way != "triton, Triton's runner"
     for launcher in launch.LAUNCHERS.values():
         launcher.forget()
-    kernels = _kernels_of(way)
-    if hasattr(module, "set_kernels"):
-        module.set_kernels(kernels)
-    else:
-        for m in module.modules():
-            if hasattr(m, "kernels"):
-                m.kernels = kernels
+    set_kernels(module, "torch" if way == "eager" else "triton")
 
 
 def workloads(device: torch.device, smoke: bool) -> dict:

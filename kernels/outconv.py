@@ -1,11 +1,16 @@
 """The generator's output layer, y = tanh(convKxK(x, W) + b) with few output channels: host code,
 autograd Function and torch custom ops (kernels and the maths: outconv_kernels.py).
 
-Forward: cuDNN's conv and torch's tanh, not a Triton kernel. With C_out = 3 an implicit-GEMM forward
-has N = 3 (a 16-wide MMA tile for 3 live columns, 5x the MMA work) and re-reads each input pixel for
-each of the 81 taps; flattening the taps into N, as the backward does, would need a shifted sum of the
-GEMM's columns across pixels, which Triton cannot express in registers. The backward is where the
-flattening works (outconv_kernels.py), so the backward is what this op owns: 3 launches (gz with a
+Forward: not a Triton kernel. With C_out = 3 an implicit-GEMM forward has N = 3 (a 16-wide MMA tile
+for 3 live columns, 5x the MMA work) and re-reads each input pixel for each of the 81 taps; flattening
+the taps into N, as the backward does, needs a shifted sum of the GEMM's columns across pixels, which
+Triton cannot express in registers; torch's F.fold (col2im) does it through memory. So two torch ways,
+timed once per shape by the tuner: cuDNN's conv, or one GEMM onto every tap's columns and F.fold
+(_out_forward_fold). cuDNN's took 5.2 ms of the paper G's 20.4 ms of device time at batch 64 on the
+H200 (RESULTS, calls D1-D4), ~32x the conv's floor. The GEMM + fold writes and reads its k*k*C_out
+columns once: 2 x 2.0 GB at batch 64 in bf16, ~1 ms at the H200's bandwidth.
+The backward is where the flattening works in Triton (outconv_kernels.py), so the backward is what this
+op owns: 3 launches (gz with a
 zero border and the weight as dX's operand, dW partials, then dX with the fold of the partials in
 extra programs), against torch's tanh backward and cuDNN's dgrad and wgrad with 3 output channels.
 Plans, tile choice and kept dW partials work as in conv3x3.py (same plan table and tuner).
@@ -16,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from . import configs, conv3x3
 from .configs import cdiv
@@ -51,9 +57,52 @@ def check_out_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             raise ValueError(f"fused_out_conv {name} is {t.dtype} on {t.device}; the input is {x.dtype} on {x.device}")
 
 
-def out_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """tanh(conv(x, W) + b), channels_last (cuDNN and torch: see the module's docstring)."""
+# ------------------------------------------------------------------------------------------------
+# Forward: cuDNN, or one GEMM onto every tap and a fold (the tuner times both once per shape)
+# ------------------------------------------------------------------------------------------------
+FOLD_CHUNK_BYTES = 256 * 2**20  # the per-tap partial sums (k*k*C_out per pixel) held at once
+_FWD_CANDIDATES = (triton.Config({"FOLD": False}, num_warps=4, num_stages=1),  # cuDNN: the choice off the GPU
+                   triton.Config({"FOLD": True}, num_warps=4, num_stages=1))
+
+
+def _out_forward_cudnn(x, weight, bias) -> torch.Tensor:
     return _cl(torch.tanh(F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)))
+
+
+def _out_forward_fold(x, weight, bias) -> torch.Tensor:
+    """tanh(conv(x, W) + b) as Z = W' x, one GEMM from C_in to k*k*C_out columns per pixel, then F.fold,
+    which adds to output pixel p column (c, ky, kx) of the pixel p - (ky, kx) + k//2. The conv reads
+    x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so W' holds the taps flipped: W'[(c, ky, kx)] =
+    W[c, :, k-1-ky, k-1-kx]. Images go in chunks whose Z fits FOLD_CHUNK_BYTES."""
+    n, c_in, h, w = x.shape
+    c_out, k = weight.shape[0], weight.shape[-1]
+    w_cols = weight.flip(2, 3).permute(0, 2, 3, 1).reshape(c_out * k * k, c_in)
+    per_image = c_out * k * k * h * w * x.element_size()
+    step = max(1, FOLD_CHUNK_BYTES // max(1, per_image))
+    y = x.new_empty(n, c_out, h, w)  # NCHW: fold's layout; _cl below makes the op's channels_last
+    for i in range(0, n, step):
+        cols = torch.matmul(w_cols, x[i:i + step].flatten(2))  # (n', k*k*C_out, H*W); channels_last x: no copy
+        y[i:i + step] = F.fold(cols, (h, w), kernel_size=k, padding=k // 2)
+    if bias is not None:
+        y += bias.view(1, c_out, 1, 1)
+    return _cl(torch.tanh_(y))
+
+
+def out_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """tanh(conv(x, W) + b), channels_last: cuDNN's conv or the GEMM + fold, whichever the tuner timed
+    faster for this shape (cuDNN without a GPU or under the interpreter)."""
+    if x.shape[0] == 0:
+        return _out_forward_cudnn(x, weight, bias)
+    tune_key = (x.shape[1], weight.shape[0], weight.shape[-1], x.shape[2], x.shape[3],
+                configs.m_bucket(x.shape[0] * x.shape[2] * x.shape[3]), str(x.dtype), bias is not None)
+    key = ("out_fwd", *tune_key, x.device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        def run(cfg):
+            (_out_forward_fold if cfg.kwargs["FOLD"] else _out_forward_cudnn)(x, weight, bias)
+
+        plan = _PLANS[key] = (_choose("out_fwd", tune_key, _FWD_CANDIDATES, run, None),)
+    return (_out_forward_fold if plan[0].kwargs["FOLD"] else _out_forward_cudnn)(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The output layer, y = tanh(convKxK(x) + b) with few output channels (kernels/outconv.py): its Triton
 backward against float64 autograd.
 
-The forward is torch's conv + tanh on both backends, so the backward is checked given the op's own y:
+The forward is torch's on both backends (cuDNN's conv, or on the triton backend a GEMM + F.fold when the
+tuner times it faster; both against F.conv2d below), so the backward is checked given the op's own y:
 gz = g * (1 - y^2) in float64 from that y, then the conv's gradients by float64 autograd. Bounds as in
 test_conv3x3.py: elementwise within rel * (the same computation on |values|), rel = 1e-5 (fp32) and
 2**-7 (bf16). The scale of gz is |g| * (1 + y^2), the size of the terms 1 - y^2 is made of (near
@@ -129,8 +130,8 @@ def test_each_dw_config_and_walk(index, c_in, n, h, w, split):
 
 def test_timed_choice_launches_each_candidate(monkeypatch):
     """On a GPU each new plan times its two candidates (tuning.Tuner.choose). The same path here, with a
-    timer that runs the launch and says the second was faster: dW and dX launch 2 timed + 1 real, the
-    plans keep the second candidates, and the gradients still match."""
+    timer that runs the launch and says the second was faster: the forward picks the GEMM + fold, dW and
+    dX launch 2 timed + 1 real, the plans keep the second candidates, and the gradients still match."""
     from gafh_fast.kernels.tuning import Tuner
 
     def timer(fn):
@@ -153,13 +154,44 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
         warps = {e["kernel"]: e["config"]["num_warps"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    assert len(timed) == 4 and counts == {"out_prep": 1, "out_dw": 3, "out_dx": 3}
-    assert chosen == {"out_dw": configs.out_dw_candidates(8, 100, 6, 60)[1].kwargs,
+    assert len(timed) == 6 and counts == {"out_prep": 1, "out_dw": 3, "out_dx": 3}
+    assert chosen == {"out_fwd": {"FOLD": True},  # the forward's two torch ways are timed too
+                      "out_dw": configs.out_dw_candidates(8, 100, 6, 60)[1].kwargs,
                       "out_dx": configs.out_dx_candidates(8, 100, 6, 60)[1].kwargs}
-    assert warps == {"out_dw": 4, "out_dx": 4}  # the second candidates: 4 warps
+    assert warps == {"out_fwd": 4, "out_dw": 4, "out_dx": 4}  # the second candidates: 4 warps
+    torch.testing.assert_close(y, outconv._out_forward_fold(*(v.detach() for v in leaves)), rtol=0, atol=0)
     g_ref, g_abs = grads_given_y(t, y, grad)
     for name, got in zip(NAMES, grads):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, n, h, w, bias, layout", [
+    (5, 3, 9, 3, 7, 6, True, "channels_last"),  # the paper's 9x9 on an image smaller than it: every pixel pads
+    (8, 3, 5, 2, 5, 6, False, "nchw"),
+    (4, 2, 3, 1, 1, 1, True, "channels_last"),  # 1x1 image: one tap of nine lands
+])
+def test_forward_by_gemm_and_fold_matches_the_conv(monkeypatch, c_in, c_out, k, n, h, w, bias, layout):
+    """_out_forward_fold (one GEMM onto every tap's columns, then F.fold) against F.conv2d + tanh in
+    float64, two images per chunk (3 images: a full chunk and a partial one): the flipped taps, fold's
+    shifts, the bias and the chunking all show."""
+    monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", 2 * c_out * k * k * h * w * 8)  # float64 columns
+    t, _ = make_out_case(c_in, c_out, k, n, h, w, bias=bias, seed=3)
+    x = t["x"].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t["x"]
+    got = outconv._out_forward_fold(x.to(DEVICE), t["weight"].to(DEVICE),
+                                    None if t["bias"] is None else t["bias"].to(DEVICE))
+    ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=k // 2))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_by_gemm_and_fold_in_bf16():
+    """bf16 in and out (the GEMM's columns rounded to bf16 before the fold sums them): within 2**-7 of
+    the terms' size, the bound of the other bf16 paths (|W| * |x| + |b|, tanh' <= 1)."""
+    t, _ = make_out_case(6, 3, 9, 2, 10, 11, dtype=torch.bfloat16, seed=4)
+    got = outconv._out_forward_fold(*(t[k].to(torch.bfloat16).to(DEVICE) for k in NAMES))
+    ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=4))
+    scale = F.conv2d(t["x"].abs(), t["weight"].abs(), t["bias"].abs(), padding=4) + ref.abs()
+    assert_within("y", got, ref, scale, 2.0**-7)
 
 
 def test_kept_dw_partials_need_no_clearing():
