@@ -384,19 +384,37 @@ def autotune_rows(batch: int, device: torch.device, card: str) -> list[dict]:
     return rows
 
 
+def auto_decisions() -> list[dict]:
+    """kernels=auto's per-shape choices this process made (gafh_fast.ops.AUTO): the op and its shape key,
+    each backend's timed ms per call, and the pick. The library logs them at INFO, which the suite does
+    not print, so they travel in the configs row."""
+    from gafh_fast import ops
+
+    def plain(part):
+        return str(part).replace("torch.", "") if isinstance(part, (torch.dtype, torch.device)) else part
+
+    return [{"key": repr(tuple(plain(p) for p in key)), "ms": dict(ops.AUTO.timings.get(key, {})), "chosen": chosen}
+            for key, chosen in ops.AUTO.decisions.items()]
+
+
 def config_row(batch: int, card: str) -> dict:
-    """The tile config of every launch plan this process made, and this process's own autotuning."""
+    """The tile config of every launch plan this process made, this process's own autotuning, and the
+    `auto` path's choices so far."""
     from gafh_fast.kernels import conv3x3
 
     configs = conv3x3.plan_configs()
     tuner = conv3x3.tuner()
+    auto = auto_decisions()
     for c in configs:
         print(f"config {c['kernel']:3s} {c['plan']}: {c['config']['kwargs']} warps {c['config']['num_warps']} "
               f"stages {c['config']['num_stages']}")
+    for d in auto:
+        print(f"auto {d['key']}: {', '.join(f'{k} {v:.4f} ms' for k, v in d['ms'].items())} -> {d['chosen']}")
     return {"suite": "kernels", "name": "triton configs", "path": "triton", "batch": batch, "card": card,
-            "configs": configs, "decisions": list(tuner.log),
+            "configs": configs, "decisions": list(tuner.log), "auto_decisions": auto,
             "note": f"{len(configs)} launch plans; in-process autotuning so far {tuner.timed_seconds:.2f} s over "
-                    f"{len(tuner.log)} decisions (JSON keys configs, decisions)"}
+                    f"{len(tuner.log)} decisions; kernels=auto chose for {len(auto)} shapes "
+                    f"(JSON keys configs, decisions, auto_decisions)"}
 
 
 partial_rows: list[dict] = []  # the rows finished so far (bench/throughput.py reads them after a SIGTERM)

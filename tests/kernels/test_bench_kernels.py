@@ -329,3 +329,23 @@ def test_autotune_only_writes_the_probe_rows(tmp_path):
     (row,) = json.loads(out.read_text())
     assert (row["name"], row["path"], row["batch"]) == ("autotune probe", "cold process", 1)
     assert "interpreter: nothing timed" in row["skipped"] and row["configs"]
+
+
+def test_configs_row_carries_kernels_auto_decisions(monkeypatch):
+    """The `auto` path's per-shape choices (logged at INFO, which the suite does not print) travel in the
+    configs row, plain enough for its JSON: the shape key, each backend's ms and the pick."""
+    import json
+
+    import torch
+
+    from gafh_fast import ops
+
+    chooser = ops.AutoChooser(lambda fn, device: 0.0)
+    key = ("idb", torch.Size([64, 64, 32, 32]), torch.bfloat16, torch.device("cuda", 0), True)
+    chooser.decisions[key], chooser.timings[key] = "triton", {"triton": 1.0, "torch": 1.25}
+    monkeypatch.setattr(ops, "AUTO", chooser)
+    row = kernels_suite.config_row(64, "Test GPU")
+    assert row["auto_decisions"] == [{"key": repr(("idb", torch.Size([64, 64, 32, 32]), "bfloat16", "cuda:0", True)),
+                                      "ms": {"triton": 1.0, "torch": 1.25}, "chosen": "triton"}]
+    assert "kernels=auto chose for 1 shapes" in row["note"]
+    json.dumps(row)  # the suite writes it
