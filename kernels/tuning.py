@@ -38,14 +38,19 @@ def config_to_dict(cfg: triton.Config) -> dict:
 # the H100's and H200's 1.98 GHz boost): the host enqueues every call before the device reaches them, so
 # the events time the device alone, not the host's launch gaps.
 QUEUE_AHEAD_CYCLES = 3_000_000
-TIMER_WARMUP, TIMER_REPS = 3, 10
+TIMER_WARMUP, TIMER_REPS, TIMER_MIN_REPS = 3, 10, 3
+# Timed calls per candidate: as many as fit this many ms (by the last warm-up call's time), at least
+# TIMER_MIN_REPS. The output layer's and the 256x256 stages' kernels take 1-5 ms at batch 64: ten calls
+# each of two candidates would add ~0.1 s per decision to a cold start (issue 11: <= 10 s in all).
+TIMER_BUDGET_MS = 10.0
 
 
 def cuda_timer(fn: Callable[[], None], warmup: int = TIMER_WARMUP, reps: int = TIMER_REPS,
                event: Optional[Callable] = None, sleep: Optional[Callable[[int], None]] = None,
                synchronize: Optional[Callable[[], None]] = None) -> float:
-    """Median ms of one call of fn on the current CUDA device: `warmup` calls, then `reps` calls, each
-    between two events, all queued behind a sleep kernel (QUEUE_AHEAD_CYCLES).
+    """Median ms of one call of fn on the current CUDA device: `warmup` calls (the last one between two
+    events, to size what follows), then up to `reps` calls (TIMER_BUDGET_MS), each between two events,
+    all queued behind a sleep kernel (QUEUE_AHEAD_CYCLES).
 
     Not triton.testing.do_bench: it zeroes a 256 MB buffer before every call (to flush L2) and repeats
     for 20 ms per candidate; on the H200 (2026-11-27) that was 5.9 s of the cold process's 14.1 s for the
@@ -57,10 +62,15 @@ def cuda_timer(fn: Callable[[], None], warmup: int = TIMER_WARMUP, reps: int = T
     event = event or (lambda: torch.cuda.Event(enable_timing=True))
     sleep = sleep or torch.cuda._sleep
     synchronize = synchronize or torch.cuda.synchronize
-    for _ in range(warmup):
+    for _ in range(warmup - 1):
         fn()
-    pairs = [(event(), event()) for _ in range(reps)]
+    probe = (event(), event())
+    probe[0].record()
+    fn()
+    probe[1].record()
     synchronize()
+    fits = int(TIMER_BUDGET_MS / max(probe[0].elapsed_time(probe[1]), 1e-6))
+    pairs = [(event(), event()) for _ in range(max(min(reps, TIMER_MIN_REPS), min(reps, fits)))]
     sleep(QUEUE_AHEAD_CYCLES)
     for start, end in pairs:
         start.record()

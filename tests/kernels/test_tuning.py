@@ -123,15 +123,21 @@ def test_choice_is_timed_once_and_persisted_atomically(tmp_path):
     assert len(json.loads(path.read_text())) == 2  # merged, not overwritten
 
 
-def test_cuda_timer_times_each_call_between_events_behind_one_sleep():
+@pytest.mark.parametrize("probe_ms, timed, median", [
+    (1.0, [1.0, 5.0, 2.0, 4.0, 13.0], 4.0),  # 10 ms fit 10 calls of 1 ms: all 5 asked for (mean 5, median 4)
+    (4.0, [3.0, 1.0, 2.0], 2.0),  # 10 ms fit 2 calls of 4 ms: the minimum of 3
+])
+def test_cuda_timer_times_each_call_between_events_behind_one_sleep(probe_ms, timed, median):
     """cuda_timer's CUDA path with the device swapped: its events read a fake device clock that each
-    call of fn advances by a scripted duration. The warm-up calls come first and are not timed, one
-    sleep is queued before the timed calls (so the host enqueues them all before the device runs them),
-    and the result is the median timed call."""
-    from gafh_fast.kernels.tuning import QUEUE_AHEAD_CYCLES, cuda_timer
+    call of fn advances by a scripted duration. The warm-up calls come first, the last of them between
+    events: its time sizes the timed calls to TIMER_BUDGET_MS (10 ms), at least 3 and at most `reps`.
+    One sleep is queued before the timed calls (so the host enqueues them all before the device runs
+    them), and the result is the median timed call."""
+    from gafh_fast.kernels.tuning import QUEUE_AHEAD_CYCLES, TIMER_BUDGET_MS, cuda_timer
 
+    assert TIMER_BUDGET_MS == 10.0
     log, clock = [], [0.0]
-    durations = iter([9.0, 9.0, 9.0, 1.0, 5.0, 2.0, 4.0, 13.0])  # 3 warm-up calls, then 5 timed (mean 5, median 4)
+    durations = iter([9.0, 9.0, probe_ms, *timed])
 
     class ClockEvent:
         def record(self):
@@ -147,8 +153,9 @@ def test_cuda_timer_times_each_call_between_events_behind_one_sleep():
 
     ms = cuda_timer(fn, warmup=3, reps=5, event=ClockEvent, sleep=lambda cycles: log.append(("sleep", cycles)),
                     synchronize=lambda: log.append("sync"))
-    assert ms == 4.0
-    assert log == ["call"] * 3 + ["sync", ("sleep", QUEUE_AHEAD_CYCLES)] + ["event", "call", "event"] * 5 + ["sync"]
+    assert ms == median
+    assert log == (["call"] * 2 + ["event", "call", "event", "sync", ("sleep", QUEUE_AHEAD_CYCLES)]
+                   + ["event", "call", "event"] * len(timed) + ["sync"])
 
 
 def test_no_timer_and_no_cached_choice_is_an_error(tmp_path):
