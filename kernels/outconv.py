@@ -9,10 +9,10 @@ timed once per shape by the tuner: cuDNN's conv, or one GEMM onto every tap's co
 (_out_forward_fold). cuDNN's took 5.2 ms of the paper G's 20.4 ms of device time at batch 64 on the
 H200 (RESULTS, calls D1-D4), ~32x the conv's floor. The GEMM + fold writes and reads its k*k*C_out
 columns once: 2 x 2.0 GB at batch 64 in bf16, ~1 ms at the H200's bandwidth.
-The backward is where the flattening works in Triton (outconv_kernels.py), so the backward is what this
-op owns: 3 launches (gz with a
-zero border and the weight as dX's operand, dW partials, then dX with the fold of the partials in
-extra programs), against torch's tanh backward and cuDNN's dgrad and wgrad with 3 output channels.
+The backward is where the flattening works in Triton (outconv_kernels.py), so the backward is what
+this op's kernels do: 3 launches (gz with a zero border and the weight as dX's operand, dW partials,
+then dX with the fold of the partials in extra programs), against torch's tanh backward and cuDNN's
+dgrad and wgrad with 3 output channels.
 Plans, tile choice and kept dW partials work as in conv3x3.py (same plan table and tuner).
 """
 from __future__ import annotations
