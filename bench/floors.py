@@ -67,7 +67,7 @@ def triton_launch_orders(workload: str, batch: int) -> list[list[dict]]:
         return [cm.idb_launches(batch, NF, GC, LR)]
     if workload == "up_fwd_bwd":
         return [cm.upsample_launches(batch, True, NF, LR, steps=1, gz_pass=g) for g in (False, True)]
-    if workload == "up_out_fwd_bwd":  # the output layer's forward is cuDNN's: no Triton kernel
+    if workload == "up_out_fwd_bwd":  # the output layer's forward is torch's (cuDNN or GEMM + fold): no Triton kernel
         return [cm.up_out_launches(batch, True, NF, 4 * LR)]
     return []
 

@@ -26,8 +26,6 @@ import argparse
 import cProfile
 import json
 import pstats
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ import torch
 from gafh_fast.config import load_config
 from gafh_fast.kernels import launch
 from gafh_fast.models.generator import IDB, Generator, precompile_kernels
+from gafh_fast.ops import _drain, median_ms_per_call
 from kernels_suite import _set_kernels as set_kernels
 
 NF, GC, LR = 64, 32, 32
@@ -70,28 +69,18 @@ def workloads(device: torch.device, smoke: bool) -> dict:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _clear(grads) -> None:
     for t in grads:
         t.grad = None
 
 
 def wall_ms(call, grads, device: torch.device, iters: int, rounds: int = 3) -> float:
-    """Median over rounds of (iters calls, then one synchronize) / iters, in ms."""
-    per_call = []
-    for _ in range(rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            _clear(grads)
-            call()
-        _sync(device)
-        per_call.append((time.perf_counter() - t0) * 1000 / iters)
-    return statistics.median(per_call)
+    """Median over rounds of (iters calls, then one synchronize) / iters, in ms: kernels=auto's own timer
+    (gafh_fast.ops.median_ms_per_call), each call with fresh gradients."""
+    def fresh_call():
+        _clear(grads)
+        call()
+    return median_ms_per_call(fresh_call, device, iters, rounds)
 
 
 def _results(call, grads) -> list[torch.Tensor]:
@@ -131,7 +120,7 @@ def run(device: torch.device, iters: int, smoke: bool, profile_out: str | None) 
             for _ in range(3):  # compiles or loads, autotuning, cudnn.benchmark: before timing
                 _clear(grads)
                 call()
-            _sync(device)
+            _drain(device)
             before = sum(launch.LAUNCHES.values())
             _clear(grads)
             call()

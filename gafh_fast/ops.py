@@ -349,9 +349,9 @@ def fused_out_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """y = tanh(conv(x, weight) + bias) for an odd k x k weight with few output channels (the
     generator's 64 -> 3, 9x9 output layer).
 
-    The triton backend keeps cuDNN's forward and runs the backward as two Triton launches that gather
-    the 3-channel gradient over the flattened (tap, output channel) index
-    (gafh_fast/kernels/outconv_kernels.py)."""
+    The triton backend runs a torch forward (cuDNN's conv, or a GEMM + fold when the tuner times it
+    faster: gafh_fast/kernels/outconv.py) and the backward as three Triton launches that gather the
+    3-channel gradient over the flattened (tap, output channel) index (gafh_fast/kernels/outconv_kernels.py)."""
     chosen = resolve_backend(backend, x.device)
     if chosen == "auto":
         from gafh_fast.kernels import fused_out_conv_triton

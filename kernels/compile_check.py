@@ -46,7 +46,7 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
     """Every launch of one IDB forward + backward, one two-residual conv forward + backward, one
     upsampling step (upconv.py) forward + backward, one fused RIDB (2 IDBs) forward + backward, the
-    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256; its forward is cuDNN's) and the backward
+    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256; its forward is torch's) and the backward
     of the last upsampling step with the output layer (upout.py: the output layer's dX making the step's
     gz, then the step's dW and dX + fold at 128 -> 256)."""
     from .op import fused_conv3x3_triton, fused_idb_triton

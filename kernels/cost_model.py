@@ -138,7 +138,7 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
     owned=False: torch's tanh backward and cuDNN's dgrad and wgrad (their FLOPs at the real K and N);
     owned=True: outconv.py (prep: gz with a zero border and its channels padded to 4, and the weight
     re-laid; dW over 32-row tiles; dX + fold over 64-row steps: the (tap, channel) rows padded as the
-    kernels compute them). The forward (cuDNN + tanh) is the same. act_mask: dX times the LeakyReLU' of
+    kernels compute them). The forward (torch's: out_conv_forward) is the same. act_mask: dX times the LeakyReLU' of
     the layer before, from its bit mask (kernels/upout.py: 1 bit per element more read)."""
     m = batch * side * side
     x = m * nf * BF16
@@ -165,8 +165,9 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
 
 
 def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> dict:
-    """The output layer's forward, y = tanh(conv k x k (nf -> c_out)) + bias: one pass over x (cuDNN and
-    torch's tanh on both paths; the floor counts them as one launch)."""
+    """The output layer's forward, y = tanh(conv k x k (nf -> c_out)) + bias: one pass over x (torch's on
+    both paths: cuDNN's conv, or on the triton path a GEMM + fold when the tuner picks it; the floor counts
+    one launch either way)."""
     m = batch * side * side
     return dict(launch="fwd conv + tanh (cuDNN)", flops=2 * m * k * k * c_out * nf,
                 bytes=m * nf * BF16 + m * c_out * BF16 + k * k * c_out * nf * BF16)
@@ -175,7 +176,7 @@ def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side:
 def up_out_launches(batch: int, owned: bool, nf: int = 64, side: int = 128, c_out: int = 3, k: int = 9,
                     sms: int = 132) -> list[dict]:
     """The last upsampling step (side -> 2 side) and the output layer as one op (kernels/upout.py), forward +
-    backward in launch order: the step's 2 forward launches, the output layer's forward (cuDNN + tanh), its
+    backward in launch order: the step's 2 forward launches, the output layer's forward (torch's), its
     backward with the step's mask read in dX (owned: outconv.py's 3 launches; else at the real K and N),
     then the step's gz-ready dW and dX + fold."""
     up = upsample_launches(batch, True, nf, side, steps=1, sms=sms, gz_ready_last=True)
@@ -201,7 +202,7 @@ def generator_launches(batch: int, nf: int = 64, gc: int = 32, lr: int = 32, n_d
     gradient), layer by layer in forward order, each launch tagged with its `layer`: the SFM conv, every
     RIDB as kernels/ridb.py runs it, the fusion conv with its BatchNorm and the SFM residual, the three
     upsampling steps as upconv.py's sub-pixel phases (gz made in dX; the last step's handed to it by the
-    output layer, kernels/upout.py), and the output layer at its real K and N (cuDNN's forward and
+    output layer, kernels/upout.py), and the output layer at its real K and N (its forward, and cuDNN's
     backward with the mask read: the owned backward pads its rows, so its floor is higher).
     Elementwise work that a fused kernel could fold in (autograd's gradient sums) is left out: a floor.
     Each launch also says its `phase` (fwd or bwd)."""

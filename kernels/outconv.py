@@ -88,6 +88,10 @@ def _out_forward_fold(x, weight, bias) -> torch.Tensor:
     return _cl(torch.tanh_(y))
 
 
+def _forward_of(cfg: triton.Config):
+    return _out_forward_fold if cfg.kwargs["FOLD"] else _out_forward_cudnn
+
+
 def out_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """tanh(conv(x, W) + b), channels_last: cuDNN's conv or the GEMM + fold, whichever the tuner timed
     faster for this shape (cuDNN without a GPU or under the interpreter)."""
@@ -98,11 +102,9 @@ def out_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     key = ("out_fwd", *tune_key, x.device)
     plan = _PLANS.get(key)
     if plan is None:
-        def run(cfg):
-            (_out_forward_fold if cfg.kwargs["FOLD"] else _out_forward_cudnn)(x, weight, bias)
-
-        plan = _PLANS[key] = (_choose("out_fwd", tune_key, _FWD_CANDIDATES, run, None),)
-    return (_out_forward_fold if plan[0].kwargs["FOLD"] else _out_forward_cudnn)(x, weight, bias)
+        plan = _PLANS[key] = (_choose("out_fwd", tune_key, _FWD_CANDIDATES,
+                                      lambda cfg: _forward_of(cfg)(x, weight, bias), None),)
+    return _forward_of(plan[0])(x, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------
