@@ -62,13 +62,13 @@ def workload_launches(workload: str, batch: int) -> tuple[list[dict], str] | Non
 
 def triton_launch_orders(workload: str, batch: int) -> list[list[dict]]:
     """The launch orders the triton path may take for a profiled workload (the tuner picks the
-    upsampling dX's way per shape); each launch names its Triton kernel."""
+    upsampling dX's way and the output layer's forward per shape); each launch names its Triton kernel."""
     if workload == "idb_fwd_bwd":
         return [cm.idb_launches(batch, NF, GC, LR)]
     if workload == "up_fwd_bwd":
         return [cm.upsample_launches(batch, True, NF, LR, steps=1, gz_pass=g) for g in (False, True)]
-    if workload == "up_out_fwd_bwd":  # the output layer's forward is torch's (cuDNN or GEMM + fold): no Triton kernel
-        return [cm.up_out_launches(batch, True, NF, 4 * LR)]
+    if workload == "up_out_fwd_bwd":  # the output layer's forward: cuDNN's (no Triton kernel) or GEMM + fold
+        return [cm.up_out_launches(batch, True, NF, 4 * LR, fold=f) for f in (False, True)]
     return []
 
 

@@ -349,8 +349,8 @@ def fused_out_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """y = tanh(conv(x, weight) + bias) for an odd k x k weight with few output channels (the
     generator's 64 -> 3, 9x9 output layer).
 
-    The triton backend runs a torch forward (cuDNN's conv, or a GEMM + fold when the tuner times it
-    faster: gafh_fast/kernels/outconv.py) and the backward as three Triton launches that gather the
+    The triton backend's forward is cuDNN's conv, or a GEMM + a Triton fold when the tuner times it
+    faster (gafh_fast/kernels/outconv.py), and its backward is three Triton launches that gather the
     3-channel gradient over the flattened (tap, output channel) index (gafh_fast/kernels/outconv_kernels.py)."""
     chosen = resolve_backend(backend, x.device)
     if chosen == "auto":

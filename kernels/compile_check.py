@@ -46,11 +46,12 @@ _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin
 def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict]:
     """Every launch of one IDB forward + backward, one two-residual conv forward + backward, one
     upsampling step (upconv.py) forward + backward, one fused RIDB (2 IDBs) forward + backward, the
-    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256; its forward is torch's) and the backward
-    of the last upsampling step with the output layer (upout.py: the output layer's dX making the step's
-    gz, then the step's dW and dX + fold at 128 -> 256)."""
+    output layer's backward (outconv.py: 64 -> 3, 9x9 at 256x256), the fold of its forward's GEMM + fold
+    way (recorded on one image, whose GEMM this CPU runs; the grid is scaled to a chunk of `batch`'s) and
+    the backward of the last upsampling step with the output layer (upout.py: the output layer's dX making
+    the step's gz, then the step's dW and dX + fold at 128 -> 256)."""
     from .op import fused_conv3x3_triton, fused_idb_triton
-    from .outconv import out_backward
+    from .outconv import FOLD_CHUNK_BYTES, _out_forward_fold, out_backward
     from .ridb import fused_ridb_triton
     from .upconv import PHASE_TAPS, fused_upconv3x3_triton
     from .upout import up_out_backward
@@ -67,7 +68,8 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
     hr = 8 * s  # the output layer's tensors: never read here (nothing runs), so left uninitialised
     x_out = torch.empty(batch, nf, hr, hr, **fmt).contiguous(memory_format=cl)
     y_out, g_out = (torch.empty(batch, 3, hr, hr, **fmt).contiguous(memory_format=cl) for _ in range(2))
-    w_out = torch.empty(3, nf, 9, 9, **fmt)
+    w_out, b_out = torch.empty(3, nf, 9, 9, **fmt), torch.zeros(3, **fmt)
+    fold_images = min(batch, max(1, FOLD_CHUNK_BYTES // (3 * 9 * 9 * hr * hr * x_out.element_size())))
     x_last = torch.empty(batch, nf, hr // 2, hr // 2, **fmt).contiguous(memory_format=cl)  # the last step's input
     wc_last = torch.empty(nf, PHASE_TAPS, nf, **fmt)
     mask_last = torch.empty(mask_shape(batch, hr, hr, nf), dtype=torch.uint8)
@@ -77,6 +79,7 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
         ("up_conv", lambda: fused_upconv3x3_triton(x, w3, b3, 0.2).backward(g_up)),
         ("ridb", lambda: fused_ridb_triton(x, [(w1, b1, w2, b2)] * 2, w3, b3, 0.2, x, 0.2).backward(torch.ones_like(x))),
         ("out_conv", lambda: out_backward(g_out, x_out, y_out, w_out, True)),
+        ("out_fwd", lambda: _out_forward_fold(x_out[:1], w_out, b_out)),
         ("up_out", lambda: up_out_backward(g_out, x_last, w3, wc_last, mask_last, x_out, w_out, y_out, 0.2, True, True)),
     ]
     old_sms = conv3x3._sms
@@ -85,6 +88,8 @@ def record_launches(batch: int, dtype: torch.dtype, candidate: int) -> list[dict
     try:
         for label, run in workloads:
             for rec in record(run, picks=[candidate]):
+                if label == "out_fwd":  # one image recorded: a chunk's programs
+                    rec = dict(rec, grid=(rec["grid"][0] * fold_images, *rec["grid"][1:]))
                 records.append(dict(rec, label=label))
     finally:
         conv3x3._sms = old_sms

@@ -165,23 +165,43 @@ def out_conv_launches(batch: int, owned: bool, nf: int = 64, c_out: int = 3, k: 
 
 
 def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> dict:
-    """The output layer's forward, y = tanh(conv k x k (nf -> c_out)) + bias: one pass over x (torch's on
-    both paths: cuDNN's conv, or on the triton path a GEMM + fold when the tuner picks it; the floor counts
-    one launch either way)."""
+    """The output layer's forward, y = tanh(conv k x k (nf -> c_out)) + bias: one pass over x (the floor
+    of both paths: cuDNN's conv, or on the triton path the GEMM + fold when the tuner picks it, whose
+    launches out_conv_forward_fold counts)."""
     m = batch * side * side
     return dict(launch="fwd conv + tanh (cuDNN)", flops=2 * m * k * k * c_out * nf,
                 bytes=m * nf * BF16 + m * c_out * BF16 + k * k * c_out * nf * BF16)
 
 
+def out_conv_forward_fold(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> list[dict]:
+    """The output layer's forward as outconv._out_forward_fold runs it: per chunk of images whose tap
+    columns fit FOLD_CHUNK_BYTES, torch's GEMM writing k*k*c_out columns per pixel, then
+    outconv_fold_kernel reading them (with the bias, tanh and channels_last store)."""
+    from .outconv import FOLD_CHUNK_BYTES
+
+    step = max(1, FOLD_CHUNK_BYTES // (k * k * c_out * side * side * BF16))
+    rows = []
+    for first in range(0, batch, step):
+        m = min(step, batch - first) * side * side
+        cols = m * k * k * c_out * BF16
+        rows += [dict(launch="fwd GEMM onto the taps' columns (torch)", flops=2 * m * k * k * c_out * nf,
+                      bytes=m * nf * BF16 + k * k * c_out * nf * BF16 + cols),
+                 dict(launch="fwd fold + bias + tanh", kernel="outconv_fold_kernel", flops=m * k * k * c_out,
+                      bytes=cols + c_out * BF16 + m * c_out * BF16)]
+    return rows
+
+
 def up_out_launches(batch: int, owned: bool, nf: int = 64, side: int = 128, c_out: int = 3, k: int = 9,
-                    sms: int = 132) -> list[dict]:
+                    sms: int = 132, fold: bool = False) -> list[dict]:
     """The last upsampling step (side -> 2 side) and the output layer as one op (kernels/upout.py), forward +
-    backward in launch order: the step's 2 forward launches, the output layer's forward (torch's), its
-    backward with the step's mask read in dX (owned: outconv.py's 3 launches; else at the real K and N),
-    then the step's gz-ready dW and dX + fold."""
+    backward in launch order: the step's 2 forward launches, the output layer's forward (cuDNN's conv, or
+    with fold the GEMM + fold launches), its backward with the step's mask read in dX (owned: outconv.py's
+    3 launches; else at the real K and N), then the step's gz-ready dW and dX + fold."""
     up = upsample_launches(batch, True, nf, side, steps=1, sms=sms, gz_ready_last=True)
     out = out_conv_launches(batch, owned, nf, c_out, k, 2 * side, act_mask=True)
-    return up[:2] + [out_conv_forward(batch, nf, c_out, k, 2 * side)] + out + up[2:]
+    forward = (out_conv_forward_fold(batch, nf, c_out, k, 2 * side) if fold
+               else [out_conv_forward(batch, nf, c_out, k, 2 * side)])
+    return up[:2] + forward + out + up[2:]
 
 
 def plain_conv_launches(batch: int, c_in: int, c_out: int, k: int, side: int, dgrad: bool = True) -> list[dict]:

@@ -1,14 +1,15 @@
 """The generator's output layer, y = tanh(convKxK(x, W) + b) with few output channels: host code,
 autograd Function and torch custom ops (kernels and the maths: outconv_kernels.py).
 
-Forward: not a Triton kernel. With C_out = 3 an implicit-GEMM forward has N = 3 (a 16-wide MMA tile
+Forward: not an implicit GEMM. With C_out = 3 an implicit-GEMM forward has N = 3 (a 16-wide MMA tile
 for 3 live columns, 5x the MMA work) and re-reads each input pixel for each of the 81 taps; flattening
 the taps into N, as the backward does, needs a shifted sum of the GEMM's columns across pixels, which
-Triton cannot express in registers; torch's F.fold (col2im) does it through memory. So two torch ways,
-timed once per shape by the tuner: cuDNN's conv, or one GEMM onto every tap's columns and F.fold
-(_out_forward_fold). cuDNN's took 5.2 ms of the paper G's 20.4 ms of device time at batch 64 on the
-H200 (RESULTS, calls D1-D4), ~32x the conv's floor. The GEMM + fold writes and reads its k*k*C_out
-columns once: 2 x 2.0 GB at batch 64 in bf16, ~1 ms at the H200's bandwidth.
+Triton cannot express in registers. So two ways, timed once per shape by the tuner: cuDNN's conv, or
+one GEMM (torch.matmul) onto every tap's columns and a fold through memory (outconv_fold_kernel: the
+col2im sum, bias, tanh and channels_last store in one pass; _out_forward_fold). cuDNN's took 5.2 ms of
+the paper G's 20.4 ms of device time at batch 64 on the H200 (RESULTS, calls D1-D4), ~32x the conv's
+floor: an implicit GEMM with 128x32 tiles for 3 output channels. The GEMM + fold writes and reads its
+k*k*C_out columns once: 2 x 2.0 GB at batch 64 in bf16, ~1 ms at the H200's bandwidth.
 The backward is where the flattening works in Triton (outconv_kernels.py), so the backward is what
 this op's kernels do: 3 launches (gz with a zero border and the weight as dX's operand, dW partials,
 then dX with the fold of the partials in extra programs), against torch's tanh backward and cuDNN's
@@ -28,14 +29,17 @@ from .configs import cdiv
 from .conv3x3 import _FIN_CONFIG, _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags, _empty_cl, _grad_like, cfg_key
 from .launch import KernelLauncher, aligned
 from .op import _needs_grad
-from .outconv_kernels import outconv_bwd_dw_kernel, outconv_bwd_dx_kernel, outconv_prep_kernel
+from .outconv_kernels import (outconv_bwd_dw_kernel, outconv_bwd_dx_kernel, outconv_fold_kernel,
+                              outconv_prep_kernel)
 
 OUT_PREP = KernelLauncher(outconv_prep_kernel, "out_prep")
 OUT_DW = KernelLauncher(outconv_bwd_dw_kernel, "out_dw")
 OUT_DX = KernelLauncher(outconv_bwd_dx_kernel, "out_dx")
+OUT_FOLD = KernelLauncher(outconv_fold_kernel, "out_fold")
 
 MAX_ROWS = 1024  # KS*KS*C_out padded to a power of two: dX's gathered K (6 steps of 64 for the paper's 9x9x4: 324)
 _GZ_BLOCK_P = 256  # the prep kernel: padded pixels per program (and BLOCK_P * CP weight elements)
+_FOLD_BLOCK_P = 256  # the forward's fold: output pixels per program (CP * 256 fp32 sums, 8 per thread)
 
 
 def check_out_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -70,22 +74,33 @@ def _out_forward_cudnn(x, weight, bias) -> torch.Tensor:
 
 
 def _out_forward_fold(x, weight, bias) -> torch.Tensor:
-    """tanh(conv(x, W) + b) as Z = W' x, one GEMM from C_in to k*k*C_out columns per pixel, then F.fold,
-    which adds to output pixel p column (c, ky, kx) of the pixel p - (ky, kx) + k//2. The conv reads
-    x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so W' holds the taps flipped: W'[(c, ky, kx)] =
-    W[c, :, k-1-ky, k-1-kx]. Images go in chunks whose Z fits FOLD_CHUNK_BYTES."""
+    """tanh(conv(x, W) + b) as Z = W' x, one GEMM from C_in to k*k*C_out columns per pixel, W'[(c, ky, kx)]
+    = W[c, :, ky, kx], then a fold: the conv reads x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so
+    output pixel p adds column (c, ky, kx) of the pixel p + (ky, kx) - k//2. The fold is
+    outconv_fold_kernel, with the bias, the tanh and the
+    channels_last store in its epilogue: F.fold launched col2im once per image and left an NCHW sum in the
+    I/O dtype for three more passes (bias, tanh, the layout copy). Images go in chunks whose Z fits
+    FOLD_CHUNK_BYTES: two launches per chunk."""
     n, c_in, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
-    w_cols = weight.flip(2, 3).permute(0, 2, 3, 1).reshape(c_out * k * k, c_in)
+    w_cols = weight.permute(0, 2, 3, 1).reshape(c_out * k * k, c_in)
     per_image = c_out * k * k * h * w * x.element_size()
     step = max(1, FOLD_CHUNK_BYTES // max(1, per_image))
-    y = x.new_empty(n, c_out, h, w)  # NCHW: fold's layout; _cl below makes the op's channels_last
+    y = _empty_cl(n, c_out, h, w, x)
+    tiles = cdiv(h * w, _FOLD_BLOCK_P)
+    flags = dict(C_OUT=c_out, CP=padded_channels(c_out), KS=k, HAS_BIAS=bias is not None,
+                 INTERP_BF16=_dtype_flags(x.dtype)["INTERP_BF16"], BLOCK_P=_FOLD_BLOCK_P)
     for i in range(0, n, step):
-        cols = torch.matmul(w_cols, x[i:i + step].flatten(2))  # (n', k*k*C_out, H*W); channels_last x: no copy
-        y[i:i + step] = F.fold(cols, (h, w), kernel_size=k, padding=k // 2)
-    if bias is not None:
-        y += bias.view(1, c_out, 1, 1)
-    return _cl(torch.tanh_(y))
+        # (n', k*k*C_out, H*W), contiguous (the kernel's layout); a channels_last x is read in place
+        cols = torch.matmul(w_cols, x[i:i + step].flatten(2)).contiguous()
+        idx64 = max(cols.numel(), y.numel()) >= 2**31
+        y_chunk = y[i:i + step]
+        # y's chunk starts at an image boundary, which need not be 16-byte aligned: the key says
+        OUT_FOLD.launch((("out_fold", c_out, k, bias is not None, x.dtype, x.device, idx64),
+                         aligned(cols, y_chunk, *(() if bias is None else (bias,)))),
+                        (cols.shape[0] * tiles, 1, 1), (cols, bias if bias is not None else cols, y_chunk, h * w, h, w,
+                                                        tiles), dict(flags, IDX64=idx64), _FIN_CONFIG)
+    return y
 
 
 def _forward_of(cfg: triton.Config):

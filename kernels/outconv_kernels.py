@@ -15,9 +15,12 @@ window row of the gather is KS*CP contiguous elements, read CP at a time (8-byte
 rows grow to KS*KS*CP (324 for the paper's layer, 6 dX steps of 64) for a quarter of the load and
 address instructions. (The first version gathered 243 rows one element at a time and made gz on the
 operand: 255 registers with spills and, in dW, a serialised wgmma; bench/RESULTS.md, Round 8.)
-The forward stays cuDNN's (outconv.py says why).
+The forward's conv is cuDNN's or torch's GEMM onto the taps' columns (outconv.py says why); the fold of
+those columns is a kernel here.
 
 Kernels (host code: outconv.py):
+  * `outconv_fold_kernel` (forward, when the tuner picks the GEMM way): per output pixel the sum of its
+    k*k shifted tap columns, + bias, tanh, stored channels_last.
   * `outconv_prep_kernel`: the padded gz, and the weight re-laid as dX's B operand (row r contiguous).
   * `outconv_bwd_dw_kernel`: fp32 partials of dW per row tile of r and chunk of pixels (split-K, no
     atomics), plus db partials from an extra program. 32-row tiles: Triton then emits mma.sync, whose
@@ -25,7 +28,8 @@ Kernels (host code: outconv.py):
   * `outconv_bwd_dx_kernel`: dX; extra programs fold the dW partials in a fixed order (deterministic)
     into dW in the weight's layout, and db. With ACT, dX times the LeakyReLU' of the layer before
     (kernels/upout.py: the generator's last upsampling step and this layer as one op).
-Launches: backward 3 (prep, dW, then dX + fold).
+Launches: forward 0, or 1 per chunk of images with the GEMM way (+ torch's GEMM); backward 3 (prep, dW,
+then dX + fold).
 Layouts: activations channels_last (element (n, c, h, w) at pixel*C + c).
 """
 from __future__ import annotations
@@ -81,6 +85,58 @@ def outconv_prep_kernel(
         wv = tl.load(w_ptr + c * s_co + ci * s_ci + (KS - 1 - tap // KS) * s_kh + (KS - 1 - tap % KS) * s_kw,
                      mask=live, other=0.0)
         tl.store(wr_ptr + offs, wv, mask=offs < R_PAD * C_IN)
+
+
+@triton.jit
+def _tanh(z):
+    """tanh in fp32 from one exp of -2|z| (<= 1: no overflow); absolute error ~1e-7 near 0, where 1 - e
+    cancels. (tl has no tanh; libdevice's is not in the interpreter.)"""
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit(do_not_specialize=["HW", "H", "W", "TILES"])
+def outconv_fold_kernel(
+    cols_ptr,   # the forward GEMM's tap columns, (N, C_OUT*KS*KS, H*W) contiguous: row (c*KS + a)*KS + b of
+                # source pixel q holds sum_ci x[q, ci] * W[c, ci, a, b] (outconv._out_forward_fold)
+    b_ptr,      # bias (C_OUT,) if HAS_BIAS, else any valid pointer, never read
+    y_ptr,      # out: tanh(conv(x, W) + b), (N, C_OUT, H, W) channels_last
+    HW, H, W,
+    TILES,      # programs per image: cdiv(H*W, BLOCK_P)
+    C_OUT: tl.constexpr, CP: tl.constexpr, KS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INTERP_BF16: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # 1-D grid: TILES programs per image, BLOCK_P output pixels q of one image each, all C_OUT channels.
+    # y[q, c] = sum over taps (a, b) of column (c, a, b) of source pixel q + (a, b) - KS//2 (inside the
+    # image): F.fold (col2im) with the bias, tanh and the channels_last store in its epilogue. The tile is
+    # (CP, BLOCK_P) with the pixels fastest: for one channel and tap the source pixels of a row segment
+    # are consecutive in the columns, so a warp's loads are coalesced.
+    pid = tl.program_id(0)
+    n = pid // TILES
+    if IDX64:
+        n = n.to(tl.int64)
+    q = (pid % TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = q < HW
+    h = q // W
+    w = q % W
+    co = tl.arange(0, CP)
+    co_ok = co < C_OUT
+    # column (c, 0, 0) of pixel q: the taps add a*KS + b rows and a source-pixel shift
+    base = cols_ptr + (n * (C_OUT * KS * KS) + co * (KS * KS))[:, None] * HW + q[None, :]
+    acc = tl.zeros((CP, BLOCK_P), dtype=tl.float32)
+    for a in range(KS):
+        sh = h + (a - KS // 2)
+        row_ok = q_ok & (sh >= 0) & (sh < H)
+        for b in range(KS):
+            sw = w + (b - KS // 2)
+            ok = co_ok[:, None] & (row_ok & (sw >= 0) & (sw < W))[None, :]
+            acc += tl.load(base + ((a * KS + b) * HW + (a - KS // 2) * W + (b - KS // 2)), mask=ok,
+                           other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + pixel_rows(n * HW + q, C_OUT, IDX64)[None, :] + co[:, None],
+             cast_rne(_tanh(acc), y_ptr.dtype.element_ty, INTERP_BF16), mask=co_ok[:, None] & q_ok[None, :])
 
 
 @triton.jit

@@ -10,8 +10,8 @@ and writes it once more (the tuner's GZ_PASS way). As one op the output layer's 
 LeakyReLU' from the step's bit mask and writes gz itself; the step's backward then runs as one without
 an activation: dW, then dX with the fold in extra programs.
 
-Launches: forward 2 (upconv.py) and the output layer's torch forward (outconv.out_forward: cuDNN's conv
-or a GEMM + fold, as the tuner picked); backward 3 (outconv.py: prep, dW,
+Launches: forward 2 (upconv.py) and the output layer's forward (outconv.out_forward: cuDNN's conv, or a
+GEMM + outconv_fold_kernel per chunk of images, as the tuner picked); backward 3 (outconv.py: prep, dW,
 dX -> gz) + 2 (upconv.py: dW, dX + fold) = 5, against 6 apart. The full-resolution gradient is written
 once and read twice (apart: twice and twice, or with the gz pass twice and three times).
 """

@@ -125,6 +125,28 @@ def test_output_layer_launch_order_is_the_kernels(monkeypatch):
     assert names == [r["kernel"] for r in cm.out_conv_launches(1, True, 8, 3, 9, 5)]
 
 
+def test_output_layer_forward_by_fold_launch_order_and_bytes(monkeypatch):
+    """The fold way of the output layer's forward: one outconv_fold_kernel per chunk of images, as
+    cost_model.out_conv_forward_fold counts them (chunks of FOLD_CHUNK_BYTES // per-image columns), and
+    its bytes by hand: per chunk of m pixels the GEMM reads x (m * nf) and the weight and writes m * k*k*c
+    columns, which the fold reads, writing y (m * c) and reading the bias (c); bf16, 2 bytes each."""
+    from gafh_fast.kernels import outconv
+
+    paper = cm.out_conv_forward_fold(64)  # 256x256 bf16: 31.9 MB of columns per image, 8 per 256 MB chunk
+    assert len(paper) == 16 and sum(r["bytes"] for r in paper if r.get("kernel")) > 2 * 2**30 * 0.95
+    monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", 2 * 3 * 9 * 25 * 2)  # two 5x5 images per chunk (bf16)
+    names = _recorded(monkeypatch)
+    outconv._out_forward_fold(torch.randn(5, 8, 5, 5, device=DEVICE, dtype=torch.bfloat16),
+                              torch.randn(3, 8, 3, 3, device=DEVICE, dtype=torch.bfloat16), None)
+    rows = cm.out_conv_forward_fold(5, nf=8, c_out=3, k=3, side=5)
+    assert names == [r["kernel"] for r in rows if r.get("kernel")] == ["outconv_fold_kernel"] * 3
+    gemm, fold = rows[0], rows[1]
+    m = 2 * 25
+    assert gemm["bytes"] == (m * 8 + 27 * 8 + m * 27) * 2 and gemm["flops"] == 2 * m * 27 * 8
+    assert fold["bytes"] == (m * 27 + 3 + m * 3) * 2
+    assert rows[-1]["bytes"] == (25 * 27 + 3 + 25 * 3) * 2  # the last chunk: one image
+
+
 def test_launch_bytes_by_hand():
     """One hand count per kind of launch the floors use (the mutation run of round 9 found byte terms no
     other test pinned). bf16 activations of m pixels: m * C * 2 bytes; masks m * C / 8; weights k*k*Cin*Cout

@@ -1,7 +1,7 @@
 """The output layer, y = tanh(convKxK(x) + b) with few output channels (kernels/outconv.py): its Triton
 backward against float64 autograd.
 
-The forward is torch's on both backends (cuDNN's conv, or on the triton backend a GEMM + F.fold when the
+The forward is cuDNN's conv on both backends (or on the triton backend a GEMM + outconv_fold_kernel when the
 tuner times it faster; both against F.conv2d below), so the backward is checked given the op's own y:
 gz = g * (1 - y^2) in float64 from that y, then the conv's gradients by float64 autograd. Bounds as in
 test_conv3x3.py: elementwise within rel * (the same computation on |values|), rel = 1e-5 (fp32) and
@@ -154,7 +154,8 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
         warps = {e["kernel"]: e["config"]["num_warps"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    assert len(timed) == 6 and counts == {"out_prep": 1, "out_dw": 3, "out_dx": 3}
+    # the fold's kernel: once timed, once in the forward that chose it
+    assert len(timed) == 6 and counts == {"out_fold": 2, "out_prep": 1, "out_dw": 3, "out_dx": 3}
     assert chosen == {"out_fwd": {"FOLD": True},  # the forward's two torch ways are timed too
                       "out_dw": configs.out_dw_candidates(8, 100, 6, 60)[1].kwargs,
                       "out_dx": configs.out_dx_candidates(8, 100, 6, 60)[1].kwargs}
@@ -165,33 +166,54 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
         assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
 
 
-@pytest.mark.parametrize("c_in, c_out, k, n, h, w, bias, layout", [
-    (5, 3, 9, 3, 7, 6, True, "channels_last"),  # the paper's 9x9 on an image smaller than it: every pixel pads
-    (8, 3, 5, 2, 5, 6, False, "nchw"),
-    (4, 2, 3, 1, 1, 1, True, "channels_last"),  # 1x1 image: one tap of nine lands
+@pytest.mark.parametrize("c_in, c_out, k, n, h, w, bias, layout, chunk", [
+    (5, 3, 9, 3, 7, 6, True, "channels_last", 2),  # the paper's 9x9 on an image smaller than it: every pixel pads
+    (8, 3, 5, 2, 5, 6, False, "nchw", 2),
+    (4, 2, 3, 1, 1, 1, True, "channels_last", 2),  # 1x1 image: one tap of nine lands
+    (3, 4, 3, 3, 19, 17, True, "channels_last", 1),  # 323 pixels: a full and a partial tile of 256 per image;
+                                                     # C_out 4 needs no padded channel; one image per chunk
+    (6, 1, 5, 2, 3, 9, True, "nchw", 1),  # one output channel (3 padded)
 ])
-def test_forward_by_gemm_and_fold_matches_the_conv(monkeypatch, c_in, c_out, k, n, h, w, bias, layout):
-    """_out_forward_fold (one GEMM onto every tap's columns, then F.fold) against F.conv2d + tanh in
-    float64, two images per chunk (3 images: a full chunk and a partial one): the flipped taps, fold's
-    shifts, the bias and the chunking all show."""
-    monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", 2 * c_out * k * k * h * w * 8)  # float64 columns
+def test_forward_by_gemm_and_fold_matches_the_conv(monkeypatch, c_in, c_out, k, n, h, w, bias, layout, chunk):
+    """_out_forward_fold (one GEMM onto every tap's columns, then outconv_fold_kernel) against F.conv2d +
+    tanh in float64, `chunk` images per chunk (3 images by 2: a full chunk and a partial one): the taps'
+    shifts, the borders, the bias, the tanh, the tiles and the chunking all show. fp32 I/O: within 1e-5 of
+    the terms' size (|W| * |x| + |b|, tanh' <= 1) plus |y| (the tanh's own error is ~1e-7 absolute)."""
+    monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", chunk * c_out * k * k * h * w * 4)  # fp32 columns
     t, _ = make_out_case(c_in, c_out, k, n, h, w, bias=bias, seed=3)
     x = t["x"].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t["x"]
-    got = outconv._out_forward_fold(x.to(DEVICE), t["weight"].to(DEVICE),
-                                    None if t["bias"] is None else t["bias"].to(DEVICE))
+    launch.LAUNCHES.clear()
+    got = outconv._out_forward_fold(x.float().to(DEVICE), t["weight"].float().to(DEVICE),
+                                    None if t["bias"] is None else t["bias"].float().to(DEVICE))
+    assert launch.LAUNCHES["out_fold"] == -(-n // chunk)  # one fold launch per chunk
     ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=k // 2))
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got.cpu(), ref, rtol=1e-12, atol=1e-12)
+    scale = F.conv2d(t["x"].abs(), t["weight"].abs(), None if t["bias"] is None else t["bias"].abs(),
+                     padding=k // 2) + ref.abs()
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert_within("y", got, ref, scale, 1e-5)
 
 
 def test_forward_by_gemm_and_fold_in_bf16():
-    """bf16 in and out (the GEMM's columns rounded to bf16 before the fold sums them): within 2**-7 of
-    the terms' size, the bound of the other bf16 paths (|W| * |x| + |b|, tanh' <= 1)."""
+    """bf16 in and out (the GEMM's columns rounded to bf16 before the fold sums them in fp32): within 2**-7
+    of the terms' size, the bound of the other bf16 paths (|W| * |x| + |b|, tanh' <= 1)."""
     t, _ = make_out_case(6, 3, 9, 2, 10, 11, dtype=torch.bfloat16, seed=4)
     got = outconv._out_forward_fold(*(t[k].to(torch.bfloat16).to(DEVICE) for k in NAMES))
     ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=4))
     scale = F.conv2d(t["x"].abs(), t["weight"].abs(), t["bias"].abs(), padding=4) + ref.abs()
+    assert got.dtype == torch.bfloat16
     assert_within("y", got, ref, scale, 2.0**-7)
+
+
+def test_fold_keys_each_chunks_alignment(monkeypatch):
+    """y's chunks start at image boundaries, which need not be 16-byte aligned (5 x 7 pixels x 3 channels x
+    4 bytes = 420 bytes per image); the JIT specialises on alignment, so each chunk's launch key says its
+    own: kept kernels compiled for an aligned y never store to a misaligned one."""
+    keys = []
+    monkeypatch.setattr(launch, "STANDIN", lambda name, grid, args, constexprs, options, key: keys.append(key))
+    monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", 3 * 9 * 5 * 7 * 4)  # one image per chunk
+    x = torch.randn(3, 4, 5, 7).contiguous(memory_format=torch.channels_last)
+    outconv._out_forward_fold(x, torch.randn(3, 4, 3, 3), torch.randn(3))
+    assert [k[1] for k in keys] == [True, (True, False, True), (True, False, True)]  # images at 0, 420, 840 bytes
 
 
 def test_kept_dw_partials_need_no_clearing():
@@ -234,6 +256,19 @@ def test_backward_stays_in_bounds(bounds_checked):
     y = out_forward(x, wt, b)
     dx, dw, db = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_split=2)
     assert_fp32_grads(t, y, grad, dx, dw, db)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="hooks the Triton interpreter's loads and stores")
+def test_forward_fold_stays_in_bounds(bounds_checked, monkeypatch):
+    """Every load and store of the fold launches stays inside the tensors passed: the taps that reach past
+    an image's border (masked), the padded 4th channel (masked), a partial pixel tile (300 of 2 x 256),
+    and the last chunk of one image, whose y slice ends at y's end."""
+    monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", 2 * 3 * 9 * 20 * 15 * 4)  # two images per chunk
+    t, _ = make_out_case(4, 3, 3, 3, 20, 15, seed=5)
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    got = outconv._out_forward_fold(x, wt, b)
+    ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=1))
+    assert_within("y", got, ref, F.conv2d(t["x"].abs(), t["weight"].abs(), t["bias"].abs(), padding=1) + ref.abs(), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
