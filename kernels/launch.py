@@ -11,8 +11,9 @@ Raw launch paths:
   * CUDA: the first launch of a key goes through kernel[grid](...) (compiles or loads from Triton's
     disk cache) and keeps the CompiledKernel; later launches call it with every argument in signature
     order (constexprs included: the launch convention of Triton >= 3.3), through `direct_runner`: the
-    call Triton's own runner makes, with its per-launch Python (a closure, the driver's device and
-    stream lookups, launch metadata for hooks nobody registered) done once per key instead.
+    call Triton's own runner makes, with its per-launch Python (a closure, the driver's device lookup,
+    launch metadata for hooks nobody registered) done once per key instead, and the tensors passed as
+    addresses (the C launcher then skips its per-pointer driver query).
   * Interpreter: every launch goes through kernel[grid](...) (there is no compiled kernel).
   * STANDIN (bench/host_overhead.py): a callable that replaces both, so the host path can be timed
     on a machine without a GPU.
@@ -24,6 +25,7 @@ import inspect
 from collections import Counter
 from typing import Any, Callable, Optional
 
+import torch
 import triton
 import triton.language as tl
 
@@ -60,36 +62,47 @@ def _no_hook(hook) -> bool:
     return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
 
 
-def direct_runner(compiled, constexprs: tuple) -> Callable:
+def direct_runner(compiled, constexprs: tuple, pointer_args: tuple = ()) -> Callable:
     """-> launch(grid, args): compiled[grid](*args, *constexprs), with Triton's per-launch Python hoisted.
 
     Triton's runner (CompiledKernel.__getitem__, the same in 3.3 to 3.9) makes a closure per launch,
     asks the driver for the current device and its stream, and builds launch metadata for the launch
     hooks, then calls compiled.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
-    enter_hook, exit_hook, *args). Here the handles and the driver's two lookups are bound once; with no
-    hook registered the metadata and hooks are None, which the launcher skips as it skips empty chains.
-    With a hook registered (proton, a user's) the launch goes through Triton's runner, so it sees it.
+    enter_hook, exit_hook, *args). Here the handles are bound once, and so is the device: the one
+    current now, which _init_handles loaded the kernel's module on (its function handle is that
+    device's). Its current stream is looked up per launch (a caller's torch.cuda.stream context holds).
+    With no hook registered the metadata and hooks are None, which the launcher skips as it skips empty
+    chains. With a hook registered (proton, a user's) the launch goes through Triton's runner, so it sees it.
+    pointer_args: the positions of the tensor arguments, passed as their data_ptr() ints. Triton's C
+    launcher takes an int as the address itself; for a tensor it calls data_ptr() and then asks the
+    driver whether the address is device memory (cuPointerGetAttribute, once per pointer per launch),
+    a check the ops' argument validation already made once per shape.
     tests/kernels/test_host_code.py checks the call against Triton's runner's."""
     compiled._init_handles()
     run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
     driver = triton.runtime.driver.active
-    current_device, current_stream = driver.get_current_device, driver.get_current_stream
+    device, current_stream = driver.get_current_device(), driver.get_current_stream
     runtime = triton.knobs.runtime
 
     def launch(grid, args):
         if _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook):
-            run(grid[0], grid[1], grid[2], current_stream(current_device()), function, packed, None, None, None,
+            if pointer_args:
+                args = list(args)
+                for i in pointer_args:
+                    args[i] = args[i].data_ptr()
+            run(grid[0], grid[1], grid[2], current_stream(device), function, packed, None, None, None,
                 *args, *constexprs)
         else:
             compiled[grid](*args, *constexprs)
     return launch
 
 
-def _kept_runner(compiled, constexprs: tuple) -> Callable:
-    """launch(grid, args) for a kept kernel: direct_runner for Triton's own CompiledKernel, else (the
-    stand-ins of bench/host_overhead.py and the tests) its runner."""
+def _kept_runner(compiled, constexprs: tuple, args: tuple) -> Callable:
+    """launch(grid, args) for a kept kernel: direct_runner for Triton's own CompiledKernel (args: the
+    first launch's, whose tensor positions every launch of the key shares), else (the stand-ins of
+    bench/host_overhead.py and the tests) its runner."""
     if DIRECT_RUNNER and hasattr(triton, "knobs") and isinstance(compiled, triton.compiler.CompiledKernel):
-        return direct_runner(compiled, constexprs)
+        return direct_runner(compiled, constexprs, tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor)))
     return lambda grid, args: compiled[grid](*args, *constexprs)
 
 
@@ -132,7 +145,7 @@ class KernelLauncher:
         else:
             compiled = self.kernel[grid](*args, **constexprs, **options)
         if compiled is not None and (DIRECT_LAUNCH or STANDIN is not None) and not INTERPRETING:
-            self._compiled[key] = _kept_runner(compiled, tuple(constexprs[n] for n in self._constexpr_names))
+            self._compiled[key] = _kept_runner(compiled, tuple(constexprs[n] for n in self._constexpr_names), args)
 
     def forget(self) -> None:
         """Drop the kept compiled kernels (the host-overhead bench's cold measurement)."""

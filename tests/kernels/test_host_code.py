@@ -210,23 +210,40 @@ def _fake_compiled_kernel(calls):
 
 
 class _FakeDriver:
-    get_current_device = staticmethod(lambda: 3)
-    get_current_stream = staticmethod(lambda device: 1000 + device)
+    """The driver's device and stream lookups: device 3 current, each device's stream 1000 + its index
+    unless a test sets another."""
+
+    def __init__(self):
+        self.device, self.streams = 3, {}
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device):
+        return self.streams.get(device, 1000 + device)
 
 
 def test_direct_runner_makes_tritons_runner_call(monkeypatch):
     """The CUDA launch path with the driver swapped: direct_runner calls compiled.run with what Triton's
-    runner passes (grid, the current device's stream, handle, metadata, every argument in order), but None
-    for the launch metadata and hooks when no hook is registered; with one registered it launches
-    through Triton's runner, so the hook sees the launch."""
-    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeDriver())
+    runner passes (grid, the device's current stream, handle, metadata, every argument in order; the
+    tensors as their addresses, which Triton's C launcher reads from them itself), but None for the
+    launch metadata and hooks when no hook is registered; with one registered it launches through
+    Triton's runner, so the hook sees the launch. The device is bound when the runner is made (the one
+    the module was loaded on); the stream is looked up per launch."""
+    driver = _FakeDriver()
+    monkeypatch.setattr(triton.runtime.driver, "_active", driver)
     theirs, ours = [], []
-    args, constexprs = ("x", 7, 0.5), (True, 64)
+    x, y = torch.zeros(3), torch.ones(5)
+    args, constexprs = (x, 7, y, 0.5), (True, 64)
     _fake_compiled_kernel(theirs)[(5, 2, 1)](*args, *constexprs)
-    launch.direct_runner(_fake_compiled_kernel(ours), constexprs)((5, 2, 1), args)
+    runner = launch.direct_runner(_fake_compiled_kernel(ours), constexprs, (0, 2))
+    driver.streams[3] = 1013  # a caller's stream context on the kernel's device, entered after the runner was made
+    driver.device = 4  # and another device made current: the kernel's module is device 3's
+    runner((5, 2, 1), args)
     (t,), (o,) = theirs, ours
-    assert o == (5, 2, 1, 1003, 0xF00, ("warps", 4), None, None, None, "x", 7, 0.5, True, 64)
-    assert t[:6] == o[:6] and t[9:] == o[9:]
+    assert o == (5, 2, 1, 1013, 0xF00, ("warps", 4), None, None, None, x.data_ptr(), 7, y.data_ptr(), 0.5, True, 64)
+    assert t[:3] == o[:3] and t[3] == 1003 and t[4:6] == o[4:6]
+    assert t[9:] == (x, 7, y, 0.5, True, 64)  # Triton's runner hands the tensors to its C launcher
     runtime = triton.knobs.runtime
     assert launch._no_hook(t[7]) and launch._no_hook(t[8])  # Triton's empty chains: nothing is called either way
     seen = []
@@ -234,23 +251,27 @@ def test_direct_runner_makes_tritons_runner_call(monkeypatch):
     runtime.launch_enter_hook.add(hook)
     try:
         ours.clear()
-        launch.direct_runner(_fake_compiled_kernel(ours), constexprs)((5, 2, 1), args)
+        driver.device = 3
+        launch.direct_runner(_fake_compiled_kernel(ours), constexprs, (0, 2))((5, 2, 1), args)
     finally:
         runtime.launch_enter_hook.remove(hook)
     (o,) = ours
-    assert o[7] is runtime.launch_enter_hook and o[6] is not None and o[:6] == t[:6] and o[9:] == t[9:]
+    assert o[7] is runtime.launch_enter_hook and o[6] is not None and o[:6] == (*t[:3], 1013, *t[4:6])
+    assert o[9:] == t[9:]  # through Triton's runner: the tensors themselves
 
 
 def test_kept_kernels_launch_through_direct_runner_only_when_they_are_tritons(monkeypatch):
     """A CompiledKernel of Triton's is kept as a direct_runner (unless DIRECT_RUNNER is off, as the
-    launch profile's baseline sets it); any other kept object (the stand-ins) through its runner."""
+    launch profile's baseline sets it), with the first launch's tensor positions passed as addresses;
+    any other kept object (the stand-ins) through its runner."""
     monkeypatch.setattr(triton.runtime.driver, "_active", _FakeDriver())
     calls = []
-    launch._kept_runner(_fake_compiled_kernel(calls), (1,))((2, 1, 1), ("a",))
-    assert calls[-1][6:9] == (None, None, None)
+    t = torch.zeros(2)
+    launch._kept_runner(_fake_compiled_kernel(calls), (1,), (t, 2))((2, 1, 1), (t, 3))
+    assert calls[-1][6:9] == (None, None, None) and calls[-1][9:] == (t.data_ptr(), 3, 1)
     monkeypatch.setattr(launch, "DIRECT_RUNNER", False)
-    launch._kept_runner(_fake_compiled_kernel(calls), (1,))((2, 1, 1), ("a",))
-    assert calls[-1][6] is not None and calls[-1][:6] == calls[-2][:6]
+    launch._kept_runner(_fake_compiled_kernel(calls), (1,), (t, 2))((2, 1, 1), (t, 3))
+    assert calls[-1][6] is not None and calls[-1][:6] == calls[-2][:6] and calls[-1][9:] == (t, 3, 1)
 
 
 @triton.jit
