@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, check_args, cl_strides, conv_forward,
-                      dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kernel_weight, reads_in_place)
+from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, _scratch_cl, check_args, cl_strides,
+                      conv_forward, dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kernel_weight, reads_in_place)
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad, check_idb_args
 
@@ -76,13 +76,15 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
     # is dL/dx_{Q+1}, which the last IDB's residual also sends to x0, and whose gz2 the last IDB needs.
     scale = res_scale * res2_scale
     dwp, dbp, split = _dw_partials(xs[q_n], None, g, True, None, None)
-    gz2 = _empty_cl(n, nf, h, wd, x0)
+    # IDB q reads its gz2 from one kept buffer while its dx launch writes IDB q-1's into the other
+    gz2_bufs = [_scratch_cl(role, n, nf, h, wd, x0) for role in ("ridb_gz2_a", "ridb_gz2_b")]
+    gz2 = gz2_bufs[0]
     _dx((g, w_k, 0), None, gz2, None, m2s[q_n - 1], slope, scale, Finalize(dwp, dbp, dw, db, split, scale), None,
         None, add_sum=(g, dx0, res2_scale))
     for q in reversed(range(q_n)):
         # gz2 is ready, so the IDB's first launch is a plain dX. G_q = dL/dx_q goes into the x0 sum and
         # (q > 0) on as the previous IDB's gz2; IDB 0's input is x0 itself, so only the sum is written.
-        prev = _empty_cl(n, nf, h, wd, x0) if q > 0 else None
+        prev = gz2_bufs[(q_n - q) % 2] if q > 0 else None
         idb_backward_launches(gz2, None, xs[q], h1s[q], w_ks[2 * q], w_ks[2 * q + 1], m1s[q], slope, idb_grads[q],
                               prev if q > 0 else dx0, omask=m2s[q - 1] if q > 0 else None, add_sum=(dx0, dx0, 1.0),
                               store_out=q > 0)

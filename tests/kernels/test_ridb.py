@@ -159,6 +159,37 @@ def test_kept_dw_partials_need_no_clearing(slope):
     assert {t.data_ptr() for t in conv3x3.kept_partials()} == before  # no new partials at this shape
 
 
+@pytest.mark.parametrize("case", ["ridb", "idb", "conv"])
+def test_kept_backward_scratch_needs_no_clearing(case):
+    """The backward's gz temporaries are kept per role and shape (conv3x3._scratch_cl), not allocated per
+    call: a second backward of the same shape reuses them, and every element it reads it has written
+    first, so NaN left in them cannot reach a result. "ridb": 3 IDBs (IDB q reads its gz2 from one buffer
+    while writing IDB q-1's into the other, so a wrong alternation reads what it just overwrote) and the
+    closing conv; "idb": a standalone IDB (gz2 made from the raw gradient and the mask, and gz1); "conv":
+    one conv with its activation (gz made in dX)."""
+    from .test_conv3x3 import check_case
+    from .test_idb import run_idb
+
+    def run(seed):
+        if case == "ridb":
+            run_ridb(16, 8, 3, 2, 5, 9, True, torch.float32, seed=seed)  # 90 pixels: 2 dX tiles (a halo to read)
+        elif case == "idb":
+            run_idb(16, 8, 2, 3, 5, torch.float32, seed=seed)
+        else:
+            check_case([8, 4], 16, 2, 3, 5, slope=0.2, r1=True, seed=seed)
+
+    conv3x3._SCRATCH.clear()
+    run(seed=11)
+    kept = conv3x3.kept_scratch()
+    roles = {key[0] for key in conv3x3._SCRATCH}
+    assert roles == {"ridb": {"gz1", "ridb_gz2_a", "ridb_gz2_b"}, "idb": {"gz1", "gz2"}, "conv": {"gz"}}[case]
+    for t in kept:
+        t.fill_(float("nan"))
+    before = {t.data_ptr() for t in kept}
+    run(seed=12)  # compares every output and gradient with the float64 reference
+    assert {t.data_ptr() for t in conv3x3.kept_scratch()} == before  # nothing new at this shape
+
+
 def test_launch_count_per_ridb():
     """The paper's RIDB (4 IDBs): 9 launches forward, 18 backward; 9 for a forward without grad. No
     launch goes to torch: the x0 gradient's 5 terms are summed in the dX epilogues."""
