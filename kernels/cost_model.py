@@ -175,8 +175,8 @@ def out_conv_forward(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side:
 
 def out_conv_forward_fold(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, side: int = 256) -> list[dict]:
     """The output layer's forward as outconv._out_forward_fold runs it: per chunk of images whose tap
-    columns fit FOLD_CHUNK_BYTES, torch's GEMM writing k*k*c_out columns per pixel, then
-    outconv_fold_kernel reading them (with the bias, tanh and channels_last store)."""
+    columns fit FOLD_CHUNK_BYTES, outconv_taps_kernel writing k*k*c_out columns per pixel (a GEMM,
+    K = nf), then outconv_fold_kernel reading them (with the bias, tanh and channels_last store)."""
     from .outconv import FOLD_CHUNK_BYTES
 
     step = max(1, FOLD_CHUNK_BYTES // (k * k * c_out * side * side * BF16))
@@ -184,8 +184,8 @@ def out_conv_forward_fold(batch: int, nf: int = 64, c_out: int = 3, k: int = 9, 
     for first in range(0, batch, step):
         m = min(step, batch - first) * side * side
         cols = m * k * k * c_out * BF16
-        rows += [dict(launch="fwd GEMM onto the taps' columns (torch)", flops=2 * m * k * k * c_out * nf,
-                      bytes=m * nf * BF16 + k * k * c_out * nf * BF16 + cols),
+        rows += [dict(launch="fwd GEMM onto the taps' columns", kernel="outconv_taps_kernel",
+                      flops=2 * m * k * k * c_out * nf, bytes=m * nf * BF16 + k * k * c_out * nf * BF16 + cols),
                  dict(launch="fwd fold + bias + tanh", kernel="outconv_fold_kernel", flops=m * k * k * c_out,
                       bytes=cols + c_out * BF16 + m * c_out * BF16)]
     return rows

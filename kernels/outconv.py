@@ -5,8 +5,8 @@ Forward: not an implicit GEMM. With C_out = 3 an implicit-GEMM forward has N = 3
 for 3 live columns, 5x the MMA work) and re-reads each input pixel for each of the 81 taps; flattening
 the taps into N, as the backward does, needs a shifted sum of the GEMM's columns across pixels, which
 Triton cannot express in registers. So two ways, timed once per shape by the tuner: cuDNN's conv, or
-one GEMM (torch.matmul) onto every tap's columns and a fold through memory (outconv_fold_kernel: the
-col2im sum, bias, tanh and channels_last store in one pass; _out_forward_fold). cuDNN's took 5.2 ms of
+one GEMM onto every tap's columns (outconv_taps_kernel) and a fold through memory (outconv_fold_kernel:
+the col2im sum, bias, tanh and channels_last store in one pass; _out_forward_fold). cuDNN's took 5.2 ms of
 the paper G's 20.4 ms of device time at batch 64 on the H200 (RESULTS, calls D1-D4), ~32x the conv's
 floor: an implicit GEMM with 128x32 tiles for 3 output channels. The GEMM + fold writes and reads its
 k*k*C_out columns once: 2 x 2.0 GB at batch 64 in bf16, ~1 ms at the H200's bandwidth.
@@ -30,16 +30,22 @@ from .conv3x3 import _FIN_CONFIG, _PLAN_IDS, _PLANS, _choose, _cl, _dtype_flags,
 from .launch import KernelLauncher, aligned
 from .op import _needs_grad
 from .outconv_kernels import (outconv_bwd_dw_kernel, outconv_bwd_dx_kernel, outconv_fold_kernel,
-                              outconv_prep_kernel)
+                              outconv_prep_kernel, outconv_taps_kernel)
 
 OUT_PREP = KernelLauncher(outconv_prep_kernel, "out_prep")
 OUT_DW = KernelLauncher(outconv_bwd_dw_kernel, "out_dw")
 OUT_DX = KernelLauncher(outconv_bwd_dx_kernel, "out_dx")
+OUT_TAPS = KernelLauncher(outconv_taps_kernel, "out_taps")
 OUT_FOLD = KernelLauncher(outconv_fold_kernel, "out_fold")
 
 MAX_ROWS = 1024  # KS*KS*C_out padded to a power of two: dX's gathered K (6 steps of 64 for the paper's 9x9x4: 324)
 _GZ_BLOCK_P = 256  # the prep kernel: padded pixels per program (and BLOCK_P * CP weight elements)
 _FOLD_BLOCK_P = 256  # the forward's fold: output pixels per program (CP * 256 fp32 sums, 8 per thread)
+# the forward's taps GEMM: 128 of the k*k*C_out rows x 64 pixels of one image per program (2 row tiles for
+# the paper's 243), K = C_in in unrolled steps of up to 64; one warpgroup: 64 fp32 accumulators per thread.
+# One config: the GEMM writes 2 bytes per column element it computes from K = 64 inputs: store-bound.
+_TAPS_BLOCK_R, _TAPS_BLOCK_P = 128, 64
+_TAPS_CONFIG = triton.Config({}, num_warps=4, num_stages=1)
 
 
 def check_out_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -75,31 +81,42 @@ def _out_forward_cudnn(x, weight, bias) -> torch.Tensor:
 
 def _out_forward_fold(x, weight, bias) -> torch.Tensor:
     """tanh(conv(x, W) + b) as Z = W' x, one GEMM from C_in to k*k*C_out columns per pixel, W'[(c, ky, kx)]
-    = W[c, :, ky, kx], then a fold: the conv reads x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so
-    output pixel p adds column (c, ky, kx) of the pixel p + (ky, kx) - k//2. The fold is
-    outconv_fold_kernel, with the bias, the tanh and the
-    channels_last store in its epilogue: F.fold launched col2im once per image and left an NCHW sum in the
-    I/O dtype for three more passes (bias, tanh, the layout copy). Images go in chunks whose Z fits
-    FOLD_CHUNK_BYTES: two launches per chunk."""
+    = W[c, :, ky, kx], the weight's channels_last layout (outconv_taps_kernel), then a fold (outconv_fold_kernel): the conv reads
+    x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so output pixel p adds column (c, ky, kx) of the pixel
+    p + (ky, kx) - k//2; the bias, the tanh and the channels_last store are in the fold's epilogue.
+    Images go in chunks whose Z fits FOLD_CHUNK_BYTES: two launches per chunk. (Both Triton: torch's
+    matmul would be the first cuBLAS call of a generator step, whose initialisation lands in the tuner's
+    timing of a cold process; F.fold launched col2im per image and left three more passes.)"""
     n, c_in, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
-    w_cols = weight.permute(0, 2, 3, 1).reshape(c_out * k * k, c_in)
-    per_image = c_out * k * k * h * w * x.element_size()
+    rows = c_out * k * k
+    x = _cl(x)
+    w_k = conv3x3.kernel_weight(weight)  # channels_last: W'[r, ci] at r*C_in + ci (itself when it is already)
+    per_image = rows * h * w * x.element_size()
     step = max(1, FOLD_CHUNK_BYTES // max(1, per_image))
     y = _empty_cl(n, c_out, h, w, x)
     tiles = cdiv(h * w, _FOLD_BLOCK_P)
-    flags = dict(C_OUT=c_out, CP=padded_channels(c_out), KS=k, HAS_BIAS=bias is not None,
-                 INTERP_BF16=_dtype_flags(x.dtype)["INTERP_BF16"], BLOCK_P=_FOLD_BLOCK_P)
+    dtype_flags = _dtype_flags(x.dtype)
+    fold_flags = dict(C_OUT=c_out, CP=padded_channels(c_out), KS=k, HAS_BIAS=bias is not None,
+                      INTERP_BF16=dtype_flags["INTERP_BF16"], BLOCK_P=_FOLD_BLOCK_P)
+    block_k = min(64, max(16, configs.next_pow2(c_in)))
+    taps_flags = dict(C_OUT=c_out, KS=k, BLOCK_R=_TAPS_BLOCK_R, BLOCK_P=_TAPS_BLOCK_P, BLOCK_K=block_k,
+                      K_STEPS=cdiv(c_in, block_k), **dtype_flags)
+    taps_tiles = cdiv(h * w, _TAPS_BLOCK_P)
     for i in range(0, n, step):
-        # (n', k*k*C_out, H*W), contiguous (the kernel's layout); a channels_last x is read in place
-        cols = torch.matmul(w_cols, x[i:i + step].flatten(2)).contiguous()
-        idx64 = max(cols.numel(), y.numel()) >= 2**31
-        y_chunk = y[i:i + step]
-        # y's chunk starts at an image boundary, which need not be 16-byte aligned: the key says
+        x_chunk, y_chunk = x[i:i + step], y[i:i + step]
+        cols = torch.empty((x_chunk.shape[0], rows, h * w), dtype=x.dtype, device=x.device)
+        idx64 = max(cols.numel(), y.numel(), x.numel()) >= 2**31
+        # the chunks start at image boundaries, which need not be 16-byte aligned: the keys say
+        # the JIT specialises HW (== 1, % 16) and C_in: both in the key
+        OUT_TAPS.launch((("out_taps", c_in, c_out, k, h * w == 1, h * w % 16 == 0, x.dtype, x.device, idx64),
+                         aligned(x_chunk, w_k)),
+                        (cols.shape[0] * taps_tiles, cdiv(rows, _TAPS_BLOCK_R), 1),
+                        (x_chunk, w_k, cols, h * w, taps_tiles, c_in), dict(taps_flags, IDX64=idx64), _TAPS_CONFIG)
         OUT_FOLD.launch((("out_fold", c_out, k, bias is not None, x.dtype, x.device, idx64),
-                         aligned(cols, y_chunk, *(() if bias is None else (bias,)))),
+                         aligned(y_chunk, *(() if bias is None else (bias,)))),
                         (cols.shape[0] * tiles, 1, 1), (cols, bias if bias is not None else cols, y_chunk, h * w, h, w,
-                                                        tiles), dict(flags, IDX64=idx64), _FIN_CONFIG)
+                                                        tiles), dict(fold_flags, IDX64=idx64), _FIN_CONFIG)
     return y
 
 

@@ -15,12 +15,13 @@ window row of the gather is KS*CP contiguous elements, read CP at a time (8-byte
 rows grow to KS*KS*CP (324 for the paper's layer, 6 dX steps of 64) for a quarter of the load and
 address instructions. (The first version gathered 243 rows one element at a time and made gz on the
 operand: 255 registers with spills and, in dW, a serialised wgmma; bench/RESULTS.md, Round 8.)
-The forward's conv is cuDNN's or torch's GEMM onto the taps' columns (outconv.py says why); the fold of
-those columns is a kernel here.
+The forward is cuDNN's conv, or two kernels here: a GEMM onto every tap's columns and their fold
+(outconv.py says why).
 
 Kernels (host code: outconv.py):
-  * `outconv_fold_kernel` (forward, when the tuner picks the GEMM way): per output pixel the sum of its
-    k*k shifted tap columns, + bias, tanh, stored channels_last.
+  * `outconv_taps_kernel` and `outconv_fold_kernel` (the forward, when the tuner picks the GEMM way):
+    every pixel's k*k*C_out tap columns (one GEMM, K = C_in), then per output pixel the sum of its k*k
+    shifted columns, + bias, tanh, stored channels_last.
   * `outconv_prep_kernel`: the padded gz, and the weight re-laid as dX's B operand (row r contiguous).
   * `outconv_bwd_dw_kernel`: fp32 partials of dW per row tile of r and chunk of pixels (split-K, no
     atomics), plus db partials from an extra program. 32-row tiles: Triton then emits mma.sync, whose
@@ -28,8 +29,8 @@ Kernels (host code: outconv.py):
   * `outconv_bwd_dx_kernel`: dX; extra programs fold the dW partials in a fixed order (deterministic)
     into dW in the weight's layout, and db. With ACT, dX times the LeakyReLU' of the layer before
     (kernels/upout.py: the generator's last upsampling step and this layer as one op).
-Launches: forward 0, or 1 per chunk of images with the GEMM way (+ torch's GEMM); backward 3 (prep, dW,
-then dX + fold).
+Launches: forward 0 (cuDNN's conv), or 2 per chunk of images (taps, fold); backward 3 (prep, dW, then
+dX + fold).
 Layouts: activations channels_last (element (n, c, h, w) at pixel*C + c).
 """
 from __future__ import annotations
@@ -94,6 +95,49 @@ def _tanh(z):
     e = tl.exp(-2.0 * tl.abs(z))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(z < 0, -t, t)
+
+
+@triton.jit(do_not_specialize=["TILES"])  # HW is specialised on (% 16: the stores are then 16-byte vectors)
+def outconv_taps_kernel(
+    x_ptr,      # the conv's input, (N, C_IN, H, W) channels_last: pixel p's channels at p*C_IN
+    w_ptr,      # weight (C_OUT, C_IN, KS, KS) channels_last (conv3x3.kernel_weight): element (c, ci, a, b)
+                # at r*C_IN + ci, r = (c*KS + a)*KS + b, so W' is (R, C_IN) row-major
+    cols_ptr,   # out: the taps' columns, (N, C_OUT*KS*KS, H*W) contiguous: row r of pixel q holds
+                # sum_ci x[q, ci] * W[c, ci, a, b]
+    HW,         # pixels per image
+    TILES,      # programs per image: cdiv(HW, BLOCK_P)
+    C_IN,
+    C_OUT: tl.constexpr, KS: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    IDX64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    K_STEPS: tl.constexpr,  # cdiv(C_IN, BLOCK_K), unrolled: no loop around the wgmma, so none waits in one
+):
+    # grid = (TILES programs per image x the images, BLOCK_R tiles of the R = C_OUT*KS*KS rows). The
+    # forward's GEMM (outconv._out_forward_fold) as columns^T = W' x^T: the tile is (rows, pixels) with the
+    # pixels of one image fastest, which is how the columns are laid out, so the stores are row segments.
+    # A is W' (a few KB, cache-resident), B is x^T: both read along C_IN, which is contiguous in each.
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    n = pid // TILES
+    if IDX64:
+        n = n.to(tl.int64)
+    q = (pid % TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_ok = q < HW
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < C_OUT * KS * KS
+    w_rows = r * C_IN
+    x_cols = pixel_rows(n * HW + q, C_IN, IDX64)
+    acc = tl.zeros((BLOCK_R, BLOCK_P), dtype=tl.float32)
+    for ks in tl.static_range(K_STEPS):
+        ck = ks * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ck < C_IN
+        a = tl.load(w_ptr + w_rows[:, None] + ck[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + x_cols[None, :] + ck[:, None], mask=k_ok[:, None] & q_ok[None, :], other=0.0)
+        if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    at = n * (C_OUT * KS * KS) * HW + (r * HW)[:, None] + q[None, :]
+    tl.store(cols_ptr + at, cast_rne(acc, cols_ptr.dtype.element_ty, INTERP_BF16), mask=r_ok[:, None] & q_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["HW", "H", "W", "TILES"])

@@ -152,17 +152,16 @@ def test_kernel_rows_of_each_profiled_workload(workload, order):
 
 
 def test_kernel_rows_of_the_output_layer_by_fold():
-    """With the fold forward chosen, the up_out profile has the GEMM's cuBLAS kernels and one
-    outconv_fold_kernel per chunk (8 at batch 64) before the backward's Triton kernels: the second launch
-    order matches, and each fold launch gets its own chunk's floor."""
+    """With the fold forward chosen, the up_out profile has an outconv_taps_kernel and an
+    outconv_fold_kernel per chunk (8 of each at batch 64) before the backward's Triton kernels: the
+    second launch order matches, and each launch gets its own chunk's floor."""
     order = cm.up_out_launches(64, True, 64, 128, fold=True)
-    names = ["cublas gemm" if not r.get("kernel") else r["kernel"] for r in order]
-    assert names.count("outconv_fold_kernel") == 8
+    names = [r["kernel"] for r in order]
+    assert names.count("outconv_fold_kernel") == names.count("outconv_taps_kernel") == 8
     rows = [_row(f"up_out_fwd_bwd kernel {i}: {n}", "triton (device)", batch=64, ms=0.1, kernel=n)
             for i, n in enumerate(names)]
     floors.annotate(rows)
-    assert [r.get("floor_ms") for r in rows] == pytest.approx(
-        [cm.floor_us([r], 800, 3.0) / 1000 if r.get("kernel") else None for r in order])
+    assert [r.get("floor_ms") for r in rows] == pytest.approx([cm.floor_us([r], 800, 3.0) / 1000 for r in order])
 
 
 def test_generator_convs_by_label():

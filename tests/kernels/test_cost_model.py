@@ -126,8 +126,8 @@ def test_output_layer_launch_order_is_the_kernels(monkeypatch):
 
 
 def test_output_layer_forward_by_fold_launch_order_and_bytes(monkeypatch):
-    """The fold way of the output layer's forward: one outconv_fold_kernel per chunk of images, as
-    cost_model.out_conv_forward_fold counts them (chunks of FOLD_CHUNK_BYTES // per-image columns), and
+    """The fold way of the output layer's forward: outconv_taps_kernel and outconv_fold_kernel per chunk of
+    images, as cost_model.out_conv_forward_fold counts them (chunks of FOLD_CHUNK_BYTES // per-image columns), and
     its bytes by hand: per chunk of m pixels the GEMM reads x (m * nf) and the weight and writes m * k*k*c
     columns, which the fold reads, writing y (m * c) and reading the bias (c); bf16, 2 bytes each."""
     from gafh_fast.kernels import outconv
@@ -139,7 +139,7 @@ def test_output_layer_forward_by_fold_launch_order_and_bytes(monkeypatch):
     outconv._out_forward_fold(torch.randn(5, 8, 5, 5, device=DEVICE, dtype=torch.bfloat16),
                               torch.randn(3, 8, 3, 3, device=DEVICE, dtype=torch.bfloat16), None)
     rows = cm.out_conv_forward_fold(5, nf=8, c_out=3, k=3, side=5)
-    assert names == [r["kernel"] for r in rows if r.get("kernel")] == ["outconv_fold_kernel"] * 3
+    assert names == [r["kernel"] for r in rows] == ["outconv_taps_kernel", "outconv_fold_kernel"] * 3
     gemm, fold = rows[0], rows[1]
     m = 2 * 25
     assert gemm["bytes"] == (m * 8 + 27 * 8 + m * 27) * 2 and gemm["flops"] == 2 * m * 27 * 8

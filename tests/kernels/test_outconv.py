@@ -1,8 +1,8 @@
 """The output layer, y = tanh(convKxK(x) + b) with few output channels (kernels/outconv.py): its Triton
 backward against float64 autograd.
 
-The forward is cuDNN's conv on both backends (or on the triton backend a GEMM + outconv_fold_kernel when the
-tuner times it faster; both against F.conv2d below), so the backward is checked given the op's own y:
+The forward is cuDNN's conv on both backends (or on the triton backend two kernels, a GEMM onto the taps'
+columns and their fold, when the tuner times them faster; both against F.conv2d below), so the backward is checked given the op's own y:
 gz = g * (1 - y^2) in float64 from that y, then the conv's gradients by float64 autograd. Bounds as in
 test_conv3x3.py: elementwise within rel * (the same computation on |values|), rel = 1e-5 (fp32) and
 2**-7 (bf16). The scale of gz is |g| * (1 + y^2), the size of the terms 1 - y^2 is made of (near
@@ -154,8 +154,8 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
         warps = {e["kernel"]: e["config"]["num_warps"] for e in conv3x3.plan_configs()}
     finally:
         conv3x3.set_tuner(old)
-    # the fold's kernel: once timed, once in the forward that chose it
-    assert len(timed) == 6 and counts == {"out_fold": 2, "out_prep": 1, "out_dw": 3, "out_dx": 3}
+    # the fold way's two kernels: once timed, once in the forward that chose it
+    assert len(timed) == 6 and counts == {"out_taps": 2, "out_fold": 2, "out_prep": 1, "out_dw": 3, "out_dx": 3}
     assert chosen == {"out_fwd": {"FOLD": True},  # the forward's two torch ways are timed too
                       "out_dw": configs.out_dw_candidates(8, 100, 6, 60)[1].kwargs,
                       "out_dx": configs.out_dx_candidates(8, 100, 6, 60)[1].kwargs}
@@ -175,8 +175,8 @@ def test_timed_choice_launches_each_candidate(monkeypatch):
     (6, 1, 5, 2, 3, 9, True, "nchw", 1),  # one output channel (3 padded)
 ])
 def test_forward_by_gemm_and_fold_matches_the_conv(monkeypatch, c_in, c_out, k, n, h, w, bias, layout, chunk):
-    """_out_forward_fold (one GEMM onto every tap's columns, then outconv_fold_kernel) against F.conv2d +
-    tanh in float64, `chunk` images per chunk (3 images by 2: a full chunk and a partial one): the taps'
+    """_out_forward_fold (outconv_taps_kernel's GEMM onto every tap's columns, then outconv_fold_kernel)
+    against F.conv2d + tanh in float64, `chunk` images per chunk (3 images by 2: a full chunk and a partial one): the taps'
     shifts, the borders, the bias, the tanh, the tiles and the chunking all show. fp32 I/O: within 1e-5 of
     the terms' size (|W| * |x| + |b|, tanh' <= 1) plus |y| (the tanh's own error is ~1e-7 absolute)."""
     monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", chunk * c_out * k * k * h * w * 4)  # fp32 columns
@@ -185,12 +185,30 @@ def test_forward_by_gemm_and_fold_matches_the_conv(monkeypatch, c_in, c_out, k, 
     launch.LAUNCHES.clear()
     got = outconv._out_forward_fold(x.float().to(DEVICE), t["weight"].float().to(DEVICE),
                                     None if t["bias"] is None else t["bias"].float().to(DEVICE))
-    assert launch.LAUNCHES["out_fold"] == -(-n // chunk)  # one fold launch per chunk
+    assert launch.LAUNCHES["out_taps"] == launch.LAUNCHES["out_fold"] == -(-n // chunk)  # two launches per chunk
     ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=k // 2))
     scale = F.conv2d(t["x"].abs(), t["weight"].abs(), None if t["bias"] is None else t["bias"].abs(),
                      padding=k // 2) + ref.abs()
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     assert_within("y", got, ref, scale, 1e-5)
+
+
+@pytest.mark.parametrize("weight_layout", ["channels_last", "strided"])
+def test_forward_by_gemm_and_fold_reads_the_weight_through_its_strides(weight_layout):
+    """The taps GEMM reads W[c, ci, a, b] through the weight's four strides (no re-laid copy): a
+    channels_last weight (the trainer's DeepSpeed parameters may be either) and one that is every other
+    input channel of a wider tensor."""
+    t, _ = make_out_case(6, 3, 5, 2, 6, 7, seed=6)
+    wt = t["weight"].float()
+    if weight_layout == "channels_last":
+        wt = wt.contiguous(memory_format=torch.channels_last)
+    else:
+        wide = torch.zeros(3, 12, 5, 5)
+        wide[:, ::2] = wt
+        wt = wide[:, ::2]
+    got = outconv._out_forward_fold(t["x"].float().to(DEVICE), wt.to(DEVICE), t["bias"].float().to(DEVICE))
+    ref = torch.tanh(F.conv2d(t["x"], t["weight"], t["bias"], padding=2))
+    assert_within("y", got, ref, F.conv2d(t["x"].abs(), t["weight"].abs(), t["bias"].abs(), padding=2) + ref.abs(), 1e-5)
 
 
 def test_forward_by_gemm_and_fold_in_bf16():
@@ -205,15 +223,17 @@ def test_forward_by_gemm_and_fold_in_bf16():
 
 
 def test_fold_keys_each_chunks_alignment(monkeypatch):
-    """y's chunks start at image boundaries, which need not be 16-byte aligned (5 x 7 pixels x 3 channels x
-    4 bytes = 420 bytes per image); the JIT specialises on alignment, so each chunk's launch key says its
-    own: kept kernels compiled for an aligned y never store to a misaligned one."""
-    keys = []
-    monkeypatch.setattr(launch, "STANDIN", lambda name, grid, args, constexprs, options, key: keys.append(key))
+    """x's and y's chunks start at image boundaries, which need not be 16-byte aligned (5 x 7 pixels x 3
+    channels x 4 bytes = 420 bytes per image); the JIT specialises on alignment, so each chunk's launch
+    keys say their own: kept kernels compiled for an aligned chunk never touch a misaligned one."""
+    keys = {"out_taps": [], "out_fold": []}
+    monkeypatch.setattr(launch, "STANDIN", lambda name, grid, args, constexprs, options, key: keys[name].append(key))
     monkeypatch.setattr(outconv, "FOLD_CHUNK_BYTES", 3 * 9 * 5 * 7 * 4)  # one image per chunk
-    x = torch.randn(3, 4, 5, 7).contiguous(memory_format=torch.channels_last)
-    outconv._out_forward_fold(x, torch.randn(3, 4, 3, 3), torch.randn(3))
-    assert [k[1] for k in keys] == [True, (True, False, True), (True, False, True)]  # images at 0, 420, 840 bytes
+    x = torch.randn(3, 3, 5, 7).contiguous(memory_format=torch.channels_last)  # x: 420 bytes per image too
+    outconv._out_forward_fold(x, torch.randn(3, 3, 3, 3), torch.randn(3))
+    # (x's or y's chunk, then the weight or the bias): images at 0, 420 and 840 bytes
+    assert [k[1] for k in keys["out_taps"]] == [True, (False, True), (False, True)]
+    assert [k[1] for k in keys["out_fold"]] == [True, (False, True), (False, True)]
 
 
 def test_kept_dw_partials_need_no_clearing():
