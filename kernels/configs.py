@@ -120,7 +120,8 @@ def out_dx_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Confi
     channel, gathered), N = C_in, 128 pixels a program (32768+ programs at the paper's size: no waves
     question). Two ways to spend the warps (the sm_90 report, bench/RESULTS.md Round 8): 8 warps, two
     warpgroups of 64 pixels (80 registers, ~99 instructions per pixel), or 4 (178 registers, ~87).
-    8 warps: see out_dw_candidates; this K loop is unrolled (static_range)."""
+    8 warps despite pytorch 173068 / triton 1254 (the flattened tap loop of a conv template): this K loop
+    is unrolled (static_range), and the GPU kernel tests compile and check both candidates."""
     block_r = out_rows_block(rows)
     meta = {"BLOCK_M": 128, "BLOCK_N": pow2_block(c_in, lo=16, hi=64), "BLOCK_R": block_r,
             "R_STEPS": cdiv(rows, block_r)}
@@ -133,17 +134,21 @@ def out_rows_block(rows: int) -> int:
 
 
 def out_dw_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Config]:
-    """The output conv's dW (outconv_kernels.py): row tiles x C_in over 128-pixel blocks, two ways of
-    getting a non-serialised MMA loop with the gathered gz as the register A operand (the sm_90 report,
-    bench/RESULTS.md Round 8; 64-row tiles with 4 warps compiled to a serialised wgmma under Triton 3.6):
-      * 64 rows, 8 warps: wgmma (the two warpgroups split C_in), ~60-70 SASS per wgmma;
-      * 32 rows, 4 warps: Triton emits mma.sync for tiles under 64 rows, ~16 SASS per HMMA (a 64x64x16
-        wgmma is 32 of them) and x read once per 32 rows.
-    8 warps despite the note above: pytorch 173068 / triton 1254 is the flattened tap loop of a conv
-    template; this loop walks pixels only, and the GPU kernel tests compile and check both candidates."""
+    """The output conv's dW (outconv_kernels.py): 32-row tiles x C_in over 128-pixel blocks, the gathered
+    gz as the register A operand of mma.sync (~16 SASS per HMMA; 64-row tiles got wgmma, serialised
+    under Triton 3.6 with 4 warps and ~60-70 SASS per wgmma with 8: bench/RESULTS.md rounds 8 and 10,
+    where the H200 chose 32 rows at batch 8, 64 and 256):
+      * one row tile per program: x read once per 32 rows (11 times for the paper's 324);
+      * four row tiles per program, four MMAs on each x tile: x read once per 128 rows (3 times), for
+        4 accumulators (168 registers: 2 stages, so 3 CTAs fit an SM) and 384 rows computed instead of
+        352; its split grows so that both launch ~1050 programs at batch 64 (outconv._dw_chunks).
+    At batch 64 the first moves ~9 GB from L2 into the SMs in its 1.7 ms on the H200 (D1), near L2's
+    bandwidth; the second ~5 GB, with 5.5 SASS per HMMA in its loop against 16.9 (round 11)."""
     block_c = pow2_block(c_in)
-    return [triton.Config({"BLOCK_R": 64, "BLOCK_C": block_c, "BLOCK_P": 128}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_R": 32, "BLOCK_C": block_c, "BLOCK_P": 128}, num_warps=4, num_stages=3)]
+    return [triton.Config({"BLOCK_R": 32, "BLOCK_C": block_c, "BLOCK_P": 128, "GROUPS": 1}, num_warps=4,
+                          num_stages=3),
+            triton.Config({"BLOCK_R": 32, "BLOCK_C": block_c, "BLOCK_P": 128, "GROUPS": 4}, num_warps=4,
+                          num_stages=2)]
 
 
 FIN_BLOCK = 1024           # finalize programs: partial elements per program

@@ -171,7 +171,8 @@ def _prepare(g, y, weight, r_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dw_partials(gzp, x, ks: int, has_bias: bool, split: Optional[int], config):
     """(dW partials (split, R, C_in), db partials or None, split), R = ks*ks*padded channels, kept with
-    the plan as in conv3x3._dw_partials (the fold rewrites every element it reads before the next launch)."""
+    the plan as in conv3x3._dw_partials (the fold rewrites every element it reads before the next launch).
+    The split is the chosen config's (_dw_chunks): the partials are sized for the larger of the two."""
     n, c_in, h, w = x.shape
     cp = gzp.shape[-1]
     rows = ks * ks * cp
@@ -179,30 +180,44 @@ def _dw_partials(gzp, x, ks: int, has_bias: bool, split: Optional[int], config):
     key = ("out_dw", x.shape, ks, cp, x.dtype, x.device, has_bias, split, cfg_key(config))
     plan = _PLANS.get(key)
     if plan is None:
-        s = split or configs.dw_split(m, c_in, rows, conv3x3._sms(x.device), taps=1)  # via the module: compile_check patches it
-        chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
-        s = cdiv(m, chunk)
+        base = split or configs.dw_split(m, c_in, rows, conv3x3._sms(x.device), taps=1)  # via the module: compile_check patches it
+        candidates = [config] if config is not None else configs.out_dw_candidates(c_in, rows, w, m)
+        s_max = max(_dw_chunks(m, rows, base, c, split is not None)[0] for c in candidates)
         flags = dict(CP=cp, KS=ks, DO_BIAS=has_bias, IDX64=max(m * c_in, gzp.numel()) >= 2**31,
                      **_dtype_flags(x.dtype))
-        dwp = torch.empty((s, rows, c_in), dtype=torch.float32, device=x.device)
-        dbp = torch.empty((s, cp), dtype=torch.float32, device=x.device) if has_bias else None
-        plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS)]
-    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
-    ptrs = (gzp, x, dwp, dbp if has_bias else dwp)
-    scalars = (m, h, w, c_in, chunk)
-    if cfg is None:
-        def run(c):
-            _launch_dw(key + (cfg_key(c),), c, flags, ptrs, scalars, s, rows)
+        dwp = torch.empty((s_max, rows, c_in), dtype=torch.float32, device=x.device)
+        dbp = torch.empty((s_max, cp), dtype=torch.float32, device=x.device) if has_bias else None
+        ptrs = (gzp, x, dwp, dbp if has_bias else dwp)
 
-        plan[0] = _choose("out_dw", (c_in, rows, w, configs.m_bucket(m), str(x.dtype), tuple(flags.items())),
-                          configs.out_dw_candidates(c_in, rows, w, m), run, config)
-        _PLANS[key] = plan
-    _launch_dw(plan_id, plan[0], flags, ptrs, scalars, s, rows)
+        def run(c):
+            s, chunk = _dw_chunks(m, rows, base, c, split is not None)
+            _launch_dw(key + (cfg_key(c),), c, flags, ptrs, (m, h, w, c_in, chunk), s, rows)
+
+        cfg = _choose("out_dw", (c_in, rows, w, configs.m_bucket(m), str(x.dtype), tuple(flags.items())),
+                      configs.out_dw_candidates(c_in, rows, w, m), run, config)
+        plan = _PLANS[key] = (cfg, flags, *_dw_chunks(m, rows, base, cfg, split is not None), dwp, dbp,
+                              next(_PLAN_IDS))
+    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
+    _launch_dw(plan_id, cfg, flags, (gzp, x, dwp, dbp if has_bias else dwp), (m, h, w, c_in, chunk), s, rows)
     return dwp, dbp, s
 
 
+def _dw_chunks(m: int, rows: int, base: int, cfg, exact: bool) -> tuple[int, int]:
+    """(split, chunk pixels) of a dW config. base: the split of one row tile per program (configs.dw_split,
+    or the caller's: exact). A config whose programs each take GROUPS row tiles has that many fewer row
+    programs; its split grows by the same factor (capped at chunks of 1024 pixels), so both candidates
+    launch about as many programs."""
+    s = base
+    if not exact:
+        groups = cfg.kwargs["GROUPS"]
+        ratio = (cdiv(rows, cfg.kwargs["BLOCK_R"]) + 1) // (cdiv(rows, cfg.kwargs["BLOCK_R"] * groups) + 1)
+        s = max(1, min(base * ratio, m // 1024)) if groups > 1 else base
+    chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
+    return cdiv(m, chunk), chunk
+
+
 def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):
-    tiles = cdiv(rows, cfg.kwargs["BLOCK_R"]) * cdiv(scalars[3], cfg.kwargs["BLOCK_C"])
+    tiles = cdiv(rows, cfg.kwargs["BLOCK_R"] * cfg.kwargs["GROUPS"]) * cdiv(scalars[3], cfg.kwargs["BLOCK_C"])
     # x is the caller's; gz and the partials are ours
     OUT_DW.launch((key, aligned(ptrs[1])), (tiles + int(flags["DO_BIAS"]), split, 1), ptrs + scalars, flags, cfg)
 

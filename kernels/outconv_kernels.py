@@ -23,8 +23,8 @@ Kernels (host code: outconv.py):
     every pixel's k*k*C_out tap columns (one GEMM, K = C_in), then per output pixel the sum of its k*k
     shifted columns, + bias, tanh, stored channels_last.
   * `outconv_prep_kernel`: the padded gz, and the weight re-laid as dX's B operand (row r contiguous).
-  * `outconv_bwd_dw_kernel`: fp32 partials of dW per row tile of r and chunk of pixels (split-K, no
-    atomics), plus db partials from an extra program. 32-row tiles: Triton then emits mma.sync, whose
+  * `outconv_bwd_dw_kernel`: fp32 partials of dW per row tile (or group of 2 or 4 row tiles sharing
+    one x tile) of r and chunk of pixels (split-K, no atomics), plus db partials from an extra program. 32-row tiles: Triton then emits mma.sync, whose
     register operands need no async pipeline (64-row tiles got wgmma, serialised under Triton 3.6).
   * `outconv_bwd_dx_kernel`: dX; extra programs fold the dW partials in a fixed order (deterministic)
     into dW in the weight's layout, and db. With ACT, dX times the LeakyReLU' of the layer before
@@ -205,6 +205,15 @@ def _row_offsets(r, W, CP: tl.constexpr, KS: tl.constexpr):
     return tl.max_contiguous(tl.multiple_of(tl.where(r < KS * KS * CP, off, r % CP), CP), CP)
 
 
+@triton.jit
+def _gathered_gz(gzp_ptr, r_off, corner, p_ok, INTERP_BF16: tl.constexpr):
+    """The MMA's A tile: gz at rows r (offsets r_off from a window corner) of pixels with these corners."""
+    gz = tl.load(gzp_ptr + r_off[:, None] + corner[None, :], mask=p_ok[None, :], other=0.0)
+    if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
+        gz = gz.to(tl.float32)
+    return gz
+
+
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def outconv_bwd_dw_kernel(
     gzp_ptr,    # padded gz (outconv_prep_kernel)
@@ -215,16 +224,19 @@ def outconv_bwd_dw_kernel(
     CP: tl.constexpr, KS: tl.constexpr, DO_BIAS: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    GROUPS: tl.constexpr,   # 1, 2 or 4 row tiles per program, each its own MMA, all on one x tile per block
 ):
-    # grid = (row tiles of R x C_IN tiles (+ 1 db program with DO_BIAS), SPLIT chunks of CHUNK pixels).
-    # acc[r, ci] += gz[p + d(r), c(r)]^T x[p, ci]: the gathered gz is the MMA's A side.
+    # grid = (groups of GROUPS row tiles of R x C_IN tiles (+ 1 db program with DO_BIAS), SPLIT chunks of
+    # CHUNK pixels). acc[r, ci] += gz[p + d(r), c(r)]^T x[p, ci]: the gathered gz is the MMA's A side.
+    # Every row tile reads the whole x chunk: with one tile per program (GROUPS = 1) the paper's 324 rows
+    # read x 11 times through L2, with 4 per program 3 times (bench/RESULTS.md, round 11).
     R = KS * KS * CP
     n_c_tiles = tl.cdiv(C_IN, BLOCK_C)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, M)
-    if pid == tl.cdiv(R, BLOCK_R) * n_c_tiles:
+    if pid == tl.cdiv(R, BLOCK_R * GROUPS) * n_c_tiles:
         if DO_BIAS:  # db[c] = sum_p gz[p, c]: the centre of each window
             co = tl.arange(0, CP)
             centre = ((KS // 2) * (W + (KS - 1)) + KS // 2) * CP + co
@@ -235,24 +247,43 @@ def outconv_bwd_dw_kernel(
                 db_acc += tl.sum(tl.load(gzp_ptr + at, mask=(pix < p_end)[:, None], other=0.0).to(tl.float32), axis=0)
             tl.store(dbp_ptr + split * CP + co, db_acc)
     else:
-        r = (pid // n_c_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r = (pid // n_c_tiles) * (BLOCK_R * GROUPS) + tl.arange(0, BLOCK_R)
         ci = (pid % n_c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
         ci_ok = ci < C_IN
-        r_off = _row_offsets(r, W, CP, KS)
-        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        off0 = _row_offsets(r, W, CP, KS)
+        acc0 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        if GROUPS >= 2:
+            off1 = _row_offsets(r + BLOCK_R, W, CP, KS)
+            acc1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        if GROUPS >= 4:
+            off2 = _row_offsets(r + 2 * BLOCK_R, W, CP, KS)
+            off3 = _row_offsets(r + 3 * BLOCK_R, W, CP, KS)
+            acc2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            acc3 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for p0 in range(p_start, p_end, BLOCK_P):
             pix = p0 + tl.arange(0, BLOCK_P)
             p_ok = pix < p_end
-            gz = tl.load(gzp_ptr + r_off[:, None] + _window_corner(pix, H, W, CP, KS, IDX64)[None, :],
-                         mask=p_ok[None, :], other=0.0)
+            corner = _window_corner(pix, H, W, CP, KS, IDX64)
             xs = tl.load(x_ptr + pixel_rows(pix, C_IN, IDX64)[:, None] + ci[None, :],
                          mask=p_ok[:, None] & ci_ok[None, :], other=0.0)
-            if INTERP_BF16:  # the interpreter's bf16 tl.dot returns garbage: dot in fp32 there
-                gz = gz.to(tl.float32)
+            if INTERP_BF16:
                 xs = xs.to(tl.float32)
-            acc = tl.dot(gz, xs, acc, input_precision=PRECISION)
-        tl.store(dwp_ptr + (split * R + r)[:, None] * C_IN + ci[None, :], acc,
-                 mask=(r < R)[:, None] & ci_ok[None, :])
+            acc0 = tl.dot(_gathered_gz(gzp_ptr, off0, corner, p_ok, INTERP_BF16), xs, acc0, input_precision=PRECISION)
+            if GROUPS >= 2:
+                acc1 = tl.dot(_gathered_gz(gzp_ptr, off1, corner, p_ok, INTERP_BF16), xs, acc1,
+                              input_precision=PRECISION)
+            if GROUPS >= 4:
+                acc2 = tl.dot(_gathered_gz(gzp_ptr, off2, corner, p_ok, INTERP_BF16), xs, acc2,
+                              input_precision=PRECISION)
+                acc3 = tl.dot(_gathered_gz(gzp_ptr, off3, corner, p_ok, INTERP_BF16), xs, acc3,
+                              input_precision=PRECISION)
+        at = (split * R + r)[:, None] * C_IN + ci[None, :]
+        tl.store(dwp_ptr + at, acc0, mask=(r < R)[:, None] & ci_ok[None, :])
+        if GROUPS >= 2:
+            tl.store(dwp_ptr + at + BLOCK_R * C_IN, acc1, mask=(r + BLOCK_R < R)[:, None] & ci_ok[None, :])
+        if GROUPS >= 4:
+            tl.store(dwp_ptr + at + 2 * BLOCK_R * C_IN, acc2, mask=(r + 2 * BLOCK_R < R)[:, None] & ci_ok[None, :])
+            tl.store(dwp_ptr + at + 3 * BLOCK_R * C_IN, acc3, mask=(r + 3 * BLOCK_R < R)[:, None] & ci_ok[None, :])
 
 
 @triton.jit

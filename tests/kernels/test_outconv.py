@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from gafh_fast import ops
 from gafh_fast.kernels import configs, conv3x3, launch, outconv
@@ -107,25 +108,58 @@ def test_launch_count():
 
 
 @pytest.mark.parametrize("index", [0, 1])
-@pytest.mark.parametrize("c_in, n, h, w, split", [
-    (16, 2, 16, 12, 1),   # M = 384: several pixel blocks in one chunk
-    (8, 3, 5, 10, 2),     # M = 150 in two chunks of 128 (the second partial: p_ok masks)
+@pytest.mark.parametrize("c_in, k, n, h, w, split", [
+    (16, 5, 2, 16, 12, 1),   # M = 384: several pixel blocks in one chunk; 100 rows: one group of 4 tiles
+    (8, 5, 3, 5, 10, 2),     # M = 150 in two chunks of 128 (the second partial: p_ok masks)
+    (8, 9, 1, 9, 11, 1),     # the paper's 324 rows: three groups, the last one's 3rd tile partial, 4th empty
 ])
-def test_each_dw_config_and_walk(index, c_in, n, h, w, split):
-    """Both candidates of dW (64-row tiles on 8 warps, 32-row tiles on 4) and of dX (8 or 4 warps) over
-    several pixel blocks and chunks. x, g and y are followed in memory by NaN, so a read past the last
-    pixel poisons the result."""
+def test_each_dw_config_and_walk(index, c_in, k, n, h, w, split):
+    """Both candidates of dW (one 32-row tile per program, or four sharing each x tile) and of dX (8 or 4
+    warps) over several pixel blocks and chunks. x, g and y are followed in memory by NaN, so a read past
+    the last pixel poisons the result."""
     m = n * h * w
-    t, grad = make_out_case(c_in, 3, 5, n, h, w, seed=10 + index)
-    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    rows = k * k * 4
+    t, grad = make_out_case(c_in, 3, k, n, h, w, seed=10 + index)
+    x, wt, b = (t[k_].float().to(DEVICE) for k_ in NAMES)
     y = out_forward(x, wt, b)
-    dx_cfg = configs.out_dx_candidates(c_in, 100, w, m)[index]
-    dw_cfg = configs.out_dw_candidates(c_in, 100, w, m)[index]
+    dx_cfg = configs.out_dx_candidates(c_in, rows, w, m)[index]
+    dw_cfg = configs.out_dw_candidates(c_in, rows, w, m)[index]
     dx, dw, db = out_backward(nan_followed(grad.float().to(DEVICE)), nan_followed(x), nan_followed(y), wt, True,
                               dx_config=dx_cfg, dw_config=dw_cfg, dw_split=split)
     g_ref, g_abs = grads_given_y(t, y, grad)
     for name, got in (("x", dx), ("weight", dw), ("bias", db)):
         assert_within(f"d{name} ({dx_cfg} / {dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
+
+
+def test_grouped_dw_split_launches_as_many_programs():
+    """A dW config with four row tiles per program has a quarter of the row programs, so its split grows
+    (outconv._dw_chunks): at the paper's batch 64 on 132 SMs both candidates launch ~1050 programs."""
+    m, rows = 64 * 256 * 256, 324
+    base = configs.dw_split(m, 64, rows, 132, taps=1)
+    one, four = configs.out_dw_candidates(64, rows, 256, m)
+    (s1, c1), (s4, c4) = outconv._dw_chunks(m, rows, base, one, False), outconv._dw_chunks(m, rows, base, four, False)
+    assert (s1, s4) == (88, 263) and (s1 - 1) * c1 < m <= s1 * c1 and (s4 - 1) * c4 < m <= s4 * c4
+    assert (11 + 1) * s1 == 1056 and (3 + 1) * s4 == 1052  # row programs (+ the db program) x split
+    assert outconv._dw_chunks(m, rows, 5, four, True)[0] == 5  # a caller's split is kept as given
+    assert outconv._dw_chunks(4096, rows, 3, four, False)[0] == 4  # chunks of at least 1024 pixels
+
+
+@pytest.mark.parametrize("groups, split", [(4, 8), (2, 4)])
+def test_grouped_dw_with_its_grown_split(monkeypatch, groups, split):
+    """The grouped dW on a split of its own (2 SMs said: 4 chunks for one row tile per program; 8 for
+    groups of four, whose 100 rows are 1 group against 4 tiles; 4 for groups of two, 2 groups), and the dX
+    fold summing that many partials: the gradients match float64 autograd. (No candidate uses groups of
+    two; the kernel takes them.)"""
+    monkeypatch.setattr(conv3x3, "_sms", lambda device: 2)
+    t, grad = make_out_case(8, 3, 5, 2, 64, 64, seed=21)  # M = 8192: up to 8 chunks of 1024
+    x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
+    y = out_forward(x, wt, b)
+    cfg = configs.out_dw_candidates(8, 100, 64, 8192)[1]
+    cfg = triton.Config(dict(cfg.kwargs, GROUPS=groups), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dx, dw, db = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_config=cfg)
+    plan = next(p for k, p in conv3x3._PLANS.items() if k[0] == "out_dw" and k[-1] == conv3x3.cfg_key(cfg))
+    assert plan[2] == split and plan[4].shape[0] == split  # the split, and the partials sized for it
+    assert_fp32_grads(t, y, grad, dx, dw, db)
 
 
 def test_timed_choice_launches_each_candidate(monkeypatch):
@@ -265,7 +299,8 @@ def test_backward_is_deterministic():
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="hooks the Triton interpreter's loads and stores")
-def test_backward_stays_in_bounds(bounds_checked):
+@pytest.mark.parametrize("dw_index", [0, 1])  # dW: one row tile per program, or a group of four
+def test_backward_stays_in_bounds(bounds_checked, dw_index):
     """Every load and store of the three backward launches stays inside the tensors the launch passed
     (test_memory_bounds.py's hook): C_in 12 (4 masked lanes of a 16-wide channel tile), C_out 3 (gz and
     the weight rows padded to 4 channels), rows past R = 100 in the last row tile and K step, two dW
@@ -274,7 +309,8 @@ def test_backward_stays_in_bounds(bounds_checked):
     t, grad = make_out_case(12, 3, 5, 3, 5, 10, seed=4)
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     y = out_forward(x, wt, b)
-    dx, dw, db = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_split=2)
+    dw_cfg = configs.out_dw_candidates(12, 100, 10, 150)[dw_index]
+    dx, dw, db = out_backward(grad.float().to(DEVICE), x, y, wt, True, dw_config=dw_cfg, dw_split=2)
     assert_fp32_grads(t, y, grad, dx, dw, db)
 
 
