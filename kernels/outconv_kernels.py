@@ -97,6 +97,17 @@ def _tanh(z):
     return tl.where(z < 0, -t, t)
 
 
+@triton.jit
+def _image_tile(pid, TILES, HW, IDX64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(n, q, q_ok): program pid's image and its BLOCK_P pixels q of that image (TILES programs per image);
+    n is int64 with IDX64, so offsets built from it are too."""
+    n = pid // TILES
+    if IDX64:
+        n = n.to(tl.int64)
+    q = (pid % TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return n, q, q < HW
+
+
 @triton.jit(do_not_specialize=["TILES"])  # HW is specialised on (% 16: the stores are then 16-byte vectors)
 def outconv_taps_kernel(
     x_ptr,      # the conv's input, (N, C_IN, H, W) channels_last: pixel p's channels at p*C_IN
@@ -115,14 +126,8 @@ def outconv_taps_kernel(
     # forward's GEMM (outconv._out_forward_fold) as columns^T = W' x^T: the tile is (rows, pixels) with the
     # pixels of one image fastest, which is how the columns are laid out, so the stores are row segments.
     # A is W' (a few KB, cache-resident), B is x^T: both read along C_IN, which is contiguous in each.
-    pid = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    n = pid // TILES
-    if IDX64:
-        n = n.to(tl.int64)
-    q = (pid % TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
-    q_ok = q < HW
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    n, q, q_ok = _image_tile(tl.program_id(0), TILES, HW, IDX64, BLOCK_P)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < C_OUT * KS * KS
     w_rows = r * C_IN
     x_cols = pixel_rows(n * HW + q, C_IN, IDX64)
@@ -156,12 +161,7 @@ def outconv_fold_kernel(
     # image): F.fold (col2im) with the bias, tanh and the channels_last store in its epilogue. The tile is
     # (CP, BLOCK_P) with the pixels fastest: for one channel and tap the source pixels of a row segment
     # are consecutive in the columns, so a warp's loads are coalesced.
-    pid = tl.program_id(0)
-    n = pid // TILES
-    if IDX64:
-        n = n.to(tl.int64)
-    q = (pid % TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
-    q_ok = q < HW
+    n, q, q_ok = _image_tile(tl.program_id(0), TILES, HW, IDX64, BLOCK_P)
     h = q // W
     w = q % W
     co = tl.arange(0, CP)
