@@ -205,7 +205,8 @@ def _config_label(rec: dict) -> str:
     warps = rec["options"]["num_warps"]
     return " ".join(f"{k[6:]}={c[k]}" for k in keep if k in c and not (k.endswith(("K2", "KB")) and
                     c.get(k.replace("BLOCK_", "") + "_STEPS", 1) == 0)) + (
-                        f" G={c['GROUPS']}" if c.get("GROUPS", 1) > 1 else "") + f" st={rec['options']['num_stages']}" + (
+                        f" G={c['GROUPS']}" if c.get("GROUPS", 1) > 1 else "") + (" phases" if c.get("PHASES") else "") + (
+                        f" st={rec['options']['num_stages']}") + (
                         f" w={warps}" if warps != 4 else "")
 
 

@@ -205,15 +205,11 @@ def _dw_partials(gzp, x, ks: int, has_bias: bool, split: Optional[int], config):
 def _dw_chunks(m: int, rows: int, base: int, cfg, exact: bool) -> tuple[int, int]:
     """(split, chunk pixels) of a dW config. base: the split of one row tile per program (configs.dw_split,
     or the caller's: exact). A config whose programs each take GROUPS row tiles has that many fewer row
-    programs; its split grows by the same factor (capped at chunks of 1024 pixels), so both candidates
-    launch about as many programs."""
-    s = base
-    if not exact:
-        groups = cfg.kwargs["GROUPS"]
-        ratio = (cdiv(rows, cfg.kwargs["BLOCK_R"]) + 1) // (cdiv(rows, cfg.kwargs["BLOCK_R"] * groups) + 1)
-        s = max(1, min(base * ratio, m // 1024)) if groups > 1 else base
-    chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
-    return cdiv(m, chunk), chunk
+    programs; its split grows by the same factor (configs.split_chunks), so both candidates launch about
+    as many programs."""
+    groups = cfg.kwargs["GROUPS"]
+    ratio = (cdiv(rows, cfg.kwargs["BLOCK_R"]) + 1) // (cdiv(rows, cfg.kwargs["BLOCK_R"] * groups) + 1)
+    return configs.split_chunks(m, base, 1 if exact else ratio)
 
 
 def _launch_dw(key, cfg, flags, ptrs, scalars, split, rows):

@@ -200,32 +200,41 @@ def _up_dw_partials(x, gz, has_bias: bool, split: Optional[int], config):
     key = ("up_dw", x.shape, gz.shape, gz.dtype, gz.device, has_bias, split, cfg_key(config))
     plan = _PLANS.get(key)
     if plan is None:
-        s = split or configs.dw_split(m, c_in, c_out, conv3x3._sms(gz.device), taps=PHASE_TAPS)  # via the module: compile_check patches it
-        chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
-        s = cdiv(m, chunk)
+        base = split or configs.dw_split(m, c_in, c_out, conv3x3._sms(gz.device), taps=PHASE_TAPS)  # via the module: compile_check patches it
+        candidates = [config] if config is not None else configs.up_dw_candidates(c_in, c_out, w, m)
+        s_max = max(_up_dw_chunks(m, base, c, has_bias, split is not None)[0] for c in candidates)
         flags = dict(DO_BIAS=has_bias, FULL_P=m % configs.DW_CHUNK_MULTIPLE == 0,
                      IDX64=4 * m * max(c_in, c_out) >= 2**31, **_dtype_flags(gz.dtype))
-        dwp = torch.empty((s, PHASE_TAPS, c_in, c_out), dtype=torch.float32, device=gz.device)
-        dbp = torch.empty((s, c_out), dtype=torch.float32, device=gz.device) if has_bias else None
-        plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS)]
-    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
-    ptrs = (x, gz, dwp, dbp if has_bias else dwp)
-    scalars = (m, h, w, c_in, c_out, chunk)
-    if cfg is None:
-        def run(c):
-            _launch_dw(key + (cfg_key(c),), c, flags, ptrs, scalars, s)
+        dwp = torch.empty((s_max, PHASE_TAPS, c_in, c_out), dtype=torch.float32, device=gz.device)
+        dbp = torch.empty((s_max, c_out), dtype=torch.float32, device=gz.device) if has_bias else None
+        ptrs = (x, gz, dwp, dbp if has_bias else dwp)
 
-        plan[0] = _choose("up_dw", (c_in, c_out, w, configs.m_bucket(m), str(gz.dtype), tuple(flags.items())),
-                          configs.up_dw_candidates(c_in, c_out, w, m), run, config)
-        _PLANS[key] = plan
-    _launch_dw(plan_id, plan[0], flags, ptrs, scalars, s)
+        def run(c):
+            s, chunk = _up_dw_chunks(m, base, c, has_bias, split is not None)
+            _launch_dw(key + (cfg_key(c),), c, flags, ptrs, (m, h, w, c_in, c_out, chunk), s)
+
+        cfg = _choose("up_dw", (c_in, c_out, w, configs.m_bucket(m), str(gz.dtype), tuple(flags.items())),
+                      configs.up_dw_candidates(c_in, c_out, w, m), run, config)
+        plan = _PLANS[key] = (cfg, flags, *_up_dw_chunks(m, base, cfg, has_bias, split is not None), dwp, dbp,
+                              next(_PLAN_IDS))
+    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
+    _launch_dw(plan_id, cfg, flags, (x, gz, dwp, dbp if has_bias else dwp), (m, h, w, c_in, c_out, chunk), s)
     return dwp, dbp, s
+
+
+def _up_dw_chunks(m: int, base: int, cfg, has_bias: bool, exact: bool) -> tuple[int, int]:
+    """(split, chunk pixels) of a dW config: base (one program per tap, configs.dw_split; or the caller's:
+    exact), grown for programs per phase (PHASES: 4 + db instead of 16 + db programs per chunk)."""
+    db = int(has_bias)
+    ratio = (PHASE_TAPS + db) // (4 + db) if cfg.kwargs["PHASES"] else 1
+    return configs.split_chunks(m, base, 1 if exact else ratio)
 
 
 def _launch_dw(key, cfg, flags, ptrs, scalars, split):
     c_in, c_out = scalars[3], scalars[4]
     co_tiles = cdiv(c_out, cfg.kwargs["BLOCK_CO"])
-    rows = PHASE_TAPS + 1 if flags["DO_BIAS"] else PHASE_TAPS  # row 16: the db partials
+    taps = 4 if cfg.kwargs["PHASES"] else PHASE_TAPS  # programs per phase (4 taps each) or per tap
+    rows = taps + 1 if flags["DO_BIAS"] else taps  # the last row: the db partials
     # alignment of x and gz (the caller's g for a conv without activation); the partials are ours
     UP_DW.launch((key, aligned(*ptrs[:2])), (cdiv(c_in, cfg.kwargs["BLOCK_C"]) * co_tiles, rows, split),
                  ptrs + scalars, flags, cfg)

@@ -286,6 +286,32 @@ def upconv_gz_kernel(
 
 
 @triton.jit
+def _up_tap_dot(acc, x_ptr, pix, src_rows_ok, gz, h_idx, w_idx, dh, dw, H, W, C_IN, ci, ci_ld,
+                INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """acc += x[m + (dh, dw)]^T gz over one pixel block (zero where the shift leaves the image)."""
+    src_ok = src_rows_ok & (h_idx != tap_edge(dh, H)) & (w_idx != tap_edge(dw, W))
+    xs = tl.load(x_ptr + pixel_rows(pix, C_IN, IDX64)[:, None] + ((dh * W + dw) * C_IN + ci)[None, :],
+                 mask=src_ok[:, None] & ci_ld[None, :], other=0.0)
+    return dw_dot(acc, xs, gz, INTERP_BF16, PRECISION, BLOCK_CO)
+
+
+@triton.jit
+def _phase_walk(p_start, pa, pb, H, W, BLOCK_P: tl.constexpr):
+    """The dW pixel walk over low-resolution pixels from p_start, for output phase (pa, pb): (offs_p, w, h,
+    hi, step_cols, step_h, step_hi), hi the output pixel (2h + a, 2w + b), n included. Per block w and h
+    move by adds (next_pixel_block) and hi = 4W*row + 2w + const by 4W*step_rows + 2*step_cols, 2W more
+    where w carries."""
+    offs_p = tl.arange(0, BLOCK_P)
+    w_idx = (p_start + offs_p) % W
+    row = (p_start + offs_p) // W
+    h_idx = row % H
+    hi = (2 * row + pa) * (2 * W) + 2 * w_idx + pb
+    step_cols = BLOCK_P % W
+    step_rows = BLOCK_P // W
+    return offs_p, w_idx, h_idx, hi, step_cols, step_rows % H, 4 * W * step_rows + 2 * step_cols
+
+
+@triton.jit
 def _up_dw_tile(
     x_ptr, g_ptr, dw_ptr, pid_tile, q, split, M, H, W, C_IN, C_OUT, CHUNK,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
@@ -310,16 +336,7 @@ def _up_dw_tile(
     acc = dw_zeros(BLOCK_C, BLOCK_CO)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, M)
-    offs_p = tl.arange(0, BLOCK_P)
-    w_idx = (p_start + offs_p) % W
-    row = (p_start + offs_p) // W
-    h_idx = row % H
-    hi = (2 * row + pa) * (2 * W) + 2 * w_idx + pb   # the output pixel (2h + a, 2w + b), n included
-    step_cols = BLOCK_P % W
-    step_rows = BLOCK_P // W
-    step_h = step_rows % H
-    # hi = 4W*row + 2w + const moves by 4W*step_rows + 2*step_cols per block, 2W more where w carries
-    step_hi = 4 * W * step_rows + 2 * step_cols
+    offs_p, w_idx, h_idx, hi, step_cols, step_h, step_hi = _phase_walk(p_start, pa, pb, H, W, BLOCK_P)
     for p0 in range(p_start, p_end, BLOCK_P):
         pix = p0 + offs_p
         p_ok = (pix < p_end) | FULL_P
@@ -335,6 +352,52 @@ def _up_dw_tile(
     dw_store(dw_ptr, (split * 16 + q) * C_IN + ci, ci_ok, co, co_ok, acc, C_OUT, BLOCK_CO)
 
 
+@triton.jit
+def _up_dw_phase(
+    x_ptr, g_ptr, dw_ptr, pid_tile, ph, split, M, H, W, C_IN, C_OUT, CHUNK,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_C: tl.constexpr, EVEN_CO: tl.constexpr, FULL_P: tl.constexpr,
+):
+    """The dWc tiles of the four taps of output phase ph = (a, b) over one chunk, as _up_dw_tile makes
+    each: tap q = 4ph + 2i + j reads x shifted by (a - 1 + i, b - 1 + j), and all four use the one gz
+    tile of the phase's output pixels per block (gz is read once per phase instead of once per tap)."""
+    ci, co = dw_channels(pid_tile, C_IN, C_OUT, BLOCK_C, BLOCK_CO)
+    ci_ok = ci < C_IN
+    co_ok = co < C_OUT
+    ci_ld = ci_ok | EVEN_C
+    co_ld = co_ok | EVEN_CO
+    pa = ph // 2
+    pb = ph % 2
+    acc0 = dw_zeros(BLOCK_C, BLOCK_CO)
+    acc1 = dw_zeros(BLOCK_C, BLOCK_CO)
+    acc2 = dw_zeros(BLOCK_C, BLOCK_CO)
+    acc3 = dw_zeros(BLOCK_C, BLOCK_CO)
+    p_start = split * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, M)
+    offs_p, w_idx, h_idx, hi, step_cols, step_h, step_hi = _phase_walk(p_start, pa, pb, H, W, BLOCK_P)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        pix = p0 + offs_p
+        p_ok = (pix < p_end) | FULL_P
+        gz = tl.load(g_ptr + pixel_rows(hi, C_OUT, IDX64)[:, None] + co[None, :], mask=p_ok[:, None] & co_ld[None, :],
+                     other=0.0)
+        acc0 = _up_tap_dot(acc0, x_ptr, pix, p_ok, gz, h_idx, w_idx, pa - 1, pb - 1, H, W, C_IN, ci, ci_ld,
+                           INTERP_BF16, PRECISION, IDX64, BLOCK_CO)
+        acc1 = _up_tap_dot(acc1, x_ptr, pix, p_ok, gz, h_idx, w_idx, pa - 1, pb, H, W, C_IN, ci, ci_ld,
+                           INTERP_BF16, PRECISION, IDX64, BLOCK_CO)
+        acc2 = _up_tap_dot(acc2, x_ptr, pix, p_ok, gz, h_idx, w_idx, pa, pb - 1, H, W, C_IN, ci, ci_ld,
+                           INTERP_BF16, PRECISION, IDX64, BLOCK_CO)
+        acc3 = _up_tap_dot(acc3, x_ptr, pix, p_ok, gz, h_idx, w_idx, pa, pb, H, W, C_IN, ci, ci_ld,
+                           INTERP_BF16, PRECISION, IDX64, BLOCK_CO)
+        w_idx, h_idx, carry = next_pixel_block(w_idx, h_idx, step_cols, step_h, H, W)
+        hi += tl.where(carry, step_hi + 2 * W, step_hi)
+    q0 = (split * 16 + 4 * ph) * C_IN + ci  # partials (SPLIT, 16, C_IN, C_OUT): tap q's rows at q*C_IN
+    dw_store(dw_ptr, q0, ci_ok, co, co_ok, acc0, C_OUT, BLOCK_CO)
+    dw_store(dw_ptr, q0 + C_IN, ci_ok, co, co_ok, acc1, C_OUT, BLOCK_CO)
+    dw_store(dw_ptr, q0 + 2 * C_IN, ci_ok, co, co_ok, acc2, C_OUT, BLOCK_CO)
+    dw_store(dw_ptr, q0 + 3 * C_IN, ci_ok, co, co_ok, acc3, C_OUT, BLOCK_CO)
+
+
 @triton.jit(do_not_specialize=SHAPE_ARGS)
 def upconv_bwd_dw_kernel(
     x_ptr,      # low-resolution input (N, C_IN, H, W) channels_last
@@ -347,13 +410,15 @@ def upconv_bwd_dw_kernel(
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
     EVEN_C: tl.constexpr, EVEN_CO: tl.constexpr,
+    PHASES: tl.constexpr,   # one program per output phase and its 4 taps (_up_dw_phase), not per tap
 ):
-    # grid = (C_IN tiles x C_OUT tiles, 16 taps (+ 1 with DO_BIAS), SPLIT chunks of low-resolution pixels).
-    # Programs with axis-1 index 16 make the db partials of C_OUT tile axis-0 (all four phases).
+    # grid = (C_IN tiles x C_OUT tiles, 16 taps or with PHASES 4 phases (+ 1 with DO_BIAS), SPLIT chunks of
+    # low-resolution pixels). Programs with the last axis-1 index make the db partials of C_OUT tile
+    # axis-0 (all four phases).
     pid_tile = tl.program_id(0)
     q = tl.program_id(1)
     split = tl.program_id(2)
-    if q == 16:
+    if q == (4 if PHASES else 16):
         if DO_BIAS:
             if pid_tile < tl.cdiv(C_OUT, BLOCK_CO):
                 co = pid_tile * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -370,6 +435,9 @@ def upconv_bwd_dw_kernel(
                         db_acc += tl.sum(tl.load(g_ptr + pixel_rows(hi, C_OUT, IDX64)[:, None] + co[None, :], mask=ok,
                                                  other=0.0).to(tl.float32), axis=0)
                 tl.store(db_ptr + split * C_OUT + co, db_acc, mask=co_ok)
+    elif PHASES:
+        _up_dw_phase(x_ptr, g_ptr, dw_ptr, pid_tile, q, split, M, H, W, C_IN, C_OUT, CHUNK, INTERP_BF16, PRECISION,
+                     IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C, EVEN_CO, FULL_P)
     else:
         _up_dw_tile(x_ptr, g_ptr, dw_ptr, pid_tile, q, split, M, H, W, C_IN, C_OUT, CHUNK, INTERP_BF16, PRECISION,
                     IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C, EVEN_CO, FULL_P)

@@ -297,7 +297,7 @@ def test_fold_in_dx_with_several_channel_tiles(bias):
 def test_gz_pass_and_fold_stay_in_bounds(bounds_checked, slope):
     """Every load and store of the round-8 launches stays inside the tensors the launch passed
     (test_memory_bounds.py's hook): the gz pass (C_out 24: 3 mask bytes a pixel, 8 masked lanes of its
-    32-wide channel block), dW, and dX with the fold programs (C_in 12: 4 masked lanes of dX's channel
+    32-wide channel block), dW by phases, and dX with the fold programs (C_in 12: 4 masked lanes of dX's channel
     tile; dW 9*12*24 = 2592 elements, three fold programs of 1024, the last one partial); without an
     activation dW and dX + fold alone. The forward runs checked as well."""
     t, grad = make_up_case(12, 24, 1, 3, 5, seed=5)
@@ -305,11 +305,32 @@ def test_gz_pass_and_fold_stay_in_bounds(bounds_checked, slope):
     x, wt, b = (t[k].float().to(DEVICE) for k in NAMES)
     y, mask, wc = up_forward(x, wt, b, slope, slope is not None)
     dx_cfg = configs.up_dx_candidates(12, 24, 5, 15, act=slope is not None)[1]  # with an activation: the gz pass
+    dw_cfg = configs.up_dw_candidates(12, 24, 5, 15)[1]  # dW: one program per phase and its 4 taps
     launch.LAUNCHES.clear()
-    got = up_backward(grad.float().to(DEVICE), x, wt, wc, mask, slope, True, dx_config=dx_cfg)
+    got = up_backward(grad.float().to(DEVICE), x, wt, wc, mask, slope, True, dx_config=dx_cfg, dw_config=dw_cfg)
     assert launch.LAUNCHES["up_fin"] == 0 and launch.LAUNCHES["up_gz"] == (slope is not None)
     for name, g in zip(NAMES, got):
         assert_within(f"d{name}", g, g_ref[name], g_abs[name], 1e-5)
+
+
+@pytest.mark.parametrize("bias, split", [(True, 3), (False, 4)])
+def test_dw_by_phases_on_its_grown_split(monkeypatch, bias, split):
+    """The dW config with one program per output phase (4 taps each) has 4 programs per chunk where the
+    per-tap one has 16 (+ 1 db program with a bias each), so its split grows by 17 // 5 = 3 or 16 // 4 = 4
+    (upconv._up_dw_chunks; 2 SMs patched in: 1 chunk for the per-tap config), and dX's fold sums that many
+    partials: the gradients match float64 autograd."""
+    monkeypatch.setattr(conv3x3, "_sms", lambda device: 2)
+    t, grad = make_up_case(8, 16, 2, 64, 64, bias=bias, seed=23)  # M = 8192 low-resolution pixels
+    (_, g_ref), (_, g_abs) = up_reference_and_scale(t, grad, 0.2)
+    x, wt = t["x"].float().to(DEVICE), t["weight"].float().to(DEVICE)
+    b = t["bias"].float().to(DEVICE) if bias else None
+    y, mask, wc = up_forward(x, wt, b, 0.2, True)
+    cfg = configs.up_dw_candidates(8, 16, 64, 8192)[1]
+    dx, dw, db = up_backward(grad.float().to(DEVICE), x, wt, wc, mask, 0.2, bias, dw_config=cfg)
+    plan = conv3x3._PLANS[("up_dw", x.shape, grad.shape, torch.float32, x.device, bias, None, conv3x3.cfg_key(cfg))]
+    assert plan[2] == split and plan[4].shape[0] == split
+    for name, got in (("x", dx), ("weight", dw)) + ((("bias", db),) if bias else ()):
+        assert_within(f"d{name}", got, g_ref[name], g_abs[name], 1e-5)
 
 
 def test_backward_is_deterministic():
