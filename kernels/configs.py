@@ -157,24 +157,25 @@ def out_dw_candidates(c_in: int, rows: int, w: int, m: int) -> list[triton.Confi
 FIN_BLOCK = 1024           # finalize programs: partial elements per program
 GZ_BLOCK_P = 64            # the gz pass: pixels per program (x up to 64 channels: 16 elements per thread)
 DW_CHUNK_MULTIPLE = 128    # dW pixel chunks are a multiple of every BLOCK_P above
+DW_MIN_CHUNK = 1024        # dW pixel chunks this long at least (dw_split, split_chunks): the fp32 workspace stays small
 
 
 def split_chunks(m: int, base: int, ratio: int = 1) -> tuple[int, int]:
     """(split, chunk pixels) of a dW reduction over m pixels: base chunks (dw_split's, or a caller's), times
     ratio for a config whose programs each do `ratio` times the work of one (fewer programs per chunk, so
-    more chunks keep the grid as large; at least 1024 pixels per chunk then), the chunk a multiple of
+    more chunks keep the grid as large; at least DW_MIN_CHUNK pixels per chunk then), the chunk a multiple of
     DW_CHUNK_MULTIPLE."""
-    s = max(1, min(base * ratio, m // 1024)) if ratio > 1 else base
+    s = max(1, min(base * ratio, m // DW_MIN_CHUNK)) if ratio > 1 else base
     chunk = cdiv(cdiv(m, s), DW_CHUNK_MULTIPLE) * DW_CHUNK_MULTIPLE
     return cdiv(m, chunk), chunk
 
 
 def dw_split(m: int, c_in: int, c_out: int, sms: int, taps: int = 9) -> int:
     """Pixel chunks of the dW reduction: ~4 programs per SM over the (tap, tile) programs (taps: 9, or 16
-    for the upsampling conv's phase taps), chunks of at least 1024 pixels (the fp32 workspace stays a
+    for the upsampling conv's phase taps), chunks of at least DW_MIN_CHUNK pixels (the fp32 workspace stays a
     few MB). sms = 0: one chunk (the interpreter runs programs one after another, so splitting buys
     nothing there)."""
     if sms <= 0:
         return 1
     tiles = taps * cdiv(c_in, 64) * cdiv(c_out, 64)
-    return max(1, min(cdiv(4 * sms, tiles), m // 1024))
+    return max(1, min(cdiv(4 * sms, tiles), m // DW_MIN_CHUNK))
