@@ -81,9 +81,10 @@ def _out_forward_cudnn(x, weight, bias) -> torch.Tensor:
 
 def _out_forward_fold(x, weight, bias) -> torch.Tensor:
     """tanh(conv(x, W) + b) as Z = W' x, one GEMM from C_in to k*k*C_out columns per pixel, W'[(c, ky, kx)]
-    = W[c, :, ky, kx], the weight's channels_last layout (outconv_taps_kernel), then a fold (outconv_fold_kernel): the conv reads
-    x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so output pixel p adds column (c, ky, kx) of the pixel
-    p + (ky, kx) - k//2; the bias, the tanh and the channels_last store are in the fold's epilogue.
+    = W[c, :, ky, kx], the weight's channels_last layout (outconv_taps_kernel), then a fold
+    (outconv_fold_kernel): the conv reads x[p + (ky, kx) - k//2] through W[:, :, ky, kx], so output pixel
+    p adds column (c, ky, kx) of the pixel p + (ky, kx) - k//2; the bias, the tanh and the channels_last
+    store are in the fold's epilogue.
     Images go in chunks whose Z fits FOLD_CHUNK_BYTES: two launches per chunk. (Both Triton: torch's
     matmul would be the first cuBLAS call of a generator step, whose initialisation lands in the tuner's
     timing of a cold process; F.fold launched col2im per image and left three more passes.)"""
@@ -103,12 +104,13 @@ def _out_forward_fold(x, weight, bias) -> torch.Tensor:
     taps_flags = dict(C_OUT=c_out, KS=k, BLOCK_R=_TAPS_BLOCK_R, BLOCK_P=_TAPS_BLOCK_P, BLOCK_K=block_k,
                       K_STEPS=cdiv(c_in, block_k), **dtype_flags)
     taps_tiles = cdiv(h * w, _TAPS_BLOCK_P)
+    # int64 offsets when the largest chunk's columns, y or x reach 2**31 elements
+    idx64 = max(min(step, n) * rows * h * w, y.numel(), x.numel()) >= 2**31
     for i in range(0, n, step):
         x_chunk, y_chunk = x[i:i + step], y[i:i + step]
         cols = torch.empty((x_chunk.shape[0], rows, h * w), dtype=x.dtype, device=x.device)
-        idx64 = max(cols.numel(), y.numel(), x.numel()) >= 2**31
-        # the chunks start at image boundaries, which need not be 16-byte aligned: the keys say
-        # the JIT specialises HW (== 1, % 16) and C_in: both in the key
+        # the keys: the chunks' alignment (they start at image boundaries, which need not be 16-byte
+        # aligned), and what the JIT specialises the taps kernel on (HW == 1, HW % 16, C_in)
         OUT_TAPS.launch((("out_taps", c_in, c_out, k, h * w == 1, h * w % 16 == 0, x.dtype, x.device, idx64),
                          aligned(x_chunk, w_k)),
                         (cols.shape[0] * taps_tiles, cdiv(rows, _TAPS_BLOCK_R), 1),
