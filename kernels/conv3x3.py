@@ -36,6 +36,7 @@ from . import configs
 from .configs import cdiv
 from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel, conv3x3_bwd_finalize_kernel
 from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
+from . import tape
 from .launch import LAUNCHERS, KernelLauncher, aligned
 from .tuning import Tuner, config_to_dict, cuda_timer, default_cache_path
 
@@ -73,10 +74,16 @@ def set_tuner(new: Optional[Tuner]) -> Optional[Tuner]:
     global _TUNER
     old, _TUNER = _TUNER, new
     _PLANS.clear()
-    _SCRATCH.clear()
+    drop_scratch()
     for launcher in LAUNCHERS.values():  # upconv.py's too
         launcher.forget()
     return old
+
+
+def drop_scratch() -> None:
+    """Forget the kept backward temporaries (_scratch_cl), and with them the tapes (tape.py) that hold them."""
+    _SCRATCH.clear()
+    tape.forget_all()
 
 
 def plan_configs() -> list[dict]:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .conv3x3_fwd import INTERPRETING
 
@@ -37,6 +38,9 @@ LAUNCHERS: dict[str, "KernelLauncher"] = {}
 # bench/host_overhead.py and precompile.record set this to a callable(name, grid, args, constexprs, options,
 # key) -> compiled-like (or None: keep nothing)
 STANDIN: Optional[Callable] = None
+# tape.py sets a list while it records a call: each launch appends (launcher, key, grid, args, flags, config)
+# and runs outside the recording's dispatch mode (the interpreter runs torch ops on the arguments).
+RECORDING: Optional[list] = None
 
 _MIN_DIRECT = (3, 3)  # CompiledKernel[grid](*all args) is the convention from Triton 3.3 on
 
@@ -126,6 +130,14 @@ class KernelLauncher:
     def launch(self, key, grid: tuple, args: tuple, flags: dict, config: triton.Config) -> None:
         """args: the runtime arguments in signature order; flags + config.kwargs: the constexprs (merged
         only when the key has no kept kernel yet)."""
+        if RECORDING is not None:
+            RECORDING.append((self, key, grid, tuple(args), flags, config))
+            with _disable_current_modes():
+                self._launch(key, grid, args, flags, config)
+            return
+        self._launch(key, grid, args, flags, config)
+
+    def _launch(self, key, grid: tuple, args, flags: dict, config: triton.Config) -> None:
         LAUNCHES[self.name] += 1
         # A CompiledKernel's runner reads grid[0], grid[1] and grid[2] (Triton 3.3 to 3.9); kernel[grid]
         # pads a shorter grid itself. A 1-d grid crashed the first H100 run of this path.

@@ -25,9 +25,11 @@ from typing import Optional, Sequence
 import torch
 
 from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, _scratch_cl, check_args, cl_strides,
-                      conv_forward, dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kernel_weight, reads_in_place)
+                      conv_forward, dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kept_partials, kept_scratch,
+                      kernel_weight, reads_in_place)
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad, check_idb_args
+from .tape import Taped
 
 # torch.compiler.is_compiling under a name of this module: the custom-op tests replace it here. Replacing
 # torch.compiler's own attribute leaked into later tests: Dynamo keys its special case on the function
@@ -43,35 +45,77 @@ def _conv_weights(idbs: Sequence[tuple], w: Optional[torch.Tensor] = None) -> li
 def ridb_forward(x0, idbs, w, b, res_scale: float, r2, res2_scale: float, slope: float, save_mask: bool,
                  w_ks: Optional[list] = None):
     """(out, xs, h1s, mask1s, mask2s): xs[q] is IDB q's input (xs[0] = x0, xs[Q] the closing conv's).
-    idbs: [(w1, b1, w2, b2)] per IDB; w_ks: kernel_weight of every weight in the order w1, w2 per IDB, w."""
+    idbs: [(w1, b1, w2, b2)] per IDB; w_ks: kernel_weight of every weight in the order w1, w2 per IDB, w.
+    The launches go through a tape (tape.py): recorded on a signature's second call, replayed after."""
     q_n = len(idbs)
     x0 = _cl(x0)  # once: every IDB and the closing conv read it, and the backward's dW launches need it so
+    r2 = _cl(r2) if r2 is not None else None
     w_ks = w_ks or [kernel_weight(t) for t in _conv_weights(idbs, w)]
+    biases = [t for p in idbs for t in (p[1], p[3])] + [b]
+    has_bias = tuple(t is not None for t in biases)
+    key = (x0.shape, x0.dtype, x0.device, r2 is not None, has_bias, tuple(t.shape for t in w_ks),
+           tuple(t.stride() for t in w_ks), float(res_scale), float(res2_scale), float(slope), bool(save_mask))
+    inputs = [x0, *w_ks, *(t for t in biases if t is not None)] + ([r2] if r2 is not None else [])
+    flat = _RIDB_FORWARD(key, inputs, q_n, has_bias, res_scale, res2_scale, slope, save_mask)
+    return flat[0], [x0, *flat[1:1 + q_n]], *_split(flat[1 + q_n:], q_n, q_n, q_n)
+
+
+def _ridb_forward_launches(inputs, q_n: int, has_bias: tuple, res_scale, res2_scale, slope, save_mask) -> list:
+    """ridb_forward's allocations and launches: inputs [x0, w_k per conv, the biases present, r2 if any]
+    -> [out, x_2 .. x_{Q+1}, h1s, mask1s, mask2s]."""
+    x0, w_ks = inputs[0], inputs[1:2 * q_n + 2]
+    rest = iter(inputs[2 * q_n + 2:])
+    biases = [next(rest) if present else None for present in has_bias]
+    r2 = next(rest, None)
     xs, h1s, m1s, m2s = [x0], [], [], []
-    for q, (w1, b1, w2, b2) in enumerate(idbs):
-        y, h1, m1, m2 = idb_forward(xs[q], x0, w1, b1, w2, b2, slope, save_mask, w1_k=w_ks[2 * q],
-                                    w2_k=w_ks[2 * q + 1])
+    for q in range(q_n):
+        y, h1, m1, m2 = idb_forward(xs[q], x0, w_ks[2 * q], biases[2 * q], w_ks[2 * q + 1], biases[2 * q + 1], slope,
+                                    save_mask, w1_k=w_ks[2 * q], w2_k=w_ks[2 * q + 1])
         xs.append(y)
         h1s.append(h1)
         m1s.append(m1)
         m2s.append(m2)
-    out, _ = conv_forward([xs[q_n]], w, b, None, x0, res_scale, r2, res2_scale, False, w_k=w_ks[2 * q_n])
-    return out, xs, h1s, m1s, m2s
+    out, _ = conv_forward([xs[q_n]], w_ks[2 * q_n], biases[2 * q_n], None, x0, res_scale, r2, res2_scale, False,
+                          w_k=w_ks[2 * q_n])
+    return [out, *xs[1:], *h1s, *m1s, *m2s]
 
 
 def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scale: float, res2_scale: float):
     """(dx0, [(dW1, db1, dW2, db2)] per IDB, dW, db); the DNB residual's gradient is `grad` itself.
-    idbs: (w1, _, w2, _) per IDB (the biases are not needed); xs etc. as ridb_forward returns them."""
+    idbs: (w1, _, w2, _) per IDB (the biases are not needed); xs etc. as ridb_forward returns them.
+    The launches go through a tape, as ridb_forward's."""
     g = _cl(grad)
+    q_n = len(idbs)
+    weights = _conv_weights(idbs, w)
+    w_ks = list(w_ks)
+    # dW comes back in each weight's dw_strides; the masks' shapes say whether the forward kept them
+    key = (g.shape, g.dtype, g.device, tuple(h.shape[1] for h in h1s), tuple(m.shape for m in m1s),
+           tuple(m.shape for m in m2s), tuple(t.shape for t in w_ks), tuple(t.stride() for t in w_ks),
+           tuple(dw_strides(t) for t in weights), float(slope), float(res_scale), float(res2_scale))
+    inputs = [g, *xs, *h1s, *m1s, *m2s, *w_ks]
+    if g.numel() == 0:  # an empty batch: zero gradients, no launches (and fills, which a tape does not keep)
+        flat = _ridb_backward_launches(inputs, q_n, weights, slope, res_scale, res2_scale)
+    else:
+        flat = _RIDB_BACKWARD(key, inputs, q_n, weights, slope, res_scale, res2_scale)
+    idb_grads = [tuple(flat[3 + 4 * q:7 + 4 * q]) for q in range(q_n)]
+    return flat[0], idb_grads, flat[1], flat[2]
+
+
+def _ridb_backward_launches(inputs, q_n: int, weights: list, slope: float, res_scale: float,
+                            res2_scale: float) -> list:
+    """ridb_backward's allocations and launches: inputs [g, xs, h1s, mask1s, mask2s, w_ks] -> [dx0, dW, db,
+    then dW1, db1, dW2, db2 per IDB]. weights (w1, w2 per IDB, w): read for dW's strides only."""
+    g, xs, h1s, m1s, m2s, w_ks = _split(inputs, 1, q_n + 1, q_n, q_n, q_n, 2 * q_n + 1)
+    g = g[0]
     x0 = xs[0]
     n, nf, h, wd = x0.shape
-    q_n = len(idbs)
     w_k = w_ks[2 * q_n]
-    dw, db = _grad_like(w, w_k), torch.empty((nf,), dtype=w_k.dtype, device=w_k.device)
-    idb_grads = [idb_grad_buffers(p[0], w_ks[2 * q], p[2], w_ks[2 * q + 1]) for q, p in enumerate(idbs)]
+    dw, db = _grad_like(weights[2 * q_n], w_k), torch.empty((nf,), dtype=w_k.dtype, device=w_k.device)
+    idb_grads = [idb_grad_buffers(weights[2 * q], w_ks[2 * q], weights[2 * q + 1], w_ks[2 * q + 1])
+                 for q in range(q_n)]
     dx0 = _empty_cl(n, nf, h, wd, x0)
-    if n * h * wd == 0:
-        return dx0, [tuple(t.zero_() for t in grads) for grads in idb_grads], dw.zero_(), db.zero_()
+    if n * h * wd == 0:  # no launches; the gradients are zeros (ridb_backward does not tape this)
+        return [dx0, dw.zero_(), db.zero_(), *(t.zero_() for grads in idb_grads for t in grads)]
     # The closing conv: out = r2 + s2*(x0 + s*conv(x)). dL/dx0 starts at s2*g; its dX G = s*s2*conv^T(g)
     # is dL/dx_{Q+1}, which the last IDB's residual also sends to x0, and whose gz2 the last IDB needs.
     scale = res_scale * res2_scale
@@ -89,7 +133,7 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
                               prev if q > 0 else dx0, omask=m2s[q - 1] if q > 0 else None, add_sum=(dx0, dx0, 1.0),
                               store_out=q > 0)
         gz2 = prev
-    return dx0, idb_grads, dw, db
+    return [dx0, dw, db, *(t for grads in idb_grads for t in grads)]
 
 
 def _split(seq: Sequence, *sizes: int) -> list:
@@ -101,6 +145,14 @@ def _split(seq: Sequence, *sizes: int) -> list:
     if start != len(seq):
         raise RuntimeError(f"fused_ridb: {len(seq)} saved tensors, expected {start}")
     return runs
+
+
+def _kept_buffers() -> list:
+    return kept_partials() + kept_scratch()
+
+
+_RIDB_FORWARD = Taped(_ridb_forward_launches, "fused_ridb forward", _kept_buffers)
+_RIDB_BACKWARD = Taped(_ridb_backward_launches, "fused_ridb backward", _kept_buffers)
 
 
 def _group(idb_params: Sequence[torch.Tensor]) -> list[tuple]:

@@ -178,7 +178,7 @@ def test_kept_backward_scratch_needs_no_clearing(case):
         else:
             check_case([8, 4], 16, 2, 3, 5, slope=0.2, r1=True, seed=seed)
 
-    conv3x3._SCRATCH.clear()
+    conv3x3.drop_scratch()
     run(seed=11)
     kept = conv3x3.kept_scratch()
     roles = {key[0] for key in conv3x3._SCRATCH}
