@@ -1,7 +1,7 @@
 """Host overhead of the fused kernels' launch path, on CPU, with a stand-in launcher.
 
     python bench/host_overhead.py [--batch 1] [--rounds 5] [--iters 200] [--json out.json] [--phases] [--ridb]
-    python bench/host_overhead.py --ridb-ops | --up | --out | --gen   [--rounds 5] [--iters 200] [--json out.json]
+    python bench/host_overhead.py --ridb-ops | --up | --out | --gen | --tapes   [--rounds 5] [--iters 200] [--json out.json]
 
 Times the Python around the kernels for one IDB forward + backward (nf 64, gc 32, 32x32, bf16,
 channels_last activations) with every Triton launch replaced by a stand-in that only counts: the
@@ -421,6 +421,58 @@ def gen_rows(rounds: int, iters: int, lr: int = 2) -> list[dict]:
     return rows
 
 
+def tape_rows(rounds: int, iters: int, lr: int = 2) -> list[dict]:
+    """This tree only: the host code of the IDB (bench/kernels_suite.py's idb_fwd_bwd call: x is x0, the
+    gradient of a .sum()), one RIDB (side 8) and the paper generator (lr x lr input), each forward +
+    backward through the tapes (kernels/tape.py: every call after a signature's second replays its
+    launches) and through the plain host code (tape.USE_TAPES off), alternating round by round."""
+    import gafh_fast.ops as ops
+    from gafh_fast import kernels
+    from gafh_fast.config import load_config
+    from gafh_fast.kernels import tape
+    from gafh_fast.models.generator import Generator
+
+    counter, _ = _install_standin()
+    ops.triton_unavailable_reason = lambda device: None  # the stand-in launches: no CUDA needed (this tool only)
+    fmt = dict(dtype=torch.bfloat16)
+    cl = torch.channels_last
+    x, _x0, w1, b1, w2, b2, _gy = _idb_tensors(1, "channels_last")
+    gen = Generator(load_config(None).model.generator, kernels="triton").to(**fmt).to(memory_format=cl)
+    lr_img = torch.rand(1, 3, lr, lr, **fmt).contiguous(memory_format=cl)
+    gy = torch.randn(1, 3, 8 * lr, 8 * lr, **fmt).contiguous(memory_format=cl)
+    ridb_x0 = torch.randn(1, 64, 8, 8, **fmt).contiguous(memory_format=cl).requires_grad_()
+    ridb = gen.mdbm[0].ridbs[0]
+    workloads = {
+        "IDB (x is x0, .sum() gradient)": (lambda: kernels.fused_idb_triton(x, x, w1, b1, w2, b2, 0.2).sum().backward(),
+                                           [x, w1, b1, w2, b2]),
+        "RIDB (8x8)": (lambda: ridb(ridb_x0).sum().backward(), [ridb_x0, *ridb.parameters()]),
+        f"paper generator ({lr}x{lr})": (lambda: gen(lr_img).backward(gy), list(gen.parameters())),
+    }
+    calls = {}
+    for name, (step, params) in workloads.items():
+        for use in (True, False):
+            def call(step=step, params=params, use=use):
+                tape.USE_TAPES = use
+                step()
+                for p in params:
+                    p.grad = None
+            calls[(name, use)] = call
+    try:
+        timed = _alternating(calls, counter, rounds, iters)
+    finally:
+        tape.USE_TAPES = True
+    recorded = {t.name: sorted(n for n in t.state().values() if isinstance(n, int)) for t in tape.TAPED}
+    rows = []
+    for name in workloads:
+        (launches, taped_us, taped_min), (_, plain_us, plain_min) = timed[(name, True)], timed[(name, False)]
+        rows.append(dict(tapes=name, launches=launches, taped_us=taped_us, plain_us=plain_us, taped_min_us=taped_min,
+                         plain_min_us=plain_min, taped_over_plain=round(taped_us / plain_us, 3),
+                         recorded_launches=recorded))
+        print(f"{name:32s}: {launches} Triton launches, host {taped_us:8.1f} us through the tapes, {plain_us:8.1f} us "
+              f"plain ({taped_us / plain_us:.2f}x; fastest rounds {taped_min:.1f} / {plain_min:.1f})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1,
@@ -441,11 +493,14 @@ def main() -> None:
                         help="only time the output layer: conv2d + tanh against fused_out_conv")
     parser.add_argument("--gen", action="store_true",
                         help="only time the whole paper generator at 2x2 input: kernels=torch against kernels=triton")
+    parser.add_argument("--tapes", action="store_true",
+                        help="only time the IDB, a RIDB and the generator through the tapes against the plain host code")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.ridb_ops or args.up or args.out or args.gen:
+    if args.ridb_ops or args.up or args.out or args.gen or args.tapes:
         rows = (ridb_op_rows(args.rounds, args.iters) if args.ridb_ops else up_rows(args.rounds, args.iters)
-                if args.up else out_rows(args.rounds, args.iters) if args.out else gen_rows(args.rounds, args.iters))
+                if args.up else out_rows(args.rounds, args.iters) if args.out else tape_rows(args.rounds, args.iters)
+                if args.tapes else gen_rows(args.rounds, args.iters))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -106,6 +106,11 @@ def kept_scratch() -> list[torch.Tensor]:
     return list(_SCRATCH.values())
 
 
+def kept_buffers() -> list[torch.Tensor]:
+    """Every buffer kept across calls: what a tape (tape.py) may hold as a constant."""
+    return kept_partials() + kept_scratch()
+
+
 def _sms(device: torch.device) -> int:
     """SMs of a CUDA device; 0 for the interpreter (one dW chunk)."""
     if device.type != "cuda":

@@ -15,8 +15,10 @@ from typing import Optional
 
 import torch
 
-from .conv3x3 import check_args, conv_backward, conv_forward, idb_backward, idb_forward, kernel_weight
+from .conv3x3 import (_cl, check_args, conv_backward, conv_forward, dw_strides, idb_backward, idb_forward, kept_buffers,
+                      kernel_weight)
 from .conv3x3_fwd import mask_shape
+from .tape import Taped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,13 +152,48 @@ def check_idb_args(x, x0, w1, b1, w2, b2) -> None:
         raise ValueError("fused_idb takes both conv biases (the IDB's nn.Conv2d modules have them)")
 
 
+# The IDB's host code through tapes (tape.py), as the RIDB's: recorded on a signature's second call,
+# replayed after. The channels_last copies of the inputs, the gradient and the weights are made outside
+# (a taped function only allocates and launches).
+def _idb_forward_launches(inputs: list, slope: float, save_mask: bool) -> tuple:
+    x, x0, w1_k, b1, w2_k, b2 = inputs
+    return idb_forward(x, x0, w1_k, b1, w2_k, b2, slope, save_mask, w1_k=w1_k, w2_k=w2_k)
+
+
+def _idb_backward_launches(inputs: list, w1: torch.Tensor, w2: torch.Tensor, slope: float) -> tuple:
+    g, x, h1, w1_k, w2_k, mask1, mask2 = inputs
+    return idb_backward(g, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope)
+
+
+_IDB_FORWARD = Taped(_idb_forward_launches, "fused_idb forward", kept_buffers)
+_IDB_BACKWARD = Taped(_idb_backward_launches, "fused_idb backward", kept_buffers)
+
+
+def taped_idb_forward(x, x0, w1_k, b1, w2_k, b2, slope: float, save_mask: bool):
+    """idb_forward(x, x0, w1_k, b1, w2_k, b2, ...) with the kernel weights w*_k: (y, h1, mask1, mask2)."""
+    x, x0 = _cl(x), _cl(x0)
+    key = (x.shape, x.dtype, x.device, w1_k.shape, w1_k.stride(), w2_k.shape, w2_k.stride(), float(slope),
+           bool(save_mask))
+    return _IDB_FORWARD(key, [x, x0, w1_k, b1, w2_k, b2], slope, save_mask)
+
+
+def taped_idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
+    """idb_backward(...): (dx, dW1, db1, dW2, db2)."""
+    g, x = _cl(grad), _cl(x)
+    if g.numel() == 0:  # zero gradients: fills, which a tape does not keep
+        return idb_backward(g, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope)
+    key = (g.shape, g.dtype, g.device, h1.shape, mask1.shape, mask2.shape, w1_k.shape, w1_k.stride(), w2_k.shape,
+           w2_k.stride(), dw_strides(w1), dw_strides(w2), float(slope))
+    return _IDB_BACKWARD(key, [g, x, h1, w1_k, w2_k, mask1, mask2], w1, w2, slope)
+
+
 @torch.library.custom_op("gafh_fast::fused_idb_fwd", mutates_args=())
 def fused_idb_fwd(x: torch.Tensor, x0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                   b2: torch.Tensor, negative_slope: float, save_mask: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h1, mask1, mask2), all channels_last / bit-packed as for fused_conv3x3_fwd."""
     check_idb_args(x, x0, w1, b1, w2, b2)
-    return idb_forward(x, x0, w1, b1, w2, b2, negative_slope, save_mask)
+    return taped_idb_forward(x, x0, kernel_weight(w1), b1, kernel_weight(w2), b2, negative_slope, save_mask)
 
 
 @fused_idb_fwd.register_fake
@@ -175,8 +212,8 @@ def _(x, x0, w1, b1, w2, b2, negative_slope, save_mask):
 def fused_idb_bwd(grad: torch.Tensor, x: torch.Tensor, h1: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                   mask1: torch.Tensor, mask2: torch.Tensor, negative_slope: float) -> list[torch.Tensor]:
     """[dx, dW1, db1, dW2, db2]."""
-    dx, dw1, db1, dw2, db2 = idb_backward(grad, x, h1, w1, kernel_weight(w1), w2, kernel_weight(w2), mask1, mask2,
-                                          negative_slope)
+    dx, dw1, db1, dw2, db2 = taped_idb_backward(grad, x, h1, w1, kernel_weight(w1), w2, kernel_weight(w2), mask1,
+                                                mask2, negative_slope)
     return [dx, dw1.contiguous(), db1, dw2.contiguous(), db2]
 
 
@@ -209,7 +246,7 @@ class _EagerFusedIDB(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x0, w1, b1, w2, b2, slope):
         w1_k, w2_k = kernel_weight(w1), kernel_weight(w2)
-        y, h1, mask1, mask2 = idb_forward(x, x0, w1, b1, w2, b2, slope, True, w1_k=w1_k, w2_k=w2_k)
+        y, h1, mask1, mask2 = taped_idb_forward(x, x0, w1_k, b1, w2_k, b2, slope, True)
         ctx.save_for_backward(x, h1, w1, w1_k, w2, w2_k, mask1, mask2)
         ctx.slope = slope
         return y
@@ -217,7 +254,7 @@ class _EagerFusedIDB(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, h1, w1, w1_k, w2, w2_k, mask1, mask2 = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2 = idb_backward(grad_y, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, ctx.slope)
+        dx, dw1, db1, dw2, db2 = taped_idb_backward(grad_y, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, ctx.slope)
         return dx, grad_y, dw1, db1, dw2, db2, None
 
 

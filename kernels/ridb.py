@@ -14,6 +14,8 @@ fused group"): the group's backward knows which tensor each gradient feeds next,
   * PyTorch's autograd builds and walks one node per RIDB instead of Q + 1.
 Launches: forward 2Q + 1; backward 4Q + 2 (the closing conv: dW, then dX + finalize; each IDB: gz1 dX,
 dW2, dW1, dx + finalize), the same count as per-IDB Functions, without the autograd adds.
+The host code of a forward and of a backward runs as a tape (tape.py): per call signature, its launches
+are recorded once and then replayed, only the tensors' addresses new.
 Eager calls go through the autograd Function; under torch.compile (the trainer compiles G's DNBs on
 CUDA) the same host code runs as the custom ops gafh_fast::fused_ridb_fwd / fused_ridb_bwd, one opaque
 node per RIDB.
@@ -25,8 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, _scratch_cl, check_args, cl_strides,
-                      conv_forward, dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kept_partials, kept_scratch,
-                      kernel_weight, reads_in_place)
+                      conv_forward, dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kept_buffers, kernel_weight,
+                      reads_in_place)
 from .conv3x3_fwd import mask_shape
 from .op import _needs_grad, check_idb_args
 from .tape import Taped
@@ -147,12 +149,8 @@ def _split(seq: Sequence, *sizes: int) -> list:
     return runs
 
 
-def _kept_buffers() -> list:
-    return kept_partials() + kept_scratch()
-
-
-_RIDB_FORWARD = Taped(_ridb_forward_launches, "fused_ridb forward", _kept_buffers)
-_RIDB_BACKWARD = Taped(_ridb_backward_launches, "fused_ridb backward", _kept_buffers)
+_RIDB_FORWARD = Taped(_ridb_forward_launches, "fused_ridb forward", kept_buffers)
+_RIDB_BACKWARD = Taped(_ridb_backward_launches, "fused_ridb backward", kept_buffers)
 
 
 def _group(idb_params: Sequence[torch.Tensor]) -> list[tuple]:

@@ -1,4 +1,5 @@
-"""A host function's launches, recorded once per call signature and replayed after (the RIDB's host path).
+"""A host function's launches, recorded once per call signature and replayed after (the host path of the
+RIDB, kernels/ridb.py, and of the standalone IDB, kernels/op.py).
 
 Why: in steady state a RIDB forward + backward is 27 launches and ~36 allocations whose grids, launch keys,
 constexprs and scalar arguments depend only on the shapes; only the tensors' addresses change from call to
@@ -24,11 +25,16 @@ always takes the plain path (the same kernels: only the host code around them di
 Recording happens on a signature's second call, when every plan it needs already exists (the first one
 may time tile configs, whose trial launches are not the call's); set_tuner() drops every tape with the
 plans. tests/kernels/test_tape.py compares every replayed launch with the plain path's, argument by
-argument, on the interpreter and on the stand-in launcher.
+argument, and the outputs bit for bit, under the interpreter; tests/test_host_launch.py runs the replays
+through kept compiled kernels (the stand-in launcher).
+Measured on the 2-core CPU with the stand-in launcher (`python bench/host_overhead.py --tapes`): the
+paper generator's host time per forward + backward 0.72x of the plain path's, a RIDB's 0.71x, the IDB's
+0.82x (bench/RESULTS.md, Round 12). Not measured on a GPU yet.
 """
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -72,57 +78,77 @@ class _NotTapeable(Exception):
 
 
 class Tape:
-    """One recorded call: allocations, launches with slotted tensor arguments, outputs."""
-    __slots__ = ("n_in", "allocs", "launches", "outputs")
+    """One recorded call. A replay's pool is [the call's inputs, its fresh allocations, the tape's constants
+    (scalar arguments and kept buffers)]; each launch's arguments and the outputs are picked from it by
+    one itemgetter each."""
+    __slots__ = ("allocs", "consts", "launches", "outputs")
 
     def __init__(self, inputs: list, recorded: list, outputs: list, allocated: set, kept: list):
-        self.n_in = len(inputs)
-        in_slot = {}
+        n_in = len(inputs)
+        in_slot: dict[int, int] = {}
         for i, t in enumerate(inputs):
             in_slot.setdefault(id(t), i)
         kept_ids = {id(t) for t in kept}
-        fresh: dict[int, int] = {}  # id of an allocated tensor -> its slot
+        fresh: dict[int, int] = {}  # id of a tensor the call allocated -> its index among the allocations
         self.allocs: list[tuple] = []
+        consts: dict = {}  # id of a kept buffer, or (type, value) of a scalar -> its index among the constants
+        self.consts: list = []
 
-        def slot(t: torch.Tensor):
-            """int: a slot of the replay's pool (inputs, then allocations); a tensor: a kept buffer."""
-            if id(t) in in_slot:
-                return in_slot[id(t)]
-            if id(t) in kept_ids:
-                return t
-            if id(t) not in fresh:
-                plain = t._base is None and t.storage_offset() == 0
-                if not plain or (t.numel() and t.untyped_storage().data_ptr() not in allocated):
-                    raise _NotTapeable(f"a tensor argument {tuple(t.shape)} {t.dtype} is neither an input, nor "
+        def slot(a) -> tuple:
+            """(kind, index): ("in", i) the call's input i, ("new", j) its allocation j, ("const", k) constant k."""
+            if not isinstance(a, torch.Tensor) or id(a) in kept_ids:
+                key = id(a) if isinstance(a, torch.Tensor) else (type(a), repr(a))  # repr: -0.0 is not 0.0
+                if key not in consts:
+                    consts[key] = len(self.consts)
+                    self.consts.append(a)
+                return "const", consts[key]
+            if id(a) in in_slot:
+                return "in", in_slot[id(a)]
+            if id(a) not in fresh:
+                plain = a._base is None and a.storage_offset() == 0
+                if not plain or (a.numel() and a.untyped_storage().data_ptr() not in allocated):
+                    raise _NotTapeable(f"a tensor argument {tuple(a.shape)} {a.dtype} is neither an input, nor "
                                        "allocated by the call, nor a kept buffer")
-                fresh[id(t)] = self.n_in + len(self.allocs)
-                self.allocs.append((tuple(t.shape), t.stride(), t.dtype, t.device))
-            return fresh[id(t)]
+                fresh[id(a)] = len(self.allocs)
+                self.allocs.append((tuple(a.shape), a.stride(), a.dtype, a.device))
+            return "new", fresh[id(a)]
 
-        self.launches = []
-        for launcher, key, grid, args, flags, config in recorded:
-            template, subs = list(args), []
-            for pos, a in enumerate(args):
-                if isinstance(a, torch.Tensor):
-                    s = slot(a)
-                    if isinstance(s, int):
-                        subs.append((pos, s))
-                        template[pos] = None  # filled per replay; the recorded call's tensor is not kept alive
-                    else:
-                        template[pos] = s
-            self.launches.append((launcher, key, grid, template, tuple(subs), flags, config))
-        self.outputs = [slot(t) for t in outputs]
+        picks = [(launcher, key, (*grid, *(1,) * (3 - len(grid))), [slot(a) for a in args], flags, config)
+                 for launcher, key, grid, args, flags, config in recorded]
+        out_slots = [slot(t) for t in outputs]
+        base = {"in": 0, "new": n_in, "const": n_in + len(self.allocs)}  # the pool's three parts
 
-    def replay(self, inputs: list) -> list:
-        pool = list(inputs)
-        for shape, stride, dtype, device in self.allocs:
-            pool.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
-        for launcher, key, grid, template, subs, flags, config in self.launches:
-            args = template.copy()
-            for pos, s in subs:
-                args[pos] = pool[s]
-            launcher.launch(key, grid, args, flags, config)
-        return [pool[s] if isinstance(s, int) else s for s in self.outputs]
+        def getter(slots: list) -> Callable[[list], tuple]:
+            return _getter([base[kind] + i for kind, i in slots])
+
+        self.launches = [(launcher, key, grid, getter(slots), flags, config)
+                         for launcher, key, grid, slots, flags, config in picks]
+        self.outputs = getter(out_slots)
+
+    def replay(self, inputs: list) -> tuple:
+        pool = [*inputs, *(torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                           for shape, stride, dtype, device in self.allocs), *self.consts]
+        if launch.RECORDING is not None:  # another call is being recorded: let the launcher see each launch
+            for launcher, key, grid, args, flags, config in self.launches:
+                launcher.launch(key, grid, args(pool), flags, config)
+            return self.outputs(pool)
+        counts = launch.LAUNCHES
+        for launcher, key, grid, args, flags, config in self.launches:
+            kept = launcher._compiled.get(key)  # KernelLauncher.launch's steady state, without its two calls
+            if kept is None:
+                launcher._launch(key, grid, args(pool), flags, config)
+            else:
+                counts[launcher.name] += 1
+                kept(grid, args(pool))
+        return self.outputs(pool)
+
+
+def _getter(indices: list) -> Callable[[list], tuple]:
+    """pool -> the tuple of these items (operator.itemgetter, which returns a lone item bare)."""
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda pool: (pool[i],)
+    return operator.itemgetter(*indices) if indices else (lambda pool: ())
 
 
 class Taped:
@@ -135,9 +161,13 @@ class Taped:
         TAPED.append(self)
 
     def __call__(self, key: tuple, inputs: list, *consts) -> list:
-        first: dict = {}
-        # which inputs are one tensor (slots are by identity) and their alignment (the launch keys hold it)
-        key = (key, tuple(first.setdefault(id(t), i) for i, t in enumerate(inputs)), aligned(*inputs))
+        # which inputs are one tensor (slots are by identity: None, all distinct, is the common case) and
+        # their alignment (the launch keys hold it)
+        aliases = None
+        if len(set(map(id, inputs))) != len(inputs):
+            first: dict = {}
+            aliases = tuple(first.setdefault(id(t), i) for i, t in enumerate(inputs))
+        key = (key, aliases, aligned(*inputs))
         tape = self.tapes.get(key)
         if tape.__class__ is Tape and USE_TAPES:
             return tape.replay(inputs)
@@ -146,7 +176,8 @@ class Taped:
         if tape is None:
             self.tapes[key] = _SEEN
             return self.fn(inputs, *consts)
-        if tape is _PLAIN or is_in_torch_dispatch_mode():  # another mode's ops are not ours to judge
+        # another dispatch mode's ops are not ours to judge; a call inside another's recording is part of that one
+        if tape is _PLAIN or is_in_torch_dispatch_mode() or launch.RECORDING is not None:
             return self.fn(inputs, *consts)
         return self._record(key, inputs, consts)
 

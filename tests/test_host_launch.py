@@ -81,6 +81,18 @@ def test_whole_generator_through_kept_compiled_kernels(tmp_path):
     assert all(r["host_us"] > 0 for r in rows)
 
 
+def test_tapes_through_kept_compiled_kernels(tmp_path):
+    """The tapes (kernels/tape.py) on the direct-launch path: the IDB, a RIDB and the paper generator, each
+    through its replays and through the plain host code, with the same launch counts; the recorded
+    signatures are the IDB's (2 + 4 launches) and the RIDB's, with and without the DNB residual (9 + 18)."""
+    rows = _host_overhead_rows("--tapes", tmp_path)
+    assert [(r["tapes"], r["launches"]) for r in rows] == [
+        ("IDB (x is x0, .sum() gradient)", 6), ("RIDB (8x8)", 9 + 18), ("paper generator (2x2)", 344)], rows
+    assert rows[0]["recorded_launches"] == {"fused_idb forward": [2], "fused_idb backward": [4],
+                                            "fused_ridb forward": [9, 9, 9], "fused_ridb backward": [18, 18, 18]}
+    assert all(r["taped_us"] > 0 and r["plain_us"] > 0 for r in rows)
+
+
 def test_launch_profile_plumbing_on_cpu(tmp_path):
     """bench/launch_profile.py without a GPU (a subprocess: it installs the stand-in launcher): its rows
     for the IDB and G at tiny sizes, each path with its Triton launch count, the two triton runners

@@ -109,6 +109,57 @@ def test_replay_makes_the_plain_paths_launches(launch_log, monkeypatch, nf, gc, 
         assert_within(f"d{k}", g, g_ref[k], g_abs[k], rel)
 
 
+@pytest.mark.parametrize("weight_layout, same_x, expand_grad", [
+    ("nchw", False, False),  # the weights copied outside the tape
+    ("channels_last", True, True),  # x is x0 (one tensor, two slots); the gradient of a .sum(): copied outside
+])
+def test_idb_replay_makes_the_plain_paths_launches(launch_log, monkeypatch, weight_layout, same_x, expand_grad):
+    """The standalone IDB (kernels/op.py's tapes) the same way, as bench/kernels_suite.py's idb_fwd_bwd calls it."""
+    from gafh_fast.kernels import fused_idb_triton, op
+
+    from .test_idb import idb_reference, make_idb
+
+    t, grad64 = make_idb(16, 8, 2, 3, 5, torch.float32, seed=7)
+    if same_x:
+        t["x0"] = t["x"]
+    if expand_grad:  # a .sum()'s gradient: ones, all strides 0
+        grad64 = torch.ones_like(grad64)
+        grad = torch.ones((), dtype=torch.float32).expand(grad64.shape)
+    else:
+        grad = grad64.float()
+    (y_ref, g_ref), (y_abs, g_abs) = idb_reference(t, grad64, same_x)
+    conv3x3.drop_scratch()
+
+    def forward_backward():
+        leaves = {}
+        for k, v in t.items():
+            if k == "x0" and same_x:
+                continue
+            v = v.float().to(DEVICE)
+            if v.dim() == 4 and (k in ("x", "x0") or weight_layout == "channels_last"):
+                v = v.contiguous(memory_format=torch.channels_last)
+            leaves[k] = v.requires_grad_(True)
+        x0 = leaves["x"] if same_x else leaves["x0"]
+        y = fused_idb_triton(leaves["x"], x0, leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"], 0.2)
+        return leaves, [y.detach(), *torch.autograd.grad(y, list(leaves.values()), grad.to(DEVICE))]
+
+    monkeypatch.setattr(tape, "USE_TAPES", False)
+    _, plain = forward_backward()
+    plain_log = _canonical(launch_log)
+    monkeypatch.setattr(tape, "USE_TAPES", True)
+    for _ in range(2):
+        forward_backward()
+    assert list(op._IDB_FORWARD.state().values()) == [2] and list(op._IDB_BACKWARD.state().values()) == [4]
+    del launch_log[:]
+    leaves, replayed = forward_backward()
+    assert _canonical(launch_log) == plain_log
+    for name, got, want in zip(["y", *leaves], replayed, plain):
+        assert torch.equal(got, want) and got.stride() == want.stride(), name
+    assert_within("y", replayed[0], y_ref, y_abs, 1e-5)
+    for k, g in zip(leaves, replayed[1:]):
+        assert_within(f"d{k}", g, g_ref[k], g_abs[k], 1e-5)
+
+
 def _conv_taped(fn):
     return tape.Taped(fn, "a test's conv", conv3x3.kept_scratch)
 
