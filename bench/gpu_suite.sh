@@ -18,7 +18,9 @@
 # Knobs (environment):
 #   GPU_SUITE_STAGES="model data"  only these stages (a second call for what the first did not finish; the
 #                                  environment and install always run). Keys: main-job kernel-tests
-#                                  real-size kernels-b64 train-b64 profile infer-b256 kernels-b8-256 model data
+#                                  real-size kernels-b64 launch-profile train-b64 profile infer-b256
+#                                  kernels-b8-256 model data (launch-profile: bench/launch_profile.py, its
+#                                  rows in $OUT/launch.json and cProfile report in $OUT/launch_top.txt)
 #   GPU_SUITE_CAPS="main-job=200"  replace stages' timeouts (seconds), by key
 #   GPU_SUITE_DEVICE=cuda|cpu      the device of the bench suites and the main job (default cuda)
 #   GPU_TEST_WORKERS=8             pytest-xdist workers of the GPU kernel-test stage (capped at nproc)
@@ -182,12 +184,15 @@ fi
 # (caps in seconds: on the H200 in calls D1/D2 (bench/RESULTS.md) kernels-b64 took 169 s and kernels-b8-256
 # 159 s, before the suite's `auto` rows; the rest are guesses: compiling the whole G and autotuning dominate)
 # (infer-b256 compiles G three times and runs the writer rounds: 200 s)
-for spec in "kernels-b64 240 kernels --batch 64" "train-b64 100 train --batch 64" "profile 90 -" \
+for spec in "kernels-b64 240 kernels --batch 64" "launch-profile 60 -" "train-b64 100 train --batch 64" "profile 90 -" \
             "infer-b256 200 infer --batch 256" "kernels-b8-256 230 kernels --batch 8,256" "model 150 model" "data 50 data"; do
     read -r key cap args <<< "$spec"
     selected "$key" || continue
     if [[ "$key" == profile ]]; then
         stage "profile GAN step" profile "$cap" 'profile_step'
+    elif [[ "$key" == launch-profile ]]; then  # the host path with real launches (D3: 27 s on the H200)
+        stage "launch profile" launch-profile "$cap" \
+            '"$PY" bench/launch_profile.py --device "$DEVICE" --iters 100 --json "$OUT/launch.json" --profile-out "$OUT/launch_top.txt"'
     else
         stage "bench $key" "$key" "$cap" "run_suite $key $args"
     fi

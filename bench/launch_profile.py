@@ -10,10 +10,12 @@ kernel, torch's CUDA allocator and autograd's device thread. This tool measures 
 
   1. wall time per call (N calls, then one synchronize; the median of 3 rounds) of an IDB forward +
      backward (nf 64, gc 32, 32x32, bf16, channels_last, batch 64) and of the paper G forward + backward
-     at batch 8, three ways: kernels=torch (eager), kernels=triton with kept kernels launched through
-     Triton's runner (compiled[grid](...), launch.DIRECT_RUNNER off), and through launch.direct_runner
-     (the default); with the Triton launches per call, so the difference per launch is a number;
-  2. whether the two triton ways give the same outputs and gradients, bit for bit (they launch the same
+     at batch 8, four ways: kernels=torch (eager), kernels=triton with kept kernels launched through
+     Triton's runner (compiled[grid](...), launch.DIRECT_RUNNER off), through launch.direct_runner
+     (the default), and the same with the RIDB's and IDB's host code run plain instead of replaying its
+     tapes (kernels/tape.py, tape.USE_TAPES off); with the Triton launches per call, so the difference
+     per launch is a number;
+  2. whether the triton ways give the same outputs and gradients, bit for bit (they launch the same
      kernels with the same arguments);
   3. a cProfile of the default triton way (autograd's multithreading off, so that the backward's Python
      runs on the profiled thread), top functions by own time.
@@ -31,19 +33,22 @@ from pathlib import Path
 import torch
 
 from gafh_fast.config import load_config
-from gafh_fast.kernels import launch
+from gafh_fast.kernels import launch, tape
 from gafh_fast.models.generator import IDB, Generator, precompile_kernels
 from gafh_fast.ops import _drain, median_ms_per_call
 from kernels_suite import _set_kernels as set_kernels
 
 NF, GC, LR = 64, 32, 32
-WAYS = ("eager", "triton, Triton's runner", "triton, direct runner")
+PLAIN = "triton, direct runner, no tapes"
+WAYS = ("eager", "triton, Triton's runner", "triton, direct runner", PLAIN)
 
 
 def _set_way(module, way: str) -> None:
-    """kernels= of every layer, and which runner kept kernels get (they are forgotten, so the next
-    launches of every key compile or load again and are kept with this runner)."""
+    """kernels= of every layer, which runner kept kernels get (they are forgotten, so the next launches
+    of every key compile or load again and are kept with this runner), and whether the RIDB's and IDB's
+    host code replays its tapes (kernels/tape.py; the default) or runs plain."""
     launch.DIRECT_RUNNER = way != "triton, Triton's runner"
+    tape.USE_TAPES = way != PLAIN
     for launcher in launch.LAUNCHERS.values():
         launcher.forget()
     set_kernels(module, "torch" if way == "eager" else "triton")
@@ -138,13 +143,21 @@ def run(device: torch.device, iters: int, smoke: bool, profile_out: str | None) 
         # the stand-in launches compute nothing (uninitialised outputs): only real kernels can agree
         same = all(torch.equal(a, b) for a, b in zip(runner_out, direct_out)) if device.type == "cuda" else None
         verdict = {True: "identical to", False: "DIFFERENT from", None: "not compared with (stand-in launches)"}[same]
-        launches = rows[-1]["triton_launches"]
+        launches = rows[-2]["triton_launches"]
         saved_us = (runner_ms - direct_ms) * 1000 / max(1, launches)
-        rows[-1].update(identical_to_runner=same, saved_us_per_launch=saved_us,
-                        note=rows[-1]["note"] + f"; results {verdict} Triton's runner's; {saved_us:+.1f} us per "
+        rows[-2].update(identical_to_runner=same, saved_us_per_launch=saved_us,
+                        note=rows[-2]["note"] + f"; results {verdict} Triton's runner's; {saved_us:+.1f} us per "
                                                 f"launch saved")
         print(f"{name:22s} direct runner: results {verdict} Triton's runner's, {saved_us:+.1f} us per launch saved")
-        _set_way(module, "triton, direct runner")
+        plain_ms, plain_out = by_way[PLAIN]
+        same = all(torch.equal(a, b) for a, b in zip(plain_out, direct_out)) if device.type == "cuda" else None
+        verdict = {True: "identical to", False: "DIFFERENT from", None: "not compared with (stand-in launches)"}[same]
+        saved_ms = plain_ms - direct_ms
+        rows[-2].update(identical_to_plain_host_code=same, tapes_saved_ms_per_call=saved_ms,
+                        note=rows[-2]["note"] + f"; results {verdict} the plain host code's (no tapes); the tapes "
+                                                f"save {saved_ms * 1000:+.1f} us per call")
+        print(f"{name:22s} tapes: results {verdict} the plain host code's, {saved_ms * 1000:+.1f} us per call saved")
+        _set_way(module, "triton, direct runner")  # the default, profiled
         reports.append(f"=== {name}, kernels=triton (direct runner): cProfile, own time ===\n"
                        + profile_top(call, grads, 3 if name.startswith("gen") else 50, 40))
     if profile_out:

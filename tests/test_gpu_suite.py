@@ -144,7 +144,7 @@ def suite(tmp_path_factory):
     python = make_venv(root / "venv")
     tiny = " ".join(TINY_OVERRIDES)
     env = dict(offline_env(), OUT=str(root / "out"), PYTHON=str(python), GPU_SUITE_DEVICE="cpu",
-               GPU_SUITE_TMP=str(root / "scratch"), GPU_SUITE_STAGES="main-job data", GPU_SUITE_CAPS="data=1",
+               GPU_SUITE_TMP=str(root / "scratch"), GPU_SUITE_STAGES="main-job launch-profile data", GPU_SUITE_CAPS="data=1",
                GAFH_GIT_COMMIT=COMMIT, GAFH_GIT_DIRTY="0",
                MAIN_JOB_ARGS=f"--steps 2 --more-steps 1 --batch 2 --faces 40 --loader pil --kernels torch {tiny} data.num_threads=1")
     proc = subprocess.run(["bash", str(tree / "bench" / "gpu_suite.sh")], cwd=root, env=env, capture_output=True,
@@ -168,6 +168,12 @@ def test_suite_stages_and_summary(suite):
     assert re.match(r"main-job\s+ok\s+\d+s\s+train [0-9.]+ img/s, MFU n/a \(steps 2-2, batch 2, loader pil\); "
                     r"resumed 2->3; .*infer 4/4 ok", main), f"{main}\n{suite['log'][-6000:]}"
     assert re.match(r"bench data\s+TIMEOUT at 1s", summary_line(suite, "bench data")), suite["summary"]
+    # the launch profile (its CPU plumbing here: the stand-in launcher) writes its rows and report to $OUT
+    assert re.match(r"launch profile\s+ok\b", summary_line(suite, "launch profile")), suite["summary"]
+    launch_rows = json.loads((suite["out"] / "launch.json").read_text())
+    assert [r["path"] for r in launch_rows][:4] == ["eager", "triton, Triton's runner", "triton, direct runner",
+                                                    "triton, direct runner, no tapes"]
+    assert (suite["out"] / "launch_top.txt").read_text().count("cProfile, own time") == 2
     assert "kernel tests" not in suite["summary"]  # not selected
     assert f"commit: {COMMIT} dirty: False from GAFH_GIT_COMMIT" in suite["log"]
 

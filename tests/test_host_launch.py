@@ -95,8 +95,9 @@ def test_tapes_through_kept_compiled_kernels(tmp_path):
 
 def test_launch_profile_plumbing_on_cpu(tmp_path):
     """bench/launch_profile.py without a GPU (a subprocess: it installs the stand-in launcher): its rows
-    for the IDB and G at tiny sizes, each path with its Triton launch count, the two triton runners
-    compared only where kernels ran (not here), and a cProfile report per workload."""
+    for the IDB and G at tiny sizes, each path with its Triton launch count, the two triton runners and the
+    tapes against the plain host code compared only where kernels ran (not here), and a cProfile report
+    per workload."""
     import json
     import subprocess
     import sys
@@ -111,9 +112,11 @@ def test_launch_profile_plumbing_on_cpu(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["name"], r["path"]) for r in rows] == [
         (name, path) for name in ("idb_fwd_bwd batch 1", "gen_fwd_bwd batch 1")
-        for path in ("eager", "triton, Triton's runner", "triton, direct runner")]
-    assert [r["triton_launches"] for r in rows] == [0, 6, 6, 0, 344, 344]  # the IDB's 2 + 4, the paper G's
+        for path in ("eager", "triton, Triton's runner", "triton, direct runner", "triton, direct runner, no tapes")]
+    assert [r["triton_launches"] for r in rows] == [0, 6, 6, 6, 0, 344, 344, 344]  # the IDB's 2 + 4, the paper G's
     assert all(r["ms"] > 0 for r in rows)
     assert [r["identical_to_runner"] for r in rows if "identical_to_runner" in r] == [None, None]
+    assert [r["identical_to_plain_host_code"] for r in rows if "identical_to_plain_host_code" in r] == [None, None]
+    assert all("tapes_saved_ms_per_call" in r for r in rows if r["path"] == "triton, direct runner")
     report = top.read_text()
     assert report.count("cProfile, own time") == 2 and "calls profiled" in report

@@ -39,9 +39,14 @@ def _canonical(log: list) -> list:
 @pytest.fixture
 def launch_log(monkeypatch):
     """Every launch (launcher name, key, grid, args, flags, config) as KernelLauncher runs it. The tensors
-    are held until the test ends, so no address is reused within one log."""
+    are held until the test ends, so no address is reused within one log. No compiled kernel is kept (on a
+    GPU a replay would launch kept ones without this method; under the interpreter none is ever kept):
+    tests/test_host_launch.py runs replays through kept kernels."""
     log: list = []
     real = KernelLauncher._launch
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)
+    for launcher in launch.LAUNCHERS.values():
+        launcher.forget()
 
     def logged(self, key, grid, args, flags, config):
         log.append((self.name, key, grid, tuple(args), dict(flags), config))
