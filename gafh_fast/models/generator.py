@@ -30,6 +30,14 @@ def _kaiming_(module: nn.Module, scale: float) -> None:
                 m.bias.data.zero_()
 
 
+def _conv_params(conv: nn.Conv2d) -> tuple:
+    """(weight, bias) as registered. Read from the module's dicts: nn.Module.__getattr__ is a Python call per
+    attribute, and the paper G's 48 IDBs made ~490 of them per forward (~7 % of its host time with the
+    fused kernels, bench/RESULTS.md Round 12)."""
+    params = conv._parameters
+    return params["weight"], params["bias"]
+
+
 class IDB(nn.Module):
     """Internal dense block: h1 = LReLU(conv(x)); h2 = LReLU(conv([x, h1])); returns h2 + x0."""
 
@@ -59,7 +67,7 @@ class RIDB(nn.Module):
     def forward(self, x0: torch.Tensor, dnb_input: torch.Tensor | None = None) -> torch.Tensor:
         # One op for the whole block (its IDBs, then conv -> scale -> add x0). The last RIDB of a DNB
         # also carries the DNB's residual: z + s * RIDB_out (r2 = z, s2 = s).
-        idbs = [(m.conv1.weight, m.conv1.bias, m.conv2.weight, m.conv2.bias) for m in self.idbs]
+        idbs = [(*_conv_params(m._modules["conv1"]), *_conv_params(m._modules["conv2"])) for m in self.idbs]
         return fused_ridb(
             x0, idbs, self.conv.weight, self.conv.bias, res_scale=self.res_scale,
             residual2=dnb_input, res2_scale=self.res_scale if dnb_input is not None else 1.0,
