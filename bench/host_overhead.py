@@ -47,19 +47,25 @@ def _install_standin():
         from gafh_fast.kernels import launch
 
         class _Compiled:
-            """Launched like Triton's CompiledKernel: its runner reads grid[0], grid[1] and grid[2]."""
+            """Launched like Triton's CompiledKernel: its runner reads grid[0], grid[1] and grid[2] (ints), and
+            takes the kernel's arguments, constexprs last, each a tensor where the first launch had one and
+            a number where it had one, as Triton's C launcher would refuse otherwise."""
+
+            def __init__(self, args, constexprs):
+                self.kinds = [isinstance(a, torch.Tensor) for a in args] + [False] * len(constexprs)
 
             def __getitem__(self, grid):
                 def run(*args):
-                    grid[0], grid[1], grid[2]  # IndexError on a short grid, as on the GPU
+                    if not all(isinstance(grid[i], int) for i in range(3)):  # IndexError on a short grid, as on the GPU
+                        raise TypeError(f"grid {grid!r}: three ints expected")
+                    if [isinstance(a, torch.Tensor) for a in args] != self.kinds:
+                        raise TypeError("the launch's arguments do not match the kernel's (count or tensor positions)")
                     counter[0] += 1
                 return run
 
-        compiled = _Compiled()
-
         def standin(name, grid, args, constexprs, options, key=None):  # key: trees before 38333e1 pass none
             counter[0] += 1
-            return compiled
+            return _Compiled(args, constexprs)
 
         launch.STANDIN = standin
         from gafh_fast.kernels import conv3x3
