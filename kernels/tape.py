@@ -22,6 +22,8 @@ The recording checks the rest: a TorchDispatchMode sees every aten op the host c
 run outside it), and any op but an allocation (a copy, a fill, a view) leaves the signature untaped, as
 does a tensor argument that is none of the three kinds; either is logged once, and that signature then
 always takes the plain path (the same kernels: only the host code around them differs).
+launch.RECORDING is one global: one host thread at a time runs these ops (the kept dW partials and gz
+scratch assume the same, one stream per device).
 Recording happens on a signature's second call, when every plan it needs already exists (the first one
 may time tile configs, whose trial launches are not the call's); set_tuner() drops every tape with the
 plans. tests/kernels/test_tape.py compares every replayed launch with the plain path's, argument by
