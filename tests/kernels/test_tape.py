@@ -1,10 +1,12 @@
-"""The RIDB's host path as a tape (kernels/tape.py): recorded on a call signature's second call, replayed after.
+"""The RIDB's and the IDB's host code as tapes (kernels/tape.py): recorded on a call signature's second call,
+replayed after.
 
 A replay must make the plain path's launches exactly: the same kernels, launch keys, grids, constexprs and
 scalars, tensors of the same shapes, strides and dtypes in the same places, each tensor argument the same
 one (an input, a fresh allocation, a kept buffer) as in the plain call. Compared here launch by launch,
-and the replayed RIDB's outputs and gradients bit for bit against the plain path's and within the float64
-reference's bounds, on the awkward shapes of test_ridb.py. Then what must not be taped is not: host code
+and the replayed outputs and gradients bit for bit against the plain path's and within the float64
+reference's bounds: the RIDB on the awkward shapes of test_ridb.py, the IDB as the kernels suite calls it.
+Then what must not be taped is not: host code
 that runs anything but allocations and launches, a launch argument from outside the call, a call under
 another dispatch mode; and what changes a launch gets its own tape (inputs that are one tensor, a
 misaligned input).
