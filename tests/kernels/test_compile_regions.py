@@ -49,27 +49,36 @@ def test_compiled_dnb_region_runs_the_fused_ops_fullgraph_after_auto_decided(mon
     assert set(ops.AUTO.decisions.values()) == {"triton"}, ops.AUTO.decisions
 
     compile_region(block, "g", compile_kwargs("g", cfg.train.compile))
-    launches = []
-    real_ridb_forward = ridb.ridb_forward
-    monkeypatch.setattr(ridb, "ridb_forward", lambda *a, **k: launches.append(len(a[1])) or real_ridb_forward(*a, **k))
-    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
-    leaf = x.clone().requires_grad_()
-    y = block(leaf)
-    y.backward(upstream)
-    assert launches == [2, 2], f"fused RIDB forwards (their IDB counts) in the compiled block: {launches}; want 2 of 2"
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks_before
-
     ref_leaf = x.double().requires_grad_()
     y_ref = ref_block(ref_leaf)
     y_ref.backward(upstream.double())
-    assert_within("block output", y, y_ref, torch.full_like(y_ref, y_ref.abs().max().item()), 1e-5)
-    assert_within("grad x", leaf.grad, ref_leaf.grad, torch.full_like(ref_leaf.grad, ref_leaf.grad.abs().max().item()),
-                  1e-5)
     ref_params = dict(ref_block.named_parameters())
-    for name, p in block.named_parameters():
-        want = ref_params[name].grad
-        assert p.grad is not None, f"{name}: no gradient through the compiled block"
-        assert_within(f"grad {name}", p.grad, want, torch.full_like(want, want.abs().max().item()), 1e-5)
+    real_ridb_forward = ridb.ridb_forward
+    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
+    # Three compiled steps: each RIDB signature's eager call above was its first, the first step records its
+    # tapes (kernels/tape.py), the next two replay them inside the custom ops
+    for step in range(3):
+        launches = []
+        monkeypatch.setattr(ridb, "ridb_forward",
+                            lambda *a, **k: launches.append(len(a[1])) or real_ridb_forward(*a, **k))
+        block.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        y = block(leaf)
+        y.backward(upstream)
+        assert launches == [2, 2], f"step {step}: fused RIDB forwards (their IDB counts) in the compiled block: {launches}"
+        assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks_before
+
+        assert_within("block output", y, y_ref, torch.full_like(y_ref, y_ref.abs().max().item()), 1e-5)
+        assert_within("grad x", leaf.grad, ref_leaf.grad,
+                      torch.full_like(ref_leaf.grad, ref_leaf.grad.abs().max().item()), 1e-5)
+        for name, p in block.named_parameters():
+            want = ref_params[name].grad
+            assert p.grad is not None, f"{name}: no gradient through the compiled block"
+            assert_within(f"grad {name}", p.grad, want, torch.full_like(want, want.abs().max().item()), 1e-5)
+    # the block's two RIDB signatures (the DNB residual on its last RIDB or not), forward and backward, taped
+    for taped, launches_per_call in ((ridb._RIDB_FORWARD, 2 * 2 + 1), (ridb._RIDB_BACKWARD, 4 * 2 + 2)):
+        ours = [n for key, n in taped.state().items() if key[0][0] == x.shape and key[0][1] == x.dtype]
+        assert ours == [launches_per_call] * 2, (taped.name, ours)
 
 
 def test_compile_caches_are_keyed_on_the_ops_source():
