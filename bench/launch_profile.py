@@ -95,6 +95,13 @@ def _results(call, grads) -> list[torch.Tensor]:
     return [t.grad.detach().clone() for t in grads]
 
 
+def _compare(one: list, other: list, device: torch.device) -> tuple:
+    """(whether two ways' results are equal bit for bit, or None off the GPU; the verdict's words). The
+    stand-in launches compute nothing (uninitialised outputs): only real kernels can agree."""
+    same = all(torch.equal(a, b) for a, b in zip(one, other)) if device.type == "cuda" else None
+    return same, {True: "identical to", False: "DIFFERENT from", None: "not compared with (stand-in launches)"}[same]
+
+
 def profile_top(call, grads, calls: int, top: int) -> str:
     """cProfile of `calls` calls (backward on this thread): the `top` functions by own time, in us per
     profiled call (cProfile's own cost per Python call inflates every figure alike)."""
@@ -140,9 +147,7 @@ def run(device: torch.device, iters: int, smoke: bool, profile_out: str | None) 
             print(f"{name:22s} {way:26s} {ms:9.3f} ms per call wall, {launches} Triton launches")
         runner_ms, runner_out = by_way["triton, Triton's runner"]
         direct_ms, direct_out = by_way["triton, direct runner"]
-        # the stand-in launches compute nothing (uninitialised outputs): only real kernels can agree
-        same = all(torch.equal(a, b) for a, b in zip(runner_out, direct_out)) if device.type == "cuda" else None
-        verdict = {True: "identical to", False: "DIFFERENT from", None: "not compared with (stand-in launches)"}[same]
+        same, verdict = _compare(runner_out, direct_out, device)
         launches = rows[-2]["triton_launches"]
         saved_us = (runner_ms - direct_ms) * 1000 / max(1, launches)
         rows[-2].update(identical_to_runner=same, saved_us_per_launch=saved_us,
@@ -150,8 +155,7 @@ def run(device: torch.device, iters: int, smoke: bool, profile_out: str | None) 
                                                 f"launch saved")
         print(f"{name:22s} direct runner: results {verdict} Triton's runner's, {saved_us:+.1f} us per launch saved")
         plain_ms, plain_out = by_way[PLAIN]
-        same = all(torch.equal(a, b) for a, b in zip(plain_out, direct_out)) if device.type == "cuda" else None
-        verdict = {True: "identical to", False: "DIFFERENT from", None: "not compared with (stand-in launches)"}[same]
+        same, verdict = _compare(plain_out, direct_out, device)
         saved_ms = plain_ms - direct_ms
         rows[-2].update(identical_to_plain_host_code=same, tapes_saved_ms_per_call=saved_ms,
                         note=rows[-2]["note"] + f"; results {verdict} the plain host code's (no tapes); the tapes "

@@ -90,14 +90,14 @@ def ridb_backward(grad, xs, h1s, m1s, m2s, idbs, w, w_ks, slope: float, res_scal
     q_n = len(idbs)
     weights = _conv_weights(idbs, w)
     w_ks = list(w_ks)
-    # dW comes back in each weight's dw_strides; the masks' shapes say whether the forward kept them
-    key = (g.shape, g.dtype, g.device, tuple(h.shape[1] for h in h1s), tuple(m.shape for m in m1s),
-           tuple(m.shape for m in m2s), tuple(t.shape for t in w_ks), tuple(t.stride() for t in w_ks),
-           tuple(dw_strides(t) for t in weights), float(slope), float(res_scale), float(res2_scale))
     inputs = [g, *xs, *h1s, *m1s, *m2s, *w_ks]
     if g.numel() == 0:  # an empty batch: zero gradients, no launches (and fills, which a tape does not keep)
         flat = _ridb_backward_launches(inputs, q_n, weights, slope, res_scale, res2_scale)
     else:
+        # dW comes back in each weight's dw_strides; the masks' shapes say whether the forward kept them
+        key = (g.shape, g.dtype, g.device, tuple(h.shape[1] for h in h1s), tuple(m.shape for m in m1s),
+               tuple(m.shape for m in m2s), tuple(t.shape for t in w_ks), tuple(t.stride() for t in w_ks),
+               tuple(dw_strides(t) for t in weights), float(slope), float(res_scale), float(res2_scale))
         flat = _RIDB_BACKWARD(key, inputs, q_n, weights, slope, res_scale, res2_scale)
     idb_grads = [tuple(flat[3 + 4 * q:7 + 4 * q]) for q in range(q_n)]
     return flat[0], idb_grads, flat[1], flat[2]

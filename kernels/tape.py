@@ -76,7 +76,7 @@ class _AllocationsOnly(TorchDispatchMode):
 
 
 class _NotTapeable(Exception):
-    pass
+    """Why a recorded call cannot be replayed (logged; its signature then takes the plain path)."""
 
 
 class Tape:
