@@ -228,9 +228,16 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
         return 2.0 if len(timed) % 2 else 1.0
 
     timed, gz_args = [], []
-    real_launch = upconv.UP_GZ.launch
-    monkeypatch.setattr(upconv.UP_GZ, "launch", lambda key, grid, args, *rest: (gz_args.append(args),
-                                                                                real_launch(key, grid, args, *rest)))
+    real_launch = launch.KernelLauncher.launch
+
+    def spy(self, key, grid, args, *rest):
+        # patched on the class: undoing a patch of the instance would leave the bound method behind as an
+        # instance attribute, out of reach of later tests' class-level spies (test_cost_model's)
+        if self is upconv.UP_GZ:
+            gz_args.append(args)
+        return real_launch(self, key, grid, args, *rest)
+
+    monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
     monkeypatch.setattr(conv3x3, "INTERPRETING", False)  # time candidates, as on a GPU
     monkeypatch.setattr(conv3x3, "AUTOTUNE", True)
     old = conv3x3.set_tuner(Tuner(None, "Test GPU", timer))
