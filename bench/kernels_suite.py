@@ -344,8 +344,18 @@ def _probe_note(r: dict) -> str:
     return ((f"precompile {pre['seconds']:.2f} s ({pre['variants']} variants, {pre['workers']} threads"
              f"{'' if pre['parallel'] else ', serial'}), then " if pre else "")
             + f"first fwd+bwd {r['first_call_s']:.2f} s (compiles + autotuning), tuner timing "
-            f"{r['tuner_timed_s']:.2f} s over {len(r['decisions'])} decisions, whole process {r['process_s']:.1f} s; "
+            f"{r['tuner_timed_s']:.2f} s over {len(r['decisions'])} decisions{_decision_split(r['decisions'])}, "
+            f"whole process {r['process_s']:.1f} s; "
             f"{len(r['configs'])} launch plans ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+
+
+def _decision_split(decisions: list[dict]) -> str:
+    """Where the tuner's timing went (kernels/tuning.py logs it per decision): the candidates' first calls (the
+    JIT's lookup and module load, on the host), and the cache file's writes, which come on top."""
+    if not decisions:
+        return ""
+    first = sum(sum(d["first_call_s"]) for d in decisions)
+    return f" (of which first calls {first:.2f} s; cache writes {sum(d['save_s'] for d in decisions):.2f} s more)"
 
 
 def autotune_rows(batch: int, device: torch.device, card: str) -> list[dict]:

@@ -331,6 +331,18 @@ def test_autotune_only_writes_the_probe_rows(tmp_path):
     assert "interpreter: nothing timed" in row["skipped"] and row["configs"]
 
 
+def test_probe_note_splits_the_tuners_time():
+    """The autotune row's note sums the tuner log's split (kernels/tuning.py): the first calls within the
+    timing, the cache writes on top; a process that timed nothing says nothing more."""
+    decisions = [{"first_call_s": [0.25, 0.125], "timing_s": 0.5, "save_s": 0.0125},
+                 {"first_call_s": [0.0625, 0.0625], "timing_s": 0.25, "save_s": 0.0175}]
+    assert kernels_suite._decision_split(decisions) == " (of which first calls 0.50 s; cache writes 0.03 s more)"
+    assert kernels_suite._decision_split([]) == ""
+    r = {"configs": [], "first_call_s": 2.0, "tuner_timed_s": 0.75, "decisions": decisions, "process_s": 3.0}
+    assert "tuner timing 0.75 s over 2 decisions (of which first calls 0.50 s; cache writes 0.03 s more), " \
+           "whole process 3.0 s" in kernels_suite._probe_note(r)
+
+
 def test_configs_row_carries_kernels_auto_decisions(monkeypatch):
     """The `auto` path's per-shape choices (logged at INFO, which the suite does not print) travel in the
     configs row, plain enough for its JSON: the shape key, each backend's ms and the pick."""
