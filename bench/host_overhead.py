@@ -49,17 +49,25 @@ def _install_standin():
         class _Compiled:
             """Launched like Triton's CompiledKernel: its runner reads grid[0], grid[1] and grid[2] (ints), and
             takes the kernel's arguments, constexprs last, each a tensor where the first launch had one and
-            a number where it had one, as Triton's C launcher would refuse otherwise."""
+            a number where it had one, as Triton's C launcher would refuse otherwise.
+            Checked on its first CHECKED_CALLS calls only: a kept kernel's first call, a tape's recording and
+            its first replays, which every timing's warm-up makes; a later call repeats one of those (the same
+            tape, or the same plain host code), so it only counts. Checking all of them cost ~8 us a launch on the 2-core CPU,
+            ~27 % of the paper G's host time here (measured 2026-11-27), which is the stand-in's, not ours."""
+            CHECKED_CALLS = 4
 
             def __init__(self, args, constexprs):
                 self.kinds = [isinstance(a, torch.Tensor) for a in args] + [False] * len(constexprs)
+                self.checks_left = self.CHECKED_CALLS
 
             def __getitem__(self, grid):
                 def run(*args):
-                    if not all(isinstance(grid[i], int) for i in range(3)):  # IndexError on a short grid, as on the GPU
-                        raise TypeError(f"grid {grid!r}: three ints expected")
-                    if [isinstance(a, torch.Tensor) for a in args] != self.kinds:
-                        raise TypeError("the launch's arguments do not match the kernel's (count or tensor positions)")
+                    if self.checks_left:
+                        self.checks_left -= 1
+                        if not all(isinstance(grid[i], int) for i in range(3)):  # IndexError on a short grid, as on the GPU
+                            raise TypeError(f"grid {grid!r}: three ints expected")
+                        if [isinstance(a, torch.Tensor) for a in args] != self.kinds:
+                            raise TypeError("the launch's arguments do not match the kernel's (count or tensor positions)")
                     counter[0] += 1
                 return run
 
