@@ -329,6 +329,36 @@ def test_autotune_only_writes_the_probe_rows(tmp_path):
     (row,) = json.loads(out.read_text())
     assert (row["name"], row["path"], row["batch"]) == ("autotune probe", "cold process", 1)
     assert "interpreter: nothing timed" in row["skipped"] and row["configs"]
+    assert row["untimed"] == ["fwd", "up_fwd"]  # the third GPU probe's --untimed reached the child's conv3x3.UNTIMED
+
+
+def test_gpu_autotune_rows_run_three_probes_in_the_right_caches(monkeypatch):
+    """The CUDA branch of autotune_rows with the probe process swapped for a recorder (the probes
+    themselves need a GPU): cold, warm on the cold probe's caches, then cold in empty caches with the
+    forward tiles untimed; each row carries its probe's numbers and the goal."""
+    import os
+
+    import torch
+
+    calls = []
+
+    def fake_probe(workload, batch, device, root, timeout_s, untimed=()):
+        calls.append(dict(workload=workload, batch=batch, device=device, root=root, empty=not os.listdir(root),
+                          untimed=untimed, timeout_s=timeout_s))
+        open(os.path.join(root, "probe.json"), "w").close()  # what a real probe leaves in its cache root
+        return {"configs": [], "first_call_s": 1.5, "tuner_timed_s": 0.5, "decisions": [], "process_s": 4.0,
+                "precompile": {"seconds": 2.0, "variants": 3, "workers": 16, "parallel": True}}
+
+    monkeypatch.setattr(kernels_suite, "run_probe", fake_probe)
+    rows = kernels_suite.autotune_rows(64, torch.device("cuda", 0), "Test GPU")
+    assert [r["path"] for r in rows] == ["cold process", "warm process", "cold process, fwd/up_fwd untimed"]
+    assert [c["untimed"] for c in calls] == [(), (), ("fwd", "up_fwd")]
+    assert [c["empty"] for c in calls] == [True, False, True]  # the warm probe finds the cold one's caches
+    assert calls[0]["root"] == calls[1]["root"] != calls[2]["root"]
+    assert [c["timeout_s"] for c in calls] == [120, 60, 120]
+    assert all(c["workload"] == "generator" and c["batch"] == 64 and c["device"] == "cuda" for c in calls)
+    assert all(r["ms"] == 3500.0 and r["precompile_s"] == 2.0 for r in rows)
+    assert [r["note"].endswith(f"goal <= {g} s") for r, g in zip(rows, (10, 1, 10))] == [True] * 3
 
 
 def test_probe_note_splits_the_tuners_time():

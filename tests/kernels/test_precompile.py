@@ -76,6 +76,26 @@ def test_record_captures_every_candidates_launches_and_leaves_no_trace():
     torch.testing.assert_close(y.detach().double().cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_untimed_kernels_are_recorded_with_their_first_tile_only(monkeypatch):
+    """conv3x3.UNTIMED (the kernels suite's third autotune probe): those kernels keep the heuristic's first
+    candidate in both recording passes, so precompile compiles one variant of theirs; the others still
+    get both."""
+    run, (x, *_) = _workload()
+    monkeypatch.setattr(conv3x3, "UNTIMED", frozenset({"fwd"}))
+    records = pc.record(run)
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    first = configs.fwd_candidates(16, 0, 8, 5, m)[0]
+    fwd = [r for r in records if r["name"] == "fwd"]
+    assert len(fwd) == pc.N_CANDIDATES * 3
+    assert {(r["constexprs"]["BLOCK_M"], r["options"]["num_stages"]) for r in fwd} == {(first.kwargs["BLOCK_M"],
+                                                                                      first.num_stages)}
+    dw = {r["constexprs"]["BLOCK_P"] for r in records if r["name"] == "dw"}
+    assert dw == {c.kwargs["BLOCK_P"] for c in configs.dw_candidates(16, 8, 16, 5, m)}  # still both
+    monkeypatch.setattr(conv3x3, "UNTIMED", frozenset())
+    timed = [r for r in pc.record(run) if r["name"] == "fwd"]
+    assert len({(r["constexprs"]["BLOCK_M"], r["options"]["num_stages"]) for r in timed}) == 2  # timed: both tiles
+
+
 def _same_argument(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and (a.shape, a.stride(), a.dtype, a.device) == (b.shape, b.stride(), b.dtype, b.device)

@@ -215,11 +215,13 @@ def test_gz_pass(dtype, c_in, c_out, n, h, w):
         assert torch.equal(a, p), name
 
 
-def test_timed_tile_choice_launches_each_candidate(monkeypatch):
+@pytest.mark.parametrize("untimed", [(), ("up_fwd",)])
+def test_timed_tile_choice_launches_each_candidate(monkeypatch, untimed):
     """On a GPU each new plan times its two candidates: its run closure launches the kernel with
     each (tuning.Tuner.choose). The same path here, with a timer that runs the launch and then says the
     second candidate was faster: every kernel with candidates launches 2 timed + 1 real times, the plans
-    keep the second candidates, and the results still match the reference."""
+    keep the second candidates, and the results still match the reference. A kernel in conv3x3.UNTIMED
+    is not timed: it launches once, with the heuristic's first candidate."""
     from gafh_fast.kernels.tuning import Tuner
 
     def timer(fn):
@@ -240,6 +242,7 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
     monkeypatch.setattr(launch.KernelLauncher, "launch", spy)
     monkeypatch.setattr(conv3x3, "INTERPRETING", False)  # time candidates, as on a GPU
     monkeypatch.setattr(conv3x3, "AUTOTUNE", True)
+    monkeypatch.setattr(conv3x3, "UNTIMED", frozenset(untimed))
     old = conv3x3.set_tuner(Tuner(None, "Test GPU", timer))
     try:
         t, grad = make_up_case(8, 16, 2, 5, 6)
@@ -253,12 +256,13 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch):
     finally:
         conv3x3.set_tuner(old)
     # dX's second candidate is the gz pass: timed once, then run for real, with the fold in dX's launch
-    assert len(timed) == 6 and counts == {"up_combine": 1, "up_fwd": 3, "up_dx": 3, "up_gz": 2, "up_dw": 3}
+    assert len(timed) == 6 - 2 * len(untimed)
+    assert counts == {"up_combine": 1, "up_fwd": 1 if untimed else 3, "up_dx": 3, "up_gz": 2, "up_dw": 3}
     # the timed gz pass is the real one (same tensors, M2 = 2*10*12 full-resolution pixels, C_out, the slope)
     (timed_gz, real_gz) = gz_args
     assert all(a is b for a, b in zip(timed_gz[:3], real_gz[:3])) and timed_gz[3:] == real_gz[3:] == (240, 16, 0.2)
     m = 2 * 5 * 6
-    assert chosen == {"up_fwd": configs.up_fwd_candidates(8, 16, 6, m)[1].kwargs,
+    assert chosen == {"up_fwd": configs.up_fwd_candidates(8, 16, 6, m)[0 if untimed else 1].kwargs,
                       "up_dx": configs.up_dx_candidates(8, 16, 6, m, act=True)[1].kwargs,
                       "up_dw": configs.up_dw_candidates(8, 16, 6, m)[1].kwargs}
     assert_within("y", y, y_ref, y_abs, 1e-5)
