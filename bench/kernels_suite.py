@@ -316,7 +316,7 @@ def probe(workload: str, batch: int, device: str, untimed: tuple = ()) -> dict:
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
     tuner = conv3x3.tuner()
-    return {"workload": workload, "batch": batch, "device": device, "untimed": sorted(untimed),
+    return {"workload": workload, "batch": batch, "device": device, "untimed": sorted(conv3x3.UNTIMED),
             "precompile": precompiled, "first_call_s": first,
             "tuner_timed_s": tuner.timed_seconds, "decisions": tuner.log, "configs": conv3x3.plan_configs(),
             "launches": dict(launch.LAUNCHES)}
