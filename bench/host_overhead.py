@@ -51,9 +51,10 @@ def _install_standin():
             takes the kernel's arguments, constexprs last, each a tensor where the first launch had one and
             a number where it had one, as Triton's C launcher would refuse otherwise.
             Checked on its first CHECKED_CALLS calls only: a kept kernel's first call, a tape's recording and
-            its first replays, which every timing's warm-up makes; a later call repeats one of those (the same
-            tape, or the same plain host code), so it only counts. Checking all of them cost ~8 us a launch on the 2-core CPU,
-            ~27 % of the paper G's host time here (measured 2026-11-27), which is the stand-in's, not ours."""
+            its first replays, which every timing's warm-up makes. A later call repeats one of those (the
+            same tape, or the same plain host code), so it only counts. Checking every call cost ~8 us a
+            launch on the 2-core CPU, ~27 % of the paper G's host time here (bench/RESULTS.md, Round 13):
+            the stand-in's time, not our host code's."""
             CHECKED_CALLS = 4
 
             def __init__(self, args, constexprs):

@@ -94,14 +94,15 @@ class ScriptedTimer:
 def test_each_decision_logs_where_its_time_went(tmp_path):
     """The log splits a decision's wall time: each candidate's first call (on a GPU, the JIT's lookup and
     module load), the timing in all, and the cache write after it. Clocked here on a run_candidate whose
-    first call per config sleeps 40 ms and later calls 1 ms, under a timer that makes 4 calls."""
+    first call per config sleeps 40 ms and later calls 20 ms, under a timer that makes 4 calls (the first
+    call alone: 40 ms; all four would be 100 ms)."""
     import time
 
     runs = []
 
     def run_candidate(cfg):
         runs.append(cfg.kwargs["BLOCK_M"])
-        time.sleep(0.04 if runs.count(runs[-1]) == 1 else 0.001)
+        time.sleep(0.04 if runs.count(runs[-1]) == 1 else 0.02)
 
     def timer(fn):
         for _ in range(4):
@@ -113,10 +114,10 @@ def test_each_decision_logs_where_its_time_went(tmp_path):
     tuner.choose("fwd", (1,), cands, run_candidate)
     (entry,) = tuner.log
     assert runs == [128] * 4 + [64] * 4  # every call of the timer's fn ran its candidate once
-    assert [round(s, 2) for s in entry["first_call_s"]] == [0.04, 0.04]
-    assert all(s < 0.06 for s in entry["first_call_s"])  # the first call only, not the three after it
-    assert sum(entry["first_call_s"]) + 6 * 0.001 <= entry["timing_s"] == pytest.approx(tuner.timed_seconds)
-    assert entry["timing_s"] < 0.1 + 0.05 and 0 < entry["save_s"] < 1.0
+    assert len(entry["first_call_s"]) == 2
+    assert all(0.04 <= s < 0.09 for s in entry["first_call_s"])  # the first call only, not the three after it
+    assert sum(entry["first_call_s"]) + 6 * 0.02 <= entry["timing_s"] == pytest.approx(tuner.timed_seconds)
+    assert 0 < entry["save_s"] < 5.0
     assert json.loads((tmp_path / "autotune.json").read_text())  # saved after the timing, as logged
 
 
