@@ -313,6 +313,20 @@ EQUIVALENT_AT = [
     ("gafh_fast/train/optim.py", "@torch.no_grad()\n    def _before_step(", "@torch.no_grad()", "",
      "_before_step touches gradients, detached copies and Adam's state, none of which requires grad: no graph "
      "is recorded either way (the same decorator on _after_step is needed: it writes into the parameters)"),
+    # Round 13's sample of the tapes' host code (kernels/ridb.py, kernels/tape.py), each reviewed:
+    ("kernels/ridb.py", "w_ks[2 * q + 1])", " + ", " - ",
+     "idb_grad_buffers reads W2's kernel weight only for dtype, device and shape[0] (db2's length): the closing "
+     "conv's and every IDB's W2 have nf outputs, the same dtype and device"),
+    ("kernels/ridb.py", "(q_n - q) % 2", " - ", " + ", "q_n - q and q_n + q have the same parity"),
+    ("kernels/ridb.py", "if n * h * wd == 0", " * ", " / ",
+     "with h, wd > 0 both are zero exactly when n is; a zero-height or zero-width input, where the division "
+     "would raise, is refused by the reference too (F.conv2d: kernel larger than the padded input)"),
+    ("kernels/ridb.py", "res2_scale, False,\n                          w_k=w_ks[2 * q_n])",
+     ",\n                          w_k=w_ks[2 * q_n]", "",
+     "conv_forward then computes kernel_weight(w_ks[2 * q_n]), which returns that kernel-layout weight itself"),
+    ("kernels/tape.py", "(*grid, *(1,) * (3 - len(grid)))", "1", "2",
+     "every taped launch (conv3x3.py's fwd, dw, dx, fin) passes a 3-d grid already, so the padding is never "
+     "applied; it is there for a launcher with a shorter grid (as KernelLauncher._launch pads)"),
 ]
 
 # Lines whose mutants differ only where a CPU cannot look (matched by position as EQUIVALENT_AT).
