@@ -386,10 +386,10 @@ def autotune_rows(batch: int, device: torch.device, card: str) -> list[dict]:
         for phase, untimed in (("cold", ()), ("warm", ()), ("cold", UNTIMED_PROBE)):
             row = {"suite": "kernels", "name": "autotune gen_fwd_bwd", "batch": batch, "card": card,
                    "path": f"{phase} process" + (f", {'/'.join(untimed)} untimed" if untimed else "")}
-            if untimed:
-                root = tempfile.mkdtemp(prefix="gafh_autotune_probe.", dir=root)  # empty caches, inside the one removed
+            # the untimed probe gets empty caches of its own (inside root, which the with-block removes)
+            caches = tempfile.mkdtemp(prefix="untimed.", dir=root) if untimed else root
             try:
-                r = run_probe("generator", batch, "cuda", root, PROBE_TIMEOUT_S[phase], untimed=untimed)
+                r = run_probe("generator", batch, "cuda", caches, PROBE_TIMEOUT_S[phase], untimed=untimed)
             except Exception as e:  # noqa: BLE001  a timeout or crash is a row, and the warm probe still runs
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
             else:

@@ -30,8 +30,8 @@ plans. tests/kernels/test_tape.py compares every replayed launch with the plain 
 argument, and the outputs bit for bit, under the interpreter; tests/test_host_launch.py runs the replays
 through kept compiled kernels (the stand-in launcher).
 Measured on the 2-core CPU with the stand-in launcher (`python bench/host_overhead.py --tapes`): the
-paper generator's host time per forward + backward 0.74-0.75x of the plain path's, a RIDB's 0.71-0.76x,
-the IDB's 0.83-0.90x (bench/RESULTS.md, Round 12). Not measured on a GPU yet (bench/launch_profile.py).
+paper generator's host time per forward + backward 0.68-0.69x of the plain path's, a RIDB's 0.63-0.65x,
+the IDB's 0.82-0.88x (bench/RESULTS.md, Round 13). Not measured on a GPU yet (bench/launch_profile.py).
 """
 from __future__ import annotations
 
