@@ -62,9 +62,10 @@ def workload_launches(workload: str, batch: int) -> tuple[list[dict], str] | Non
 
 def triton_launch_orders(workload: str, batch: int) -> list[list[dict]]:
     """The launch orders the triton path may take for a profiled workload (the tuner picks the
-    upsampling dX's way and the output layer's forward per shape); each launch names its Triton kernel."""
+    upsampling dX's way, the IDB's way of making gz2 and the output layer's forward per shape); each
+    launch names its Triton kernel."""
     if workload == "idb_fwd_bwd":
-        return [cm.idb_launches(batch, NF, GC, LR)]
+        return [cm.idb_launches(batch, NF, GC, LR, gz_pass=g) for g in (True, False)]
     if workload == "up_fwd_bwd":
         return [cm.upsample_launches(batch, True, NF, LR, steps=1, gz_pass=g) for g in (False, True)]
     if workload == "up_out_fwd_bwd":  # the output layer's forward: cuDNN's (no Triton kernel) or GEMM + fold

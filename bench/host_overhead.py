@@ -184,16 +184,16 @@ def measure(batch: int, rounds: int, iters: int) -> list[dict]:
 
 def phases(batch: int, rounds: int, iters: int) -> dict:
     """This tree only, channels_last weights: where the host time of one IDB forward + backward goes.
-    The Function's forward and autograd's backward, against the host code they call (conv3x3's
+    The Function's forward and autograd's backward, against the host code they call (idb.py's
     idb_forward / idb_backward) run alone; the difference is PyTorch's (autograd Function, graph,
     engine, gradient accumulation into 5 leaves)."""
     from gafh_fast import kernels
-    from gafh_fast.kernels import conv3x3
+    from gafh_fast.kernels import conv3x3, idb
 
     _install_standin()
     x, x0, w1, b1, w2, b2, gy = _idb_tensors(batch, "channels_last")
     w1k, w2k = conv3x3.kernel_weight(w1), conv3x3.kernel_weight(w2)
-    y, h1, m1, m2 = conv3x3.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1k, w2k)
+    y, h1, m1, m2 = idb.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1k, w2k)
     out: dict = {}
 
     def through_autograd(part: str):
@@ -217,8 +217,8 @@ def phases(batch: int, rounds: int, iters: int) -> dict:
     rows = {"function_forward_us": statistics.median(out["fwd"]) * 1e6,
             "autograd_backward_us": statistics.median(out["bwd"]) * 1e6,
 }
-    alone = {"forward": lambda: conv3x3.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1k, w2k),
-             "backward": lambda: conv3x3.idb_backward(gy, x, h1, w1, w1k, w2, w2k, m1, m2, 0.2)}
+    alone = {"forward": lambda: idb.idb_forward(x, x0, w1, b1, w2, b2, 0.2, True, w1k, w2k),
+             "backward": lambda: idb.idb_backward(gy, x, h1, w1, w1k, w2, w2k, m1, m2, 0.2)}
     for part, fn in alone.items():
         per_round = _per_round_us(fn, rounds, iters)
         rows[f"idb_{part}_alone_us"] = statistics.median(per_round)

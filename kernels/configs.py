@@ -9,6 +9,8 @@ MMA off. BLOCK_M is the only free choice: 128 when the pixel tiles fill the mach
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import triton
 
 H100_SMS = 132
@@ -61,12 +63,29 @@ def dx_candidates(ca: int, cb: int, n_tot: int, w: int, m: int) -> list[triton.C
     return [triton.Config({"BLOCK_M": bm, **meta}, num_warps=4, num_stages=st) for bm, st in _block_m_choices(m, n_tiles)]
 
 
-def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int) -> list[triton.Config]:
-    """dW tiles: C_out x C_in blocks of one tap; the pixel block (the GEMM's K) is the free choice."""
-    block_c, block_co = pow2_block(max(c1, c2)), pow2_block(c_out)
+def idb_gz2_candidates(nf: int, gc: int, w: int, m: int) -> list[triton.Config]:
+    """The standalone IDB's first backward step (conv3x3._gz2_way): dX of conv2 onto h1's gc channels, one
+    tile (dx_candidates' first), with gz2 = g * act2'(z2) made two ways, GZ_PASS (a host-side key): True,
+    a pass of its own (conv3x3_bwd_gz_kernel: one more read and write of g's size) and a plain dX; False,
+    on the dX's operand at each of the 9 taps (A_ACT), written out for dW (one launch fewer). The sm_90
+    report has the first dX at ~25 SASS per wgmma and the second at ~100; on the H200 the upsampling
+    convs' same choice went to the pass, 2.0-2.4x faster (bench/RESULTS.md, D1-D4), so it is first here
+    (the interpreter's and an untimed choice)."""
+    first = dx_candidates(nf, 0, gc, w, m)[0]
+    return [triton.Config({**first.kwargs, "GZ_PASS": gz_pass}, num_warps=first.num_warps,
+                          num_stages=first.num_stages) for gz_pass in (True, False)]
+
+
+def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int, cb: int = 0, cb_out: int = 0) -> list[triton.Config]:
+    """dW tiles: C_out x C_in blocks of one tap; the pixel block (the GEMM's K) is the free choice.
+    cb, cb_out: a second conv's channels (job B: the IDB's conv1 in its conv2's launch), whose tiles share
+    the input-channel block and the pixel block and have an output-channel block of their own."""
+    block_c, block_co = pow2_block(max(c1, c2, cb)), pow2_block(c_out)
+    block_co_b = pow2_block(cb_out) if cb else 16
     # EVEN_*: the channel blocks tile the counts exactly, so the loop's loads need no channel masks
     meta = {"BLOCK_C": block_c, "BLOCK_CO": block_co, "EVEN_C1": c1 % block_c == 0, "EVEN_C2": c2 % block_c == 0,
-            "EVEN_CO": c_out % block_co == 0}
+            "EVEN_CO": c_out % block_co == 0, "HAS_B": cb > 0, "BLOCK_CO_B": block_co_b,
+            "EVEN_CB": cb % block_c == 0, "EVEN_COB": cb_out % block_co_b == 0}
     return _pixel_block_choices(meta)
 
 
@@ -170,12 +189,14 @@ def split_chunks(m: int, base: int, ratio: int = 1) -> tuple[int, int]:
     return cdiv(m, chunk), chunk
 
 
-def dw_split(m: int, c_in: int, c_out: int, sms: int, taps: int = 9) -> int:
+def dw_split(m: int, c_in: int, c_out: int, sms: int, taps: int = 9, job_b: Optional[tuple] = None) -> int:
     """Pixel chunks of the dW reduction: ~4 programs per SM over the (tap, tile) programs (taps: 9, or 16
-    for the upsampling conv's phase taps), chunks of at least DW_MIN_CHUNK pixels (the fp32 workspace stays a
-    few MB). sms = 0: one chunk (the interpreter runs programs one after another, so splitting buys
-    nothing there)."""
+    for the upsampling conv's phase taps; job_b = (C_in, C_out) of a second conv in the same launch, whose
+    tiles count too), chunks of at least DW_MIN_CHUNK pixels (the fp32 workspace stays a few MB). sms = 0:
+    one chunk (the interpreter runs programs one after another, so splitting buys nothing there)."""
     if sms <= 0:
         return 1
     tiles = taps * cdiv(c_in, 64) * cdiv(c_out, 64)
+    if job_b is not None:
+        tiles += taps * cdiv(job_b[0], 64) * cdiv(job_b[1], 64)
     return max(1, min(cdiv(4 * sms, tiles), m // DW_MIN_CHUNK))

@@ -34,7 +34,7 @@ import triton
 
 from . import configs
 from .configs import cdiv
-from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel, conv3x3_bwd_finalize_kernel
+from .conv3x3_bwd import conv3x3_bwd_dw_kernel, conv3x3_bwd_dx_kernel, conv3x3_bwd_finalize_kernel, conv3x3_bwd_gz_kernel
 from .conv3x3_fwd import INTERPRETING, conv3x3_fwd_kernel, mask_shape
 from . import tape
 from .launch import LAUNCHERS, KernelLauncher, aligned
@@ -44,6 +44,7 @@ FWD = KernelLauncher(conv3x3_fwd_kernel, "fwd")
 DW = KernelLauncher(conv3x3_bwd_dw_kernel, "dw")
 DX = KernelLauncher(conv3x3_bwd_dx_kernel, "dx")
 FIN = KernelLauncher(conv3x3_bwd_finalize_kernel, "fin")
+GZ = KernelLauncher(conv3x3_bwd_gz_kernel, "gz")
 
 # False: take each kernel's first heuristic candidate without timing (the GPU kernel tests set it for
 # every test but one, so that stage stays within its time budget). Never true under the interpreter.
@@ -103,7 +104,8 @@ def plan_configs() -> list[dict]:
 
 def kept_partials() -> list[torch.Tensor]:
     """The dW/db partial buffers kept with this process's dW plans (see _dw_partials)."""
-    return [t for key, plan in _PLANS.items() if key[0] in ("dw", "up_dw", "out_dw") for t in plan[4:6] if t is not None]
+    return [t for key, plan in _PLANS.items() if key[0] in ("dw", "up_dw", "out_dw")
+            for t in (*plan[4:6], *(plan[7:9] if key[0] == "dw" else ())) if t is not None]
 
 
 def kept_scratch() -> list[torch.Tensor]:
@@ -297,51 +299,63 @@ def _launch_fwd(key, cfg, flags, ptrs, scalars, m, c_out):
 # ------------------------------------------------------------------------------------------------
 # Backward pieces
 # ------------------------------------------------------------------------------------------------
-def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optional[triton.Config]):
+def _dw_partials(x1, x2, gz, has_bias: bool, split: Optional[int], config: Optional[triton.Config], job_b=None):
     """Launch the dW kernel on gz (activation derivative already applied): (dW partials, db partials or
-    None, split).
+    None, split), then with job_b = (x, gz) of a second conv of the same pixels and biases (the IDB's
+    conv1 next to its conv2), that conv's (dW partials, db partials or None) too, from the same launch.
     The partials (fp32, a few MB: configs.dw_split) are allocated once per plan and kept with it, not
     per call: each backward launch sequence reduces them (the finalize) before the next dW launch of the
-    same plan, in stream order. Two dW launches pending together (the IDB's dW2 and dW1) have different
-    plans; _dx refuses two finalize jobs on one buffer. Backward passes of one shape running at the same
-    time on two CUDA streams would share them: this module assumes one stream per device."""
+    same plan, in stream order. _dx refuses two finalize jobs on one buffer. Backward passes of one
+    shape running at the same time on two CUDA streams would share them: this module assumes one
+    stream per device."""
     n, c_out, h, w = gz.shape
     m = n * h * w
     c1 = x1.shape[1]
     c2 = 0 if x2 is None else x2.shape[1]
-    key = ("dw", x1.shape, c2, gz.shape, gz.dtype, gz.device, has_bias, split, cfg_key(config))
+    cb, cb_out = (job_b[0].shape[1], job_b[1].shape[1]) if job_b is not None else (0, 0)
+    key = ("dw", x1.shape, c2, gz.shape, gz.dtype, gz.device, has_bias, split, cfg_key(config), cb, cb_out)
     plan = _PLANS.get(key)
     if plan is None:
-        s = split or configs.dw_split(m, c1 + c2, c_out, _sms(gz.device))
+        s = split or configs.dw_split(m, c1 + c2, c_out, _sms(gz.device), job_b=(cb, cb_out) if cb else None)
         chunk = cdiv(cdiv(m, s), configs.DW_CHUNK_MULTIPLE) * configs.DW_CHUNK_MULTIPLE
         s = cdiv(m, chunk)
-        flags = dict(DO_BIAS=has_bias, FULL_P=m % configs.DW_CHUNK_MULTIPLE == 0, IDX64=m * max(c1, c2, c_out) >= 2**31, **_dtype_flags(gz.dtype))
+        flags = dict(DO_BIAS=has_bias, FULL_P=m % configs.DW_CHUNK_MULTIPLE == 0,
+                     IDX64=m * max(c1, c2, c_out, cb, cb_out) >= 2**31, **_dtype_flags(gz.dtype))
         dwp = torch.empty((s, 9, c1 + c2, c_out), dtype=torch.float32, device=gz.device)
         dbp = torch.empty((s, c_out), dtype=torch.float32, device=gz.device) if has_bias else None
-        plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS)]
-    cfg, flags, s, chunk, dwp, dbp, plan_id = plan
-    ptrs = (x1, x2 if x2 is not None else x1, gz, dwp, dbp if has_bias else dwp)
-    scalars = (m, h, w, c1, c2, c_out, chunk)
+        dwpb = torch.empty((s, 9, cb, cb_out), dtype=torch.float32, device=gz.device) if cb else None
+        dbpb = torch.empty((s, cb_out), dtype=torch.float32, device=gz.device) if cb and has_bias else None
+        plan = [None, flags, s, chunk, dwp, dbp, next(_PLAN_IDS), dwpb, dbpb]
+    cfg, flags, s, chunk, dwp, dbp, plan_id, dwpb, dbpb = plan
+    xb, gzb = job_b if job_b is not None else (x1, gz)
+    ptrs = (x1, x2 if x2 is not None else x1, gz, dwp, dbp if has_bias else dwp,
+            xb, gzb, dwpb if dwpb is not None else dwp, dbpb if dbpb is not None else dwp)
+    scalars = (m, h, w, c1, c2, c_out, cb, cb_out, chunk)
     if cfg is None:
         def run(c):
             _launch_dw(key + (cfg_key(c),), c, flags, ptrs, scalars, s)
 
-        cands = configs.dw_candidates(c1, c2, c_out, w, m)
-        plan[0] = _choose("dw", (c1, c2, c_out, w, configs.m_bucket(m), str(gz.dtype), tuple(flags.items())),
-                          cands, run, config)
+        cands = configs.dw_candidates(c1, c2, c_out, w, m, cb, cb_out)
+        plan[0] = _choose("dw", (c1, c2, c_out, w, configs.m_bucket(m), str(gz.dtype), tuple(flags.items()))
+                          + ((cb, cb_out) if cb else ()), cands, run, config)
         _PLANS[key] = plan
     _launch_dw(plan_id, plan[0], flags, ptrs, scalars, s)
-    return dwp, dbp, s
+    if job_b is None:
+        return dwp, dbp, s
+    return dwp, dbp, s, dwpb, dbpb
 
 
 def _launch_dw(key, cfg, flags, ptrs, scalars, split):
-    c1, c2, c_out = scalars[3], scalars[4], scalars[5]
-    bc, bco = cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_CO"]
+    c1, c2, c_out, cb, cb_out = scalars[3:8]
+    bc, bco, bcob = cfg.kwargs["BLOCK_C"], cfg.kwargs["BLOCK_CO"], cfg.kwargs["BLOCK_CO_B"]
     co_tiles = cdiv(c_out, bco)
-    tiles = (cdiv(c1, bc) + cdiv(c2, bc)) * co_tiles
+    programs = max((cdiv(c1, bc) + cdiv(c2, bc)) * co_tiles, co_tiles)
+    if cb:  # job B's programs after job A's (the kernel's grid comment)
+        programs += max(cdiv(cb, bc) * cdiv(cb_out, bcob), cdiv(cb_out, bcob))
     taps = 10 if flags["DO_BIAS"] else 9  # row 9: the db partials
-    # alignment of x1, x2 and gz (the caller's g for a conv without activation); the partials are ours
-    DW.launch((key, aligned(*ptrs[:3])), (max(tiles, co_tiles), taps, split), ptrs + scalars, flags, cfg)
+    # alignment of x1, x2 and gz (the caller's g for a conv without activation), and job B's x and gz; the
+    # partials are ours
+    DW.launch((key, aligned(*ptrs[:3], *ptrs[5:7])), (programs, taps, split), ptrs + scalars, flags, cfg)
 
 
 class Finalize:
@@ -427,9 +441,9 @@ def _dx(src_a, src_b, out1, out2, omask, slope, scale, fin_a: Optional[Finalize]
 def _launch_dx(key, cfg, flags, ptrs, head, tail, m, n_tot, fa_n, fb_n):
     n_dx = cdiv(m, cfg.kwargs["BLOCK_M"]) * cdiv(n_tot, cfg.kwargs["BLOCK_N"])
     args = ptrs + head + (n_dx,) + tail
-    # alignment of the gradient sources and weights (ga, wa, gb, wb); masks, outputs and the finalize's are
-    # ours, and so is the running sum's input unless it is source A itself (ridb.py: the closing conv)
-    DX.launch((key, aligned(ptrs[0], *ptrs[3:6])), (n_dx + fa_n + fb_n, 1, 1), args, flags, cfg)
+    # alignment of the gradient sources and weights (ga, wa, gb, wb) and of the running sum's input (the
+    # caller's g for a standalone IDB whose x is x0); masks, outputs and the finalize's are ours
+    DX.launch((key, aligned(ptrs[0], *ptrs[3:6], ptrs[9])), (n_dx + fa_n + fb_n, 1, 1), args, flags, cfg)
 
 
 def _grad_like(weight: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
@@ -447,6 +461,20 @@ def _finalize(fin: Finalize) -> None:
     key = ("fin", fin.dw.shape, fin.dw.stride(), fin.dw.dtype, fin.dw.device, fin.db is not None, fin.split)
     FIN.launch((key, ()), (fin.programs(), 1, 1), fin.ptrs() + fin.shape_args() + (float(fin.scale),), flags,
                _FIN_CONFIG)
+
+
+def launch_gz(g, mask, gz, slope: float) -> None:
+    """gz = g * act'(z) over every pixel of g, one pass (conv3x3_bwd_gz_kernel); g, gz channels_last."""
+    n, c_out, h, w = g.shape
+    m = n * h * w
+    block_c = min(64, configs.next_pow2(c_out))
+    idx64 = m * c_out >= 2**31
+    flags = dict(INTERP_BF16=_dtype_flags(g.dtype)["INTERP_BF16"], IDX64=idx64, BLOCK_P=configs.GZ_BLOCK_P,
+                 BLOCK_C=block_c)
+    grid = (cdiv(m, configs.GZ_BLOCK_P), cdiv(c_out, block_c), 1)
+    # the JIT specialises C_OUT (an int: == 1, % 16) and the pointers' alignment; g is the caller's
+    GZ.launch((("gz", c_out, g.dtype, g.device, idx64), aligned(g)), grid, (g, mask, gz, m, c_out, float(slope)),
+              flags, _FIN_CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -475,51 +503,3 @@ def conv_backward(grad, inputs, weight, w_k, mask, slope, scale: float, has_bias
     dwp, dbp, split = _dw_partials(xs[0], x2, gz, has_bias, dw_split, dw_config)
     _finalize(Finalize(dwp, dbp, dw, db, split, scale))
     return dxs, dw, db
-
-
-# ------------------------------------------------------------------------------------------------
-# The IDB: h1 = act(conv1(x)); y = x0 + act(conv2([x, h1]))   (2 launches forward, 4 backward)
-# ------------------------------------------------------------------------------------------------
-def idb_forward(x, x0, w1, b1, w2, b2, slope: float, save_mask: bool, w1_k=None, w2_k=None):
-    """(y, h1, mask1, mask2)."""
-    h1, mask1 = conv_forward([x], w1, b1, slope, None, 1.0, None, 1.0, save_mask, w_k=w1_k)
-    y, mask2 = conv_forward([x, h1], w2, b2, slope, x0, 1.0, None, 1.0, save_mask, w_k=w2_k)
-    return y, h1, mask1, mask2
-
-
-def idb_grad_buffers(w1, w1_k, w2, w2_k) -> tuple:
-    """(dW1, db1, dW2, db2) of one IDB: dW in the parameter's own layout (_grad_like), db in its dtype."""
-    return (_grad_like(w1, w1_k), w1_k.new_empty((w1_k.shape[0],)),
-            _grad_like(w2, w2_k), w2_k.new_empty((w2_k.shape[0],)))
-
-
-def idb_backward_launches(g, a_mask, x, h1, w1_k, w2_k, mask1, slope: float, grads: tuple, out,
-                          omask=None, add_sum=None, store_out: bool = True) -> None:
-    """The IDB's 4 backward launches into grads = idb_grad_buffers(...) and out (dL/dx).
-    g: gz2 itself (a_mask None), or the raw upstream gradient with conv2's mask a_mask, from which the
-    first launch makes gz2 on the fly and writes it. omask / add_sum / store_out: the dx launch's
-    epilogue (_dx; a fused RIDB hands the result on with them, ridb.py)."""
-    n, nf, h, w = x.shape
-    dw1, db1, dw2, db2 = grads
-    gz1 = _scratch_cl("gz1", n, h1.shape[1], h, w, x)
-    gz2 = g if a_mask is None else _scratch_cl("gz2", n, nf, h, w, x)
-    # gz1 = dX2[h1 channels] * act1' (with a_mask, gz2 = g * act2' made on the fly and written out)
-    _dx((g, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, None, a_mask=a_mask,
-        gz_out=gz2 if a_mask is not None else None)
-    dwp2, dbp2, split2 = _dw_partials(x, h1, gz2, True, None, None)
-    dwp1, dbp1, split1 = _dw_partials(x, None, gz1, True, None, None)
-    _dx((gz2, w2_k, 0), (gz1, w1_k, 0), out, None, omask, slope, 1.0,
-        Finalize(dwp2, dbp2, dw2, db2, split2, 1.0), Finalize(dwp1, dbp1, dw1, db1, split1, 1.0), None,
-        add_sum=add_sum, store_out=store_out)
-
-
-def idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
-    """(dx, dW1, db1, dW2, db2); dx0 is the upstream gradient itself (residual scale 1)."""
-    x = _cl(x)
-    n, nf, h, w = x.shape
-    grads = idb_grad_buffers(w1, w1_k, w2, w2_k)
-    dx = _empty_cl(n, nf, h, w, x)
-    if n * h * w == 0:
-        return (dx, *(t.zero_() for t in grads))
-    idb_backward_launches(_cl(grad), mask2, x, h1, w1_k, w2_k, mask1, slope, grads, dx)
-    return (dx, *grads)

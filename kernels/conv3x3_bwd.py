@@ -24,12 +24,16 @@ to a dW operand in registers makes ptxas serialise every wgmma: C7515, a 0-pendi
     the weight's own layout and dtype.
   * `conv3x3_bwd_dw_kernel`: dW partials over pixel chunks (split-K, fp32 workspace) from gz and the
     conv's inputs; grid axis 1 is the 9 taps plus, with a bias, one more row of programs that make the
-    db partials.
+    db partials. Optionally a second conv's dW on the same pixel chunks in the same launch (job B: the
+    IDB's dW1 beside its dW2).
   * `conv3x3_bwd_finalize_kernel`: the dW/db reduction alone (a single conv with an activation, whose
     dX launch comes first).
+  * `conv3x3_bwd_gz_kernel`: gz = g * act'(z) in a pass of its own (one read of g, one write of gz), so
+    that the dX after it reads gz ready instead of masking its operand at every tap.
 Launch order (host code: conv3x3.py): a conv without activation: dW -> dX + finalize (2); with one:
-dX + gz -> dW -> finalize (3); the IDB: gz1 (+ gz2) -> dW2 -> dW1 -> dx + finalize both (4); in a fused
-RIDB each IDB's gz2 comes from the launch before (OUT_ACT), so its gz1 launch is a plain dX.
+dX + gz -> dW -> finalize (3); the IDB: [gz2 pass ->] gz1 (+ gz2 when no pass) -> dW2 and dW1 -> dx +
+finalize both (4, or 3 when the first dX makes gz2: the tuner times both ways per shape); in a fused
+RIDB each IDB's gz2 comes from the launch before (OUT_ACT), so its gz1 launch is a plain dX (3).
 
 What the forward saved: the inputs and W and, when there is an activation, a bit-packed mask z > 0
 (1 bit per output element). It makes the LeakyReLU derivative exact; recovering sign(z) from y would
@@ -169,31 +173,51 @@ def conv3x3_bwd_dw_kernel(
     g_ptr,      # gz = dL/dz / scale (activation derivative already applied), (N, C_OUT, H, W) channels_last
     dw_ptr,     # out: fp32 dW partials, (SPLIT, 9, C1 + C2, C_OUT) contiguous, unscaled
     db_ptr,     # out: fp32 db partials, (SPLIT, C_OUT) contiguous, unscaled; if DO_BIAS
-    M, H, W, C1, C2, C_OUT, CHUNK,
+    xb_ptr,     # job B (HAS_B), a second conv of the same pixels: its one input, (N, CB, H, W) channels_last
+    gb_ptr,     # job B's gz, (N, CB_OUT, H, W) channels_last
+    dwb_ptr,    # out: job B's fp32 dW partials, (SPLIT, 9, CB, CB_OUT) contiguous, unscaled
+    dbb_ptr,    # out: job B's fp32 db partials, (SPLIT, CB_OUT) contiguous, unscaled; if DO_BIAS
+    M, H, W, C1, C2, C_OUT, CB, CB_OUT, CHUNK,
     DO_BIAS: tl.constexpr,
     FULL_P: tl.constexpr,   # M is a multiple of 128 (so of BLOCK_P and of every chunk): no pixel-row mask
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
     EVEN_C1: tl.constexpr, EVEN_C2: tl.constexpr, EVEN_CO: tl.constexpr,   # C1, C2, C_OUT tiled exactly
+    HAS_B: tl.constexpr, BLOCK_CO_B: tl.constexpr,
+    EVEN_CB: tl.constexpr, EVEN_COB: tl.constexpr,                          # CB, CB_OUT tiled exactly
 ):
-    # grid = (max(C tiles of x1 and x2 times C_OUT tiles, C_OUT tiles), 9 taps (+ 1 with DO_BIAS), SPLIT
-    # pixel chunks). Programs with axis-1 index 9 make the db partials of C_OUT tile axis-0.
+    # grid = (job A's programs: max(C tiles of x1 and x2 times C_OUT tiles, C_OUT tiles), then job B's:
+    # max(CB tiles times CB_OUT tiles, CB_OUT tiles); 9 taps (+ 1 with DO_BIAS); SPLIT pixel chunks, the
+    # same chunks for both jobs). Programs with axis-1 index 9 make the db partials of a C_OUT tile.
+    # Job B is the IDB's dW1 next to its dW2 (both wait on the same launch before them), one launch for both.
     pid_tile = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
     n_co_tiles = tl.cdiv(C_OUT, BLOCK_CO)
     tiles1 = tl.cdiv(C1, BLOCK_C) * n_co_tiles
     tiles2 = tl.cdiv(C2, BLOCK_C) * n_co_tiles
-    if tap == 9:
-        if DO_BIAS:
-            if pid_tile < n_co_tiles:
-                _db_program(g_ptr, db_ptr, pid_tile, split, M, C_OUT, CHUNK, IDX64, BLOCK_CO, BLOCK_P)
-    elif pid_tile < tiles1:
-        _dw_tile(x1_ptr, C1, 0, g_ptr, dw_ptr, pid_tile, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
-                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C1, EVEN_CO, FULL_P)
-    elif pid_tile < tiles1 + tiles2:
-        _dw_tile(x2_ptr, C2, C1, g_ptr, dw_ptr, pid_tile - tiles1, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
-                 INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C2, EVEN_CO, FULL_P)
+    progs_a = tl.maximum(tiles1 + tiles2, n_co_tiles)
+    if pid_tile < progs_a:
+        if tap == 9:
+            if DO_BIAS:
+                if pid_tile < n_co_tiles:
+                    _db_program(g_ptr, db_ptr, pid_tile, split, M, C_OUT, CHUNK, IDX64, BLOCK_CO, BLOCK_P)
+        elif pid_tile < tiles1:
+            _dw_tile(x1_ptr, C1, 0, g_ptr, dw_ptr, pid_tile, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
+                     INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C1, EVEN_CO, FULL_P)
+        elif pid_tile < tiles1 + tiles2:
+            _dw_tile(x2_ptr, C2, C1, g_ptr, dw_ptr, pid_tile - tiles1, tap, split, M, H, W, C1 + C2, C_OUT, CHUNK,
+                     INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO, BLOCK_P, EVEN_C2, EVEN_CO, FULL_P)
+    elif HAS_B:
+        pid_b = pid_tile - progs_a
+        nb_co_tiles = tl.cdiv(CB_OUT, BLOCK_CO_B)
+        if tap == 9:
+            if DO_BIAS:
+                if pid_b < nb_co_tiles:
+                    _db_program(gb_ptr, dbb_ptr, pid_b, split, M, CB_OUT, CHUNK, IDX64, BLOCK_CO_B, BLOCK_P)
+        elif pid_b < tl.cdiv(CB, BLOCK_C) * nb_co_tiles:
+            _dw_tile(xb_ptr, CB, 0, gb_ptr, dwb_ptr, pid_b, tap, split, M, H, W, CB, CB_OUT, CHUNK,
+                     INTERP_BF16, PRECISION, IDX64, BLOCK_C, BLOCK_CO_B, BLOCK_P, EVEN_CB, EVEN_COB, FULL_P)
 
 
 @triton.jit
@@ -334,3 +358,26 @@ def conv3x3_bwd_dx_kernel(
         if FIN_B:
             _finalize_dw(fb_dwp, fb_dbp, fb_dw, fb_db, pid - N_DX_PROGS - N_FA_PROGS, FB_SPLIT, FB_CIN, FB_COUT,
                          fb_co, fb_ci, fb_tap, fb_scale, FB_BIAS, INTERP_BF16, FIN_BLOCK)
+
+
+@triton.jit(do_not_specialize=["M"])
+def conv3x3_bwd_gz_kernel(
+    g_ptr,      # upstream gradient (N, C_OUT, H, W) channels_last: element at m*C_OUT + co
+    mask_ptr,   # the forward's (N, H, W, ceil(C_OUT/8)) bit mask
+    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, H, W) channels_last
+    M, C_OUT, slope,   # M: pixels N*H*W (the upsampling conv's: at full resolution)
+    INTERP_BF16: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid = (BLOCK_P tiles of the M pixels, BLOCK_C tiles of C_OUT). The gz pass the tuner may choose
+    # over making gz in dX's operand (GZ_PASS; the IDB's gz2 and the upsampling convs' gz): dX then
+    # reads gz ready, with no mask in its loop. Rounded as the A_ACT operand is (conv3x3_bwd_dx_kernel,
+    # upconv_bwd_dx_kernel), so both ways give the same bits.
+    rows = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows_ok = rows < M
+    co_ok = co < C_OUT
+    ok = rows_ok[:, None] & co_ok[None, :]
+    at = pixel_rows(rows, C_OUT, IDX64)[:, None] + co[None, :]
+    g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    gz = act_grad(g, mask_ptr, rows, rows_ok, co, co_ok, C_OUT, slope, IDX64)
+    tl.store(gz_ptr + at, cast_rne(gz, gz_ptr.dtype.element_ty, INTERP_BF16), mask=ok)

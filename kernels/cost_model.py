@@ -2,7 +2,7 @@
 
     python -m gafh_fast.kernels.cost_model [--batch 64] [--tflops 800] [--tbps 3.0] [--ridb] [--up] [--out]
 
-Per launch of conv3x3.idb_forward / idb_backward (nf 64, gc 32, 32x32, bf16): the matmul FLOPs, and
+Per launch of idb.idb_forward / idb_backward (nf 64, gc 32, 32x32, bf16): the matmul FLOPs, and
 the fewest bytes it must move through device memory (each tensor it reads once, each it writes
 once; fp32 dW partials at the H100 split; masks 1 bit per element). The floor is the larger of
 FLOPs / rate and bytes / bandwidth (issue 11 uses 800 TFLOP/s dense bf16 and 3 TB/s for an H100).
@@ -19,17 +19,19 @@ BF16, FP32 = 2, 4
 # The Triton kernel that runs each launch (`kernel`), as torch.profiler names it: bench/floors.py matches a
 # measured kernel row to its launch by this name, in launch order.
 FWD, DX, DW, FIN = "conv3x3_fwd_kernel", "conv3x3_bwd_dx_kernel", "conv3x3_bwd_dw_kernel", "conv3x3_bwd_finalize_kernel"
+GZ = "conv3x3_bwd_gz_kernel"
 
 
 def idb_launches(batch: int, nf: int = 64, gc: int = 32, side: int = 32, sms: int = 132,
-                 train: bool = True) -> list[dict]:
+                 train: bool = True, gz_pass: bool = True) -> list[dict]:
     """Per launch of one IDB forward + backward, in launch order (train=False: the forward alone, as in
-    inference, with no masks written)."""
+    inference, with no masks written). gz_pass: gz2 made by a pass of its own before a plain gz1 launch
+    (configs.idb_gz2_candidates' first), else by the gz1 launch on its operand and written out."""
     m = batch * side * side
     act = lambda c: m * c * BF16  # noqa: E731  one bf16 activation of c channels
     bits = lambda c: m * c // 8 if train else 0  # noqa: E731  one bit-packed mask
     w1, w2 = 9 * nf * gc, 9 * (nf + gc) * nf
-    s2, s1 = dw_split(m, nf + gc, nf, sms), dw_split(m, nf, gc, sms)
+    split = dw_split(m, nf + gc, nf, sms, job_b=(nf, gc))  # dW2 and dW1 share the launch and its chunks
     forward = [
         dict(launch="fwd conv1", kernel=FWD, flops=2 * m * w1, bytes=act(nf) + act(gc) + bits(gc) + w1 * BF16),
         dict(launch="fwd conv2", kernel=FWD, flops=2 * m * w2,
@@ -37,14 +39,18 @@ def idb_launches(batch: int, nf: int = 64, gc: int = 32, side: int = 32, sms: in
     ]
     if not train:
         return forward
-    return forward + [
-        dict(launch="bwd gz1 (+ gz2 written)", kernel=DX, flops=2 * m * 9 * nf * gc,  # g, mask2, mask1 in; gz1, gz2 out
-             bytes=act(nf) + bits(nf) + bits(gc) + act(gc) + act(nf)),
-        dict(launch="bwd dW2 + db2", kernel=DW, flops=2 * m * w2,  # x, h1, gz2 in; partials out
-             bytes=act(nf) + act(gc) + act(nf) + s2 * w2 * FP32),
-        dict(launch="bwd dW1 + db1", kernel=DW, flops=2 * m * w1, bytes=act(nf) + act(gc) + s1 * w1 * FP32),
+    if gz_pass:
+        first = [dict(launch="bwd gz2 pass", kernel=GZ, flops=0, bytes=act(nf) + bits(nf) + act(nf)),  # g, mask2 in; gz2 out
+                 dict(launch="bwd gz1 (gz2 ready)", kernel=DX, flops=2 * m * 9 * nf * gc,  # gz2, mask1 in; gz1 out
+                      bytes=act(nf) + bits(gc) + act(gc))]
+    else:
+        first = [dict(launch="bwd gz1 (+ gz2 written)", kernel=DX, flops=2 * m * 9 * nf * gc,  # g, mask2, mask1 in; gz1, gz2 out
+                      bytes=act(nf) + bits(nf) + bits(gc) + act(gc) + act(nf))]
+    return forward + first + [
+        dict(launch="bwd dW2 + db2, dW1 + db1", kernel=DW, flops=2 * m * (w2 + w1),  # x, h1, gz2, gz1 in; partials out
+             bytes=act(nf) + act(gc) + act(nf) + act(gc) + split * (w2 + w1) * FP32),
         dict(launch="bwd dx + finalize", kernel=DX, flops=2 * m * 9 * nf * (nf + gc),
-             bytes=act(nf) + act(gc) + act(nf) + (s1 * w1 + s2 * w2) * FP32),
+             bytes=act(nf) + act(gc) + act(nf) + split * (w1 + w2) * FP32),
     ]
 
 
@@ -60,7 +66,7 @@ def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int
     bits = lambda c: m * c // 8  # noqa: E731
     wc = 9 * nf * nf
     sc = dw_split(m, nf, nf, sms)
-    idbs = [[dict(r, launch=f"IDB {q} {r['launch']}") for r in idb_launches(batch, nf, gc, side, sms)]
+    idbs = [[dict(r, launch=f"IDB {q} {r['launch']}") for r in idb_launches(batch, nf, gc, side, sms, gz_pass=not fused)]
             for q in range(n_idb)]
     conv_fwd = dict(launch="conv fwd", kernel=FWD, flops=2 * m * wc,  # x, x0 (and r2) in; out
                     bytes=(3 if residual2 else 2) * act(nf) + act(nf) + wc * BF16)
@@ -75,10 +81,10 @@ def ridb_launches(batch: int, fused: bool, n_idb: int = 4, nf: int = 64, gc: int
     rows.append(dict(launch="conv bwd dX + finalize (+ gz2, sum)", kernel=DX, flops=2 * m * wc,
                      bytes=2 * act(nf) + bits(nf) + act(nf) + sc * wc * FP32))
     for q in reversed(range(n_idb)):
-        gz1, dw2, dw1, dx = idbs[q][2:]
+        gz1, dw, dx = idbs[q][2:]
         prev = bits(nf) + act(nf) if q > 0 else -act(nf)  # the previous IDB's gz2 (mask in) or no output at all
         rows += [dict(gz1, launch=f"IDB {q} bwd gz1 (gz2 ready)", bytes=act(nf) + bits(gc) + act(gc)),  # gz2, mask1 in; gz1 out
-                 dw2, dw1,
+                 dw,
                  dict(dx, launch=f"IDB {q} bwd dx + finalize (+ sum)", bytes=dx["bytes"] + prev + 2 * act(nf))]  # x0's sum in, out
     return rows
 
@@ -118,7 +124,7 @@ def upsample_launches(batch: int, fused: bool, nf: int = 64, side: int = 32, ste
         ready = gz_ready_last and k == steps - 1
         if gz_pass or ready:  # (gz,) dW, then dX with the fold in extra programs
             if not ready:
-                rows.append(dict(launch=f"{tag} bwd gz pass", kernel="upconv_gz_kernel", flops=0, bytes=hi + bits + hi))
+                rows.append(dict(launch=f"{tag} bwd gz pass", kernel=GZ, flops=0, bytes=hi + bits + hi))
             rows += [dict(launch=f"{tag} bwd dW + db", kernel="upconv_bwd_dw_kernel", flops=2 * m_lo * wc,
                           bytes=lo + hi + split * wc * FP32),
                      dict(launch=f"{tag} bwd dX (gz ready) + fold", kernel="upconv_bwd_dx_kernel", flops=2 * m_lo * wc,

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from .conv3x3 import (_cl, check_args, conv_backward, conv_forward, dw_strides, idb_backward, idb_forward, kept_buffers,
-                      kernel_weight)
+from .conv3x3 import _cl, check_args, conv_backward, conv_forward, dw_strides, kept_buffers, kernel_weight
 from .conv3x3_fwd import mask_shape
+from .idb import idb_backward, idb_forward
 from .tape import Taped
 
 
@@ -160,9 +160,9 @@ def _idb_forward_launches(inputs: list, slope: float, save_mask: bool) -> tuple:
     return idb_forward(x, x0, w1_k, b1, w2_k, b2, slope, save_mask, w1_k=w1_k, w2_k=w2_k)
 
 
-def _idb_backward_launches(inputs: list, w1: torch.Tensor, w2: torch.Tensor, slope: float) -> tuple:
+def _idb_backward_launches(inputs: list, w1: torch.Tensor, w2: torch.Tensor, slope: float, x_is_x0: bool) -> tuple:
     g, x, h1, w1_k, w2_k, mask1, mask2 = inputs
-    return idb_backward(g, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope)
+    return idb_backward(g, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope, x_is_x0)
 
 
 _IDB_FORWARD = Taped(_idb_forward_launches, "fused_idb forward", kept_buffers)
@@ -177,14 +177,14 @@ def taped_idb_forward(x, x0, w1_k, b1, w2_k, b2, slope: float, save_mask: bool):
     return _IDB_FORWARD(key, [x, x0, w1_k, b1, w2_k, b2], slope, save_mask)
 
 
-def taped_idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float):
+def taped_idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float, x_is_x0: bool = False):
     """idb_backward(...): (dx, dW1, db1, dW2, db2)."""
     g, x = _cl(grad), _cl(x)
     if g.numel() == 0:  # zero gradients: fills, which a tape does not keep
-        return idb_backward(g, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope)
+        return idb_backward(g, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope, x_is_x0)
     key = (g.shape, g.dtype, g.device, h1.shape, mask1.shape, mask2.shape, w1_k.shape, w1_k.stride(), w2_k.shape,
-           w2_k.stride(), dw_strides(w1), dw_strides(w2), float(slope))
-    return _IDB_BACKWARD(key, [g, x, h1, w1_k, w2_k, mask1, mask2], w1, w2, slope)
+           w2_k.stride(), dw_strides(w1), dw_strides(w2), float(slope), bool(x_is_x0))
+    return _IDB_BACKWARD(key, [g, x, h1, w1_k, w2_k, mask1, mask2], w1, w2, slope, x_is_x0)
 
 
 @torch.library.custom_op("gafh_fast::fused_idb_fwd", mutates_args=())
@@ -241,7 +241,8 @@ fused_idb_fwd.register_autograd(_idb_backward, setup_context=_idb_setup_context)
 
 
 class _EagerFusedIDB(torch.autograd.Function):
-    """One Function per IDB: 2 launches forward, 4 backward (conv3x3.idb_backward)."""
+    """One Function per IDB: 2 launches forward, 4 backward, or 3 when gz1's launch makes gz2 itself
+    (idb.py)."""
 
     @staticmethod
     def forward(ctx, x, x0, w1, b1, w2, b2, slope):
@@ -249,13 +250,17 @@ class _EagerFusedIDB(torch.autograd.Function):
         y, h1, mask1, mask2 = taped_idb_forward(x, x0, w1_k, b1, w2_k, b2, slope, True)
         ctx.save_for_backward(x, h1, w1, w1_k, w2, w2_k, mask1, mask2)
         ctx.slope = slope
+        # one tensor as both inputs (a RIDB's first IDB, the kernels suite's IDB): dx0 = g is added in the dx
+        # launch's epilogue, and x0's slot gets None, instead of autograd adding the two in a launch of its own
+        ctx.x_is_x0 = x is x0
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, h1, w1, w1_k, w2, w2_k, mask1, mask2 = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2 = taped_idb_backward(grad_y, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, ctx.slope)
-        return dx, grad_y, dw1, db1, dw2, db2, None
+        dx, dw1, db1, dw2, db2 = taped_idb_backward(grad_y, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, ctx.slope,
+                                                    ctx.x_is_x0)
+        return dx, None if ctx.x_is_x0 else grad_y, dw1, db1, dw2, db2, None
 
 
 _IDB_CHECKED: set = set()

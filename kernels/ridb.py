@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 import torch
 
 from .conv3x3 import (Finalize, _cl, _dw_partials, _dx, _empty_cl, _grad_like, _scratch_cl, check_args, cl_strides,
-                      conv_forward, dw_strides, idb_backward_launches, idb_forward, idb_grad_buffers, kept_buffers, kernel_weight,
-                      reads_in_place)
+                      conv_forward, dw_strides, kept_buffers, kernel_weight, reads_in_place)
 from .conv3x3_fwd import mask_shape
+from .idb import idb_backward_launches, idb_forward, idb_grad_buffers
 from .op import _needs_grad, check_idb_args
 from .tape import Taped
 

@@ -23,12 +23,11 @@ from .conv3x3_fwd import mask_shape
 from .launch import KernelLauncher, aligned
 from .op import _needs_grad
 from .upconv_kernels import (upconv_bwd_dw_kernel, upconv_bwd_dx_kernel, upconv_bwd_finalize_kernel,
-                             upconv_combine_kernel, upconv_fwd_kernel, upconv_gz_kernel)
+                             upconv_combine_kernel, upconv_fwd_kernel)
 
 COMBINE = KernelLauncher(upconv_combine_kernel, "up_combine")
 UP_FWD = KernelLauncher(upconv_fwd_kernel, "up_fwd")
 UP_DX = KernelLauncher(upconv_bwd_dx_kernel, "up_dx")
-UP_GZ = KernelLauncher(upconv_gz_kernel, "up_gz")
 UP_DW = KernelLauncher(upconv_bwd_dw_kernel, "up_dw")
 UP_FIN = KernelLauncher(upconv_bwd_finalize_kernel, "up_fin")
 
@@ -132,7 +131,7 @@ def _up_dx_plan(g, mask, gz, wc, dx, slope, has_bias: bool, config):
         def run(cfg):
             kernel_cfg, flags, gz_pass = _dx_way(cfg, base, act)
             if gz_pass:
-                _launch_gz(g, mask, gz, scalars[5], flags["IDX64"])
+                conv3x3.launch_gz(g, mask, gz, scalars[5])
             # no fold programs; stand-ins of the fold's pointer types (fp32 partials, dW's dtype), so this
             # compiles the variant the real launch runs (the fold's scalars are not specialised on)
             stand_in = (torch.empty(0, dtype=torch.float32, device=g.device), None, dx, None) if flags["FIN"] else None
@@ -177,18 +176,6 @@ def _launch_dx(key, cfg, flags, ptrs, scalars, fold_programs: int):
     m, c_in = scalars[0], scalars[3]
     grid = (cdiv(m, cfg.kwargs["BLOCK_M"]) + fold_programs, cdiv(c_in, cfg.kwargs["BLOCK_N"]), 1)
     UP_DX.launch((key, aligned(ptrs[0])), grid, ptrs + scalars, flags, cfg)  # g is the caller's; the rest ours
-
-
-def _launch_gz(g, mask, gz, slope: float, idx64: bool) -> None:
-    """gz = g * act'(z) over every output pixel, one pass (upconv_gz_kernel)."""
-    n, c_out, h2, w2 = g.shape
-    block_c = min(64, configs.next_pow2(c_out))
-    flags = dict(INTERP_BF16=_dtype_flags(g.dtype)["INTERP_BF16"], IDX64=idx64, BLOCK_P=configs.GZ_BLOCK_P,
-                 BLOCK_C=block_c)
-    grid = (cdiv(n * h2 * w2, configs.GZ_BLOCK_P), cdiv(c_out, block_c), 1)
-    # the JIT specialises C_OUT (an int: == 1, % 16) and the pointers' alignment; g is the caller's
-    UP_GZ.launch((("up_gz", c_out, g.dtype, g.device, idx64), aligned(g)), grid,
-                 (g, mask, gz, n * h2 * w2, c_out, slope), flags, _FIN_CONFIG)
 
 
 def _up_dw_partials(x, gz, has_bias: bool, split: Optional[int], config):
@@ -268,7 +255,7 @@ def up_backward(grad, x, weight, wc, mask, slope: Optional[float], has_bias: boo
     m = n * h * w
     if flags["FIN"]:  # gz ready before dX (no activation, or the gz pass): dW, then dX + the fold
         if gz_pass:
-            _launch_gz(g, mask, gz, float(slope), flags["IDX64"])
+            conv3x3.launch_gz(g, mask, gz, float(slope))
         dwp, dbp, split = _up_dw_partials(x, gz if gz is not None else g, has_bias, dw_split, dw_config)
         fin = (dwp, dbp, dw, db, split)
         _launch_dx(plan_id, kernel_cfg, flags, _dx_ptrs(g, mask, gz, wc, dx, gz_pass, fin),

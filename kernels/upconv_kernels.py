@@ -19,8 +19,8 @@ Kernels (host code: upconv.py):
     @ Wc[q]^T; with A_ACT, gz = g * act'(z) is made on the operand in registers and the first channel
     tile's programs write it out (all four phases of their pixels) for the dW kernel. Without A_ACT
     (gz was ready, so dW ran first) extra programs fold dW's partials (FIN), as the finalize does.
-  * `upconv_gz_kernel`: the other way to make gz, a pass of its own before dW and a dX without A_ACT
-    (the tuner times both ways: GZ_PASS in configs.up_dx_candidates).
+  * (conv3x3_bwd.py's `conv3x3_bwd_gz_kernel`: the other way to make gz, a pass of its own before dW
+    and a dX without A_ACT; the tuner times both ways: GZ_PASS in configs.up_dx_candidates.)
   * `upconv_bwd_dw_kernel`: fp32 partials of dWc per tap q over chunks of low-resolution pixels
     (split-K, no atomics), plus a row of db partials.
   * `upconv_bwd_finalize_kernel`: sums the partials over the chunks in a fixed order and folds the 16
@@ -261,28 +261,6 @@ def upconv_bwd_dx_kernel(
     else:
         _up_dx_tile(g_ptr, mask_ptr, gz_ptr, wc_ptr, dx_ptr, pid_m, pid_n, M, H, W, C_IN, C_OUT, slope, A_ACT,
                     INTERP_BF16, PRECISION, IDX64, BLOCK_M, BLOCK_N, BLOCK_K, K_STEPS, EVEN_K)
-
-
-@triton.jit(do_not_specialize=["M2"])
-def upconv_gz_kernel(
-    g_ptr,      # upstream gradient (N, C_OUT, 2H, 2W) channels_last: element at hi*C_OUT + co
-    mask_ptr,   # the forward's (N, 2H, 2W, ceil(C_OUT/8)) bit mask
-    gz_ptr,     # out: gz = g * act'(z), (N, C_OUT, 2H, 2W) channels_last
-    M2, C_OUT, slope,   # M2: full-resolution pixels N*2H*2W
-    INTERP_BF16: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # grid = (BLOCK_P tiles of the M2 output pixels, BLOCK_C tiles of C_OUT). The gz pass the tuner may
-    # choose over making gz in dX's operand (GZ_PASS): dX then reads gz ready, with no mask in its loop.
-    # Rounded as upconv_bwd_dx_kernel's A_ACT rounds it, so both ways give the same bits.
-    hi = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hi_ok = hi < M2
-    co_ok = co < C_OUT
-    ok = hi_ok[:, None] & co_ok[None, :]
-    at = pixel_rows(hi, C_OUT, IDX64)[:, None] + co[None, :]
-    g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    gz = act_grad(g, mask_ptr, hi, hi_ok, co, co_ok, C_OUT, slope, IDX64)
-    tl.store(gz_ptr + at, cast_rne(gz, gz_ptr.dtype.element_ty, INTERP_BF16), mask=ok)
 
 
 @triton.jit

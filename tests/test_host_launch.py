@@ -50,7 +50,7 @@ def test_ridb_custom_ops_through_kept_compiled_kernels(tmp_path):
     copies), NCHW and channels_last weights, every launch after the warm-up through a kept kernel."""
     rows = _host_overhead_rows("--ridb-ops", tmp_path)
     assert [r["ridb_ops"] for r in rows] == ["nchw", "channels_last"]
-    assert all(r["launches"] == 9 + 18 and r["backward_takes_copies"] and r["host_us"] > 0 for r in rows), rows
+    assert all(r["launches"] == 9 + 14 and r["backward_takes_copies"] and r["host_us"] > 0 for r in rows), rows
 
 
 def test_upsampling_stage_through_kept_compiled_kernels(tmp_path):
@@ -71,25 +71,25 @@ def test_output_layer_through_kept_compiled_kernels(tmp_path):
 
 def test_whole_generator_through_kept_compiled_kernels(tmp_path):
     """The paper generator (4 DNBs x 3 RIDBs x 4 IDBs) forward + backward on the direct-launch path, every
-    Triton launch after the warm-up through a kept kernel: 12 RIDBs of 9 + 18 launches, the fusion conv 1 + 2,
-    the first two upsampling steps 2 + 3 each, then the last with the output layer 2 + 5 (344); the eager
+    Triton launch after the warm-up through a kept kernel: 12 RIDBs of 9 + 14 launches, the fusion conv 1 + 2,
+    the first two upsampling steps 2 + 3 each, then the last with the output layer 2 + 5 (296); the eager
     generator launches none."""
     rows = _host_overhead_rows("--gen", tmp_path)
     assert [(r["gen"], r["launches"]) for r in rows] == [("kernels=torch (eager)", 0),
-                                                          ("kernels=triton (stand-in launches)", 344)], rows
-    assert 12 * (9 + 18) + (1 + 2) + 2 * (2 + 3) + (2 + 5) == 344
+                                                          ("kernels=triton (stand-in launches)", 296)], rows
+    assert 12 * (9 + 14) + (1 + 2) + 2 * (2 + 3) + (2 + 5) == 296
     assert all(r["host_us"] > 0 for r in rows)
 
 
 def test_tapes_through_kept_compiled_kernels(tmp_path):
     """The tapes (kernels/tape.py) on the direct-launch path: the IDB, a RIDB and the paper generator, each
     through its replays and through the plain host code, with the same launch counts; the recorded
-    signatures are the IDB's (2 + 4 launches) and the RIDB's, with and without the DNB residual (9 + 18)."""
+    signatures are the IDB's (2 + 4 launches) and the RIDB's, with and without the DNB residual (9 + 14)."""
     rows = _host_overhead_rows("--tapes", tmp_path)
     assert [(r["tapes"], r["launches"]) for r in rows] == [
-        ("IDB (x is x0, .sum() gradient)", 6), ("RIDB (8x8)", 9 + 18), ("paper generator (2x2)", 344)], rows
+        ("IDB (x is x0, .sum() gradient)", 6), ("RIDB (8x8)", 9 + 14), ("paper generator (2x2)", 296)], rows
     assert rows[0]["recorded_launches"] == {"fused_idb forward": [2], "fused_idb backward": [4],
-                                            "fused_ridb forward": [9, 9, 9], "fused_ridb backward": [18, 18, 18]}
+                                            "fused_ridb forward": [9, 9, 9], "fused_ridb backward": [14, 14, 14]}
     assert all(r["taped_us"] > 0 and r["plain_us"] > 0 for r in rows)
 
 
@@ -113,7 +113,7 @@ def test_launch_profile_plumbing_on_cpu(tmp_path):
     assert [(r["name"], r["path"]) for r in rows] == [
         (name, path) for name in ("idb_fwd_bwd batch 1", "gen_fwd_bwd batch 1")
         for path in ("eager", "triton, Triton's runner", "triton, direct runner", "triton, direct runner, no tapes")]
-    assert [r["triton_launches"] for r in rows] == [0, 6, 6, 6, 0, 344, 344, 344]  # the IDB's 2 + 4, the paper G's
+    assert [r["triton_launches"] for r in rows] == [0, 6, 6, 6, 0, 296, 296, 296]  # the IDB's 2 + 4, the paper G's
     assert all(r["ms"] > 0 for r in rows)
     assert [r["identical_to_runner"] for r in rows if "identical_to_runner" in r] == [None, None]
     assert [r["identical_to_plain_host_code"] for r in rows if "identical_to_plain_host_code" in r] == [None, None]

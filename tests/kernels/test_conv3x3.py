@@ -256,6 +256,39 @@ def test_dw_pixel_walk(index, channels, c_out, n, h, w, split, slope):
         assert_within(f"d{name} (dW config {dw_cfg}, split {split})", got, g_ref[name], g_abs[name], 1e-5)
 
 
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("c1, c2, c_out, cb, cb_out, n, h, w, split", [
+    (12, 20, 24, 12, 20, 2, 9, 17, 3),  # the IDB's shape with gc > nf: masked channel tiles in both jobs; 3 chunks
+    (72, 8, 72, 72, 8, 1, 5, 70, 2),    # nf 72: two input-channel tiles per job; job B 8 wide (a 16-wide tile)
+    (8, 0, 16, 24, 64, 1, 4, 40, 2),    # job B wider than job A (its tiles the wide orientation, BLOCK_CO_B 64)
+])
+def test_dw_with_a_second_conv_in_the_same_launch(index, c1, c2, c_out, cb, cb_out, n, h, w, split):
+    """Job B of the dW kernel (the IDB's dW1 beside its dW2, one launch): both convs' dW and db partials,
+    summed over the chunks, against float64 autograd, for both candidates over 2-3 pixel chunks; every
+    input and both gradients are followed in memory by NaN, so a read past pixel M poisons a result."""
+    m = n * h * w
+    gen = torch.Generator().manual_seed(20 + index)
+    x1, x2, xb = (torch.randn(n, c, h, w, generator=gen) for c in (c1, c2, cb))
+    gz, gzb = torch.randn(n, c_out, h, w, generator=gen), torch.randn(n, cb_out, h, w, generator=gen)
+    cfg = configs.dw_candidates(c1, c2, c_out, w, m, cb, cb_out)[index]
+
+    def dev(t):
+        return nan_followed(t.float().to(DEVICE))
+
+    dwp, dbp, s, dwpb, dbpb = conv3x3._dw_partials(dev(x1), dev(x2) if c2 else None, dev(gz), True, split, cfg,
+                                                   job_b=(dev(xb), dev(gzb)))
+    assert s == split
+    for name, (x, g, wp, bp) in {"A": (torch.cat([x1, x2], 1), gz, dwp, dbp), "B": (xb, gzb, dwpb, dbpb)}.items():
+        c_in, co = x.shape[1], g.shape[1]
+        ref, scale = (torch.nn.grad.conv2d_weight(a.double(), (co, c_in, 3, 3), b.double(), padding=1)
+                      for a, b in ((x, g), (x.abs(), g.abs())))
+        per_tap = lambda t: t.permute(2, 3, 1, 0).reshape(9, c_in, co)  # noqa: E731  partials' (tap, ci, co)
+        assert wp.shape == (split, 9, c_in, co) and bp.shape == (split, co)
+        assert_within(f"dW {name} ({cfg})", wp.sum(0).cpu(), per_tap(ref), per_tap(scale), 1e-5)
+        assert_within(f"db {name} ({cfg})", bp.sum(0).cpu(), g.double().sum((0, 2, 3)), g.double().abs().sum((0, 2, 3)),
+                      1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The backend switch, custom-op registration and torch.compile
 # ---------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_idb_and_ridb_launch_orders_are_the_kernels(monkeypatch):
     ridb.kernels = "triton"
     ridb(x, x).sum().backward()  # with the DNB residual
     assert names == [r["kernel"] for r in cm.ridb_launches(1, True, 2, 8, 4, 4)]
-    assert len(names) == (2 * 2 + 1) + (4 * 2 + 2)
+    assert len(names) == (2 * 2 + 1) + (3 * 2 + 2)
 
 
 @pytest.mark.parametrize("gz_pass", [False, True])

@@ -1,5 +1,5 @@
-"""The fused IDB (one autograd Function, 2 + 4 launches) against the float64 reference, and the
-launch count.
+"""The fused IDB (one autograd Function, 2 + 4 launches: the gz2 pass, gz1, dW2 with dW1, dx; or 2 + 3
+when gz1's launch makes gz2 itself) against the float64 reference, and the launch count.
 
     y = x0 + LReLU(conv2([x, LReLU(conv1(x))]))          (spec: the internal dense block)
 Every output and gradient (x, x0, W1, b1, W2, b2) is compared elementwise with the same bound as the
@@ -77,28 +77,83 @@ def run_idb(nf, gc, n, h, w, dtype, weight_layout="nchw", same_x=False, seed=0):
     (64, 32, 1, 3, 4, torch.float32, "channels_last"),  # the trunk's channels; weights read in place
     (12, 20, 2, 3, 5, torch.bfloat16, "channels_last"), # awkward channels (gc > nf), bf16
     (64, 32, 1, 4, 3, torch.bfloat16, "nchw"),
-    (72, 8, 1, 2, 3, torch.float32, "channels_last"),  # nf 72: gz2 made on the fly in two K blocks (64 + 8)
+    (72, 8, 1, 2, 3, torch.float32, "channels_last"),  # nf 72: two K blocks (64 + 8) in gz1's dX
 ])
 def test_idb_matches_float64_reference(nf, gc, n, h, w, dtype, weight_layout):
     assert run_idb(nf, gc, n, h, w, dtype, weight_layout) == 6
 
 
-def test_idb_first_block_x_is_x0():
-    """The RIDB's first IDB gets x0 as both inputs: autograd sums the two gradients."""
-    run_idb(8, 16, 1, 4, 4, torch.float32, same_x=True, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_idb_first_block_x_is_x0(dtype):
+    """A RIDB's first IDB gets x0 as both inputs: x's gradient is dx + g, summed in the dx launch's
+    epilogue (in fp32, rounded once), not by autograd: the backward runs no add in torch."""
+    assert run_idb(8, 16, 1, 4, 4, dtype, same_x=True, seed=3) == 6
+    x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
+    params = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((4, 8, 3, 3), (4,), (8, 12, 3, 3), (8,))]
+    y = fused_idb_triton(x, x, *params)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y.backward(torch.randn_like(y))
+    adds = [e.key for e in prof.key_averages() if e.key in ("aten::add", "aten::add_")]
+    assert adds == [], f"the backward added gradients in torch: {adds}"
 
 
 def test_idb_second_candidate_configs():
-    """The other heuristic candidate of every IDB kernel, at the trunk's channel counts."""
+    """The other heuristic candidate of every IDB kernel, at the trunk's channel counts: gz2 made by
+    gz1's launch (A_ACT, so no gz pass: 5 launches) and the second dW and dx tiles."""
     old = conv3x3.set_tuner(PickTuner(1))
     try:
-        assert run_idb(64, 32, 1, 3, 5, torch.float32, "channels_last", seed=5) == 6
+        assert run_idb(64, 32, 1, 3, 5, torch.float32, "channels_last", seed=5) == 5
     finally:
         conv3x3.set_tuner(old)
 
 
+class _Gz2WayTuner(PickTuner):
+    """The first candidate of every kernel, and the given way of making the IDB's gz2 (GZ_PASS)."""
+
+    def __init__(self, gz_pass: bool):
+        super().__init__(0)
+        self.gz_pass = gz_pass
+
+    def choose(self, kernel, key, candidates, *_, **__):
+        if kernel == "idb_gz2":
+            return next(c for c in candidates if c.kwargs["GZ_PASS"] == self.gz_pass)
+        return candidates[0]
+
+
+@pytest.mark.parametrize("nf, gc, h, w", [(72, 8, 3, 5), (12, 20, 2, 3)])
+def test_both_ways_of_making_gz2_give_the_same_bits(nf, gc, h, w):
+    """The gz pass rounds gz2 as gz1's dX rounds its masked operand, and both dX launches sum the same
+    products in the same order: every output and gradient is bit for bit the same either way (bf16;
+    nf 72: gz2 in two K blocks of the A_ACT operand). Each way also matches the float64 reference."""
+    results = []
+    for gz_pass in (True, False):
+        old = conv3x3.set_tuner(_Gz2WayTuner(gz_pass))
+        try:
+            torch.manual_seed(11)
+            x = torch.randn(2, nf, h, w, device=DEVICE).bfloat16().requires_grad_(True)
+            params = [torch.randn(gc, nf, 3, 3, device=DEVICE) / (3 * nf ** 0.5), torch.randn(gc, device=DEVICE),
+                      torch.randn(nf, nf + gc, 3, 3, device=DEVICE) / (3 * (nf + gc) ** 0.5),
+                      torch.randn(nf, device=DEVICE)]
+            params = [p.bfloat16().requires_grad_(True) for p in params]
+            grad = torch.randn(2, nf, h, w, device=DEVICE).bfloat16()
+            launch.LAUNCHES.clear()
+            y = fused_idb_triton(x, x, *params)
+            grads = torch.autograd.grad(y, [x, *params], grad)
+            results.append((dict(launch.LAUNCHES), y, grads))
+            assert run_idb(nf, gc, 1, h, w, torch.bfloat16, seed=4) == (6 if gz_pass else 5)
+        finally:
+            conv3x3.set_tuner(old)
+    (counts_pass, y_pass, g_pass), (counts_fused, y_fused, g_fused) = results
+    assert counts_pass == {"fwd": 2, "gz": 1, "dx": 2, "dw": 1}
+    assert counts_fused == {"fwd": 2, "dx": 2, "dw": 1}
+    assert torch.equal(y_pass, y_fused)
+    for a, b in zip(g_pass, g_fused):
+        assert torch.equal(a, b)
+
+
 def test_launch_count_per_idb():
-    """At most 6 Triton launches per IDB forward + backward (2 + 4), 2 for a forward without grad."""
+    """At most 6 Triton launches per IDB forward + backward (2 + 4: the gz2 pass, gz1, dW2 with dW1 in one
+    launch, dx), 2 for a forward without grad."""
     x = torch.randn(1, 8, 3, 3, device=DEVICE, requires_grad=True)
     w1 = torch.randn(4, 8, 3, 3, device=DEVICE, requires_grad=True)
     w2 = torch.randn(8, 12, 3, 3, device=DEVICE, requires_grad=True)
@@ -109,7 +164,7 @@ def test_launch_count_per_idb():
         y = fused_idb_triton(x, x, w1, b1, w2, b2)
         assert sum(launch.LAUNCHES.values()) == 2
         y.sum().backward()
-        assert dict(launch.LAUNCHES) == {"fwd": 2, "dx": 2, "dw": 2}
+        assert dict(launch.LAUNCHES) == {"fwd": 2, "gz": 1, "dx": 2, "dw": 1}
     launch.LAUNCHES.clear()
     with torch.no_grad():
         fused_idb_triton(x, x, w1, b1, w2, b2)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from gafh_fast.kernels import launch
+from gafh_fast.kernels import conv3x3, launch
 from gafh_fast.kernels.conv3x3_fwd import INTERPRETING
 
 from .test_conv3x3 import check_case
-from .test_idb import run_idb
+from .test_idb import _Gz2WayTuner, run_idb
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="hooks the Triton interpreter's loads and stores")
 
@@ -92,6 +92,12 @@ def test_single_channel_operands_stay_in_bounds(bounds_checked):
     check_case([1, 1], 1, 1, 3, 5, slope=None, r1=True)
 
 
-def test_idb_stays_in_bounds(bounds_checked):
-    """nf 8 (one mask byte, K block 16) and gc 12 (two mask bytes, the second half used)."""
-    assert run_idb(8, 12, 2, 3, 5, torch.float32) == 6
+@pytest.mark.parametrize("gz_pass", [True, False])
+def test_idb_stays_in_bounds(bounds_checked, gz_pass):
+    """nf 8 (one mask byte, K block 16) and gc 12 (two mask bytes, the second half used); dW2 and dW1 in
+    one launch on 16-wide input-channel tiles of 8 and 12 channels; gz2 by its pass, or by gz1's launch."""
+    old = conv3x3.set_tuner(_Gz2WayTuner(gz_pass))
+    try:
+        assert run_idb(8, 12, 2, 3, 5, torch.float32) == (6 if gz_pass else 5)
+    finally:
+        conv3x3.set_tuner(old)

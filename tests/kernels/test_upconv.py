@@ -156,7 +156,7 @@ def test_launch_count_with_the_gz_pass():
     launch.LAUNCHES.clear()
     up_backward(torch.randn_like(y), x, wt, wc, mask, 0.2, False,
                 dx_config=configs.up_dx_candidates(8, 8, 3, 9, act=True)[1])
-    assert dict(launch.LAUNCHES) == {"up_gz": 1, "up_dw": 1, "up_dx": 1}
+    assert dict(launch.LAUNCHES) == {"gz": 1, "up_dw": 1, "up_dx": 1}
 
 
 @pytest.mark.parametrize("index", [0, 1])
@@ -204,7 +204,7 @@ def test_gz_pass(dtype, c_in, c_out, n, h, w):
     g = grad.to(dtype).to(DEVICE).contiguous(memory_format=torch.channels_last)  # as up_backward hands it on
     y, mask, wc = up_forward(x, wt, b, 0.2, True)
     gz = torch.full_like(y, float("nan"))  # channels_last, as y
-    upconv._launch_gz(g, mask, gz, 0.2, False)
+    conv3x3.launch_gz(g, mask, gz, 0.2)
     slope = torch.tensor(0.2, dtype=torch.float32, device=y.device)
     expect = (g.float() * torch.where(y.float() > 0, 1.0, slope)).to(dtype)
     assert torch.equal(gz, expect)
@@ -235,7 +235,7 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch, untimed):
     def spy(self, key, grid, args, *rest):
         # patched on the class: undoing a patch of the instance would leave the bound method behind as an
         # instance attribute, out of reach of later tests' class-level spies (test_cost_model's)
-        if self is upconv.UP_GZ:
+        if self is conv3x3.GZ:
             gz_args.append(args)
         return real_launch(self, key, grid, args, *rest)
 
@@ -257,7 +257,7 @@ def test_timed_tile_choice_launches_each_candidate(monkeypatch, untimed):
         conv3x3.set_tuner(old)
     # dX's second candidate is the gz pass: timed once, then run for real, with the fold in dX's launch
     assert len(timed) == 6 - 2 * len(untimed)
-    assert counts == {"up_combine": 1, "up_fwd": 1 if untimed else 3, "up_dx": 3, "up_gz": 2, "up_dw": 3}
+    assert counts == {"up_combine": 1, "up_fwd": 1 if untimed else 3, "up_dx": 3, "gz": 2, "up_dw": 3}
     # the timed gz pass is the real one (same tensors, M2 = 2*10*12 full-resolution pixels, C_out, the slope)
     (timed_gz, real_gz) = gz_args
     assert all(a is b for a, b in zip(timed_gz[:3], real_gz[:3])) and timed_gz[3:] == real_gz[3:] == (240, 16, 0.2)
@@ -319,7 +319,7 @@ def test_gz_pass_and_fold_stay_in_bounds(bounds_checked, slope):
     dw_cfg = configs.up_dw_candidates(12, 24, 5, 15)[1]  # dW: one program per phase and its 4 taps
     launch.LAUNCHES.clear()
     got = up_backward(grad.float().to(DEVICE), x, wt, wc, mask, slope, True, dx_config=dx_cfg, dw_config=dw_cfg)
-    assert launch.LAUNCHES["up_fin"] == 0 and launch.LAUNCHES["up_gz"] == (slope is not None)
+    assert launch.LAUNCHES["up_fin"] == 0 and launch.LAUNCHES["gz"] == (slope is not None)
     for name, g in zip(NAMES, got):
         assert_within(f"d{name}", g, g_ref[name], g_abs[name], 1e-5)
 
