@@ -151,6 +151,34 @@ def test_both_ways_of_making_gz2_give_the_same_bits(nf, gc, h, w):
         assert torch.equal(a, b)
 
 
+def test_timed_choices_launch_each_candidate(monkeypatch):
+    """On a GPU each new plan times its candidates (tuning.Tuner.choose runs each one's closure); the
+    same path here, with a timer that runs the launch and then says the second candidate was faster. The
+    gz2 decision times the pass (gz + a plain dX) and the A_ACT dX, and keeps A_ACT; every kernel with two
+    tiles launches 2 timed + 1 real times; the results still match the float64 reference, whatever the
+    timed calls left in the kept scratch."""
+    from gafh_fast.kernels.tuning import Tuner
+
+    def timer(fn):
+        timed.append(1)
+        fn()
+        return 2.0 if len(timed) % 2 else 1.0
+
+    timed = []
+    monkeypatch.setattr(conv3x3, "INTERPRETING", False)  # time candidates, as on a GPU
+    monkeypatch.setattr(conv3x3, "AUTOTUNE", True)
+    old = conv3x3.set_tuner(Tuner(None, "Test GPU", timer))
+    try:
+        launches = run_idb(16, 8, 2, 5, 7, torch.float32, "channels_last", seed=9)
+        counts = dict(launch.LAUNCHES)
+        chosen = {e["kernel"]: e["config"]["kwargs"] for e in conv3x3.plan_configs()}
+    finally:
+        conv3x3.set_tuner(old)
+    assert len(timed) == 2 * 5  # fwd conv1, fwd conv2, the gz2 way, dW2 with dW1, dx
+    assert counts == {"fwd": 6, "gz": 1, "dx": 6, "dw": 3} and launches == sum(counts.values())
+    assert chosen["idb_gz2"]["GZ_PASS"] is False
+
+
 def test_launch_count_per_idb():
     """At most 6 Triton launches per IDB forward + backward (2 + 4: the gz2 pass, gz1, dW2 with dW1 in one
     launch, dx), 2 for a forward without grad."""
