@@ -124,7 +124,8 @@ class _Gz2WayTuner(PickTuner):
 def test_both_ways_of_making_gz2_give_the_same_bits(nf, gc, h, w):
     """The gz pass rounds gz2 as gz1's dX rounds its masked operand, and both dX launches sum the same
     products in the same order: every output and gradient is bit for bit the same either way (bf16;
-    nf 72: gz2 in two K blocks of the A_ACT operand). Each way also matches the float64 reference."""
+    nf 72: gz2 in two K blocks of the A_ACT operand). The pass's way is the default one, which
+    test_idb_matches_float64_reference checks against float64 at these shapes; so is this one, then."""
     results = []
     for gz_pass in (True, False):
         old = conv3x3.set_tuner(_Gz2WayTuner(gz_pass))
@@ -140,7 +141,6 @@ def test_both_ways_of_making_gz2_give_the_same_bits(nf, gc, h, w):
             y = fused_idb_triton(x, x, *params)
             grads = torch.autograd.grad(y, [x, *params], grad)
             results.append((dict(launch.LAUNCHES), y, grads))
-            assert run_idb(nf, gc, 1, h, w, torch.bfloat16, seed=4) == (6 if gz_pass else 5)
         finally:
             conv3x3.set_tuner(old)
     (counts_pass, y_pass, g_pass), (counts_fused, y_fused, g_fused) = results

@@ -78,7 +78,8 @@ def _forward_backward(leaves, grad, q_n):
 @pytest.mark.parametrize("nf, gc, q_n, n, h, w, r2, dtype, weight_layout, input_layout", [
     (16, 8, 2, 2, 5, 7, True, torch.float32, "nchw", "nchw"),  # NCHW everything (copies outside the tape)
     (12, 20, 2, 1, 3, 5, False, torch.bfloat16, "channels_last", "channels_last"),  # gc > nf, bf16, weights in place
-    (72, 8, 1, 1, 2, 3, True, torch.float32, "channels_last", "nchw"),  # two K blocks per dX
+    (16, 8, 1, 1, 2, 3, True, torch.float32, "channels_last", "nchw"),  # NCHW input, weights in place, the residual
+    # (the kernels' two-K-block case, nf 72, is test_ridb.py's: a tape replays whatever launches the shape makes)
     (8, 8, 1, 1, 1, 1, False, torch.float32, "channels_last", "channels_last"),  # 1x1
 ])
 def test_replay_makes_the_plain_paths_launches(launch_log, monkeypatch, nf, gc, q_n, n, h, w, r2, dtype,

@@ -324,20 +324,20 @@ def test_gz_pass_and_fold_stay_in_bounds(bounds_checked, slope):
         assert_within(f"d{name}", g, g_ref[name], g_abs[name], 1e-5)
 
 
-@pytest.mark.parametrize("bias, split", [(True, 3), (False, 4)])
-def test_dw_by_phases_on_its_grown_split(monkeypatch, bias, split):
+@pytest.mark.parametrize("bias, split, w", [(True, 3, 24), (False, 4, 32)])
+def test_dw_by_phases_on_its_grown_split(monkeypatch, bias, split, w):
     """The dW config with one program per output phase (4 taps each) has 4 programs per chunk where the
     per-tap one has 16 (+ 1 db program with a bias each), so its split grows by 17 // 5 = 3 or 16 // 4 = 4
     (upconv._up_dw_chunks; 2 SMs patched in: 1 chunk for the per-tap config), and dX's fold sums that many
     partials: the gradients match float64 autograd."""
     monkeypatch.setattr(conv3x3, "_sms", lambda device: 2)
     monkeypatch.setattr(configs, "DW_MIN_CHUNK", 128)  # chunks of 128 pixels may do here (the interpreter's time)
-    t, grad = make_up_case(8, 16, 1, 32, 48, bias=bias, seed=23)  # M = 1536 low-resolution pixels
+    t, grad = make_up_case(8, 16, 1, 16, w, bias=bias, seed=23)  # M = 384 or 512 low-resolution pixels: 3 or 4 chunks of 128
     (_, g_ref), (_, g_abs) = up_reference_and_scale(t, grad, 0.2)
     x, wt = t["x"].float().to(DEVICE), t["weight"].float().to(DEVICE)
     b = t["bias"].float().to(DEVICE) if bias else None
     y, mask, wc = up_forward(x, wt, b, 0.2, True)
-    cfg = configs.up_dw_candidates(8, 16, 48, 1536)[1]
+    cfg = configs.up_dw_candidates(8, 16, w, 16 * w)[1]
     dx, dw, db = up_backward(grad.float().to(DEVICE), x, wt, wc, mask, 0.2, bias, dw_config=cfg)
     plan = conv3x3._PLANS[("up_dw", x.shape, grad.shape, torch.float32, x.device, bias, None, conv3x3.cfg_key(cfg))]
     assert plan[2] == split and plan[4].shape[0] == split
