@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gafh_fast.kernels import conv3x3, fused_idb_triton, launch
+from gafh_fast.kernels import configs, conv3x3, fused_idb_triton, launch
 from gafh_fast.kernels.precompile import PickTuner
 from gafh_fast.ops import fused_conv3x3_reference
 
@@ -177,6 +177,33 @@ def test_timed_choices_launch_each_candidate(monkeypatch):
     assert len(timed) == 2 * 5  # fwd conv1, fwd conv2, the gz2 way, dW2 with dW1, dx
     assert counts == {"fwd": 6, "gz": 1, "dx": 6, "dw": 3} and launches == sum(counts.values())
     assert chosen["idb_gz2"]["GZ_PASS"] is False
+
+
+def test_gz2_decision_is_asked_per_shape_with_the_true_pixel_count(monkeypatch):
+    """The gz2 way is decided per (nf, gc, width, M bucket, dtype): two IDBs on one input shape but with
+    different gc get a decision each (a plan keyed without gc would hand the second the first's tile),
+    and the candidates are asked with the call's pixel count."""
+    asked, keys = [], []
+    real = configs.idb_gz2_candidates
+    monkeypatch.setattr(configs, "idb_gz2_candidates", lambda *a: asked.append(a) or real(*a))
+
+    class Recorder(PickTuner):
+        def choose(self, kernel, key, candidates, *rest, **kw):
+            keys.append((kernel, key))
+            return super().choose(kernel, key, candidates, *rest, **kw)
+
+    old = conv3x3.set_tuner(Recorder(0))
+    try:
+        x = torch.randn(2, 8, 3, 5, device=DEVICE, requires_grad=True)
+        for gc in (4, 12):
+            params = [torch.randn(*s, device=DEVICE, requires_grad=True)
+                      for s in ((gc, 8, 3, 3), (gc,), (8, 8 + gc, 3, 3), (8,))]
+            fused_idb_triton(x, x, *params).sum().backward()
+    finally:
+        conv3x3.set_tuner(old)
+    assert asked == [(8, 4, 5, 30), (8, 12, 5, 30)]
+    assert [k for kernel, k in keys if kernel == "idb_gz2"] == [(8, gc, 5, configs.m_bucket(30), "torch.float32")
+                                                                for gc in (4, 12)]
 
 
 def test_launch_count_per_idb():
