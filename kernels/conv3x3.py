@@ -1,4 +1,5 @@
-"""Host code of the fused conv3x3 and of the fused IDB: per call only allocation and launches.
+"""Host code of the fused conv3x3 (and the launches the IDB's host code, idb.py, is built from): per call
+only allocation and launches.
 
 Everything that depends only on the shapes (argument checks, the tile config, grids, constexpr
 flags, the dW split) is worked out once per exact shape and kept in a plan; the tile config comes
@@ -6,10 +7,11 @@ from configs.py's heuristic, timed between its two candidates by tuning.Tuner on
 
 Launches: a conv forward is 1; its backward 2 without an activation (dW + db partials, then dX +
 the dW finalize) and 3 with one (dX with gz = g*act' made on the fly and written out, then dW + db
-partials from gz, then the finalize); an IDB forward is 2 and its backward 4:
-    gz1 = dX(conv2)[h1 channels] * act1', with gz2 = g * act2' made on the fly and written out
-    ->  dW(conv2) + db2 partials from gz2  ->  dW(conv1) + db1 partials from gz1
-    ->  dx = dX(conv2)[x channels] + dX(conv1) in one GEMM, plus the finalize of dW1, db1, dW2, db2.
+partials from gz, then the finalize); an IDB forward is 2 and its backward 3-4 (idb.py):
+    [gz2 = g * act2' in a pass of its own ->] gz1 = dX(conv2)[h1 channels] * act1' (without the pass:
+    gz2 made on the fly and written out)  ->  dW(conv2) + db2 partials from gz2 and dW(conv1) + db1
+    partials from gz1, one launch  ->  dx = dX(conv2)[x channels] + dX(conv1) in one GEMM, plus the
+    finalize of dW1, db1, dW2, db2.
 No dW loop touches a mask (see conv3x3_bwd.py for why).
 Launch keys hold the 16-byte alignment (the JIT specialises on it) of the caller's tensors only:
 inputs, weights, biases, residuals and upstream gradients can be views at any offset (DeepSpeed's
