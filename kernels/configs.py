@@ -71,9 +71,7 @@ def idb_gz2_candidates(nf: int, gc: int, w: int, m: int) -> list[triton.Config]:
     report has the first dX at ~25 SASS per wgmma and the second at ~100; on the H200 the upsampling
     convs' same choice went to the pass, 2.0-2.4x faster (bench/RESULTS.md, D1-D4), so it is first here
     (the interpreter's and an untimed choice)."""
-    first = dx_candidates(nf, 0, gc, w, m)[0]
-    return [triton.Config({**first.kwargs, "GZ_PASS": gz_pass}, num_warps=first.num_warps,
-                          num_stages=first.num_stages) for gz_pass in (True, False)]
+    return gz_pass_ways(dx_candidates(nf, 0, gc, w, m)[0], (True, False))
 
 
 def dw_candidates(c1: int, c2: int, c_out: int, w: int, m: int, cb: int = 0, cb_out: int = 0) -> list[triton.Config]:
@@ -115,16 +113,29 @@ def up_dx_candidates(c_in: int, c_out: int, w: int, m: int, act: bool = False) -
     """With an activation the two candidates are one tile (the heuristic's first) made two ways, by
     GZ_PASS (a host-side key, not a kernel argument): False makes gz = g * act'(z) on the GEMM's
     operand at each of the 16 taps and writes it for dW (3 backward launches); True makes gz in a pass
-    of its own (upconv_gz_kernel) and runs dX on it without a mask in the loop (4 launches, one more
+    of its own (conv3x3_bwd_gz_kernel) and runs dX on it without a mask in the loop (4 launches, one more
     full-resolution read and write). The sm_90 report has the first at ~100 SASS per wgmma and the
     second at ~30; which is faster is a device question, so the tuner times it (bench/RESULTS.md,
     Round 8). Without an activation: the two tiles, as the other GEMMs."""
     tiles = _up_gemm_candidates(c_out, c_in, m, 1)
     if not act:
         return tiles
-    first = tiles[0]
-    return [triton.Config({**first.kwargs, "GZ_PASS": gz_pass}, num_warps=first.num_warps,
-                          num_stages=first.num_stages) for gz_pass in (False, True)]
+    return gz_pass_ways(tiles[0], (False, True))
+
+
+def gz_pass_ways(tile: triton.Config, order: tuple) -> list[triton.Config]:
+    """One dX tile as two candidates, gz made on its operand (GZ_PASS False) or by a pass of its own
+    (True), in the given order: GZ_PASS is a host-side key, which split_gz_pass takes off again."""
+    return [triton.Config({**tile.kwargs, "GZ_PASS": gz_pass}, num_warps=tile.num_warps,
+                          num_stages=tile.num_stages) for gz_pass in order]
+
+
+def split_gz_pass(cfg: triton.Config) -> tuple[triton.Config, bool]:
+    """(the kernel's config without GZ_PASS, whether the gz pass runs): a gz_pass_ways candidate taken apart;
+    a config without the key is a tile with gz made on the operand."""
+    tile = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "GZ_PASS"}, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+    return tile, bool(cfg.kwargs.get("GZ_PASS", False))
 
 
 def up_dw_candidates(c_in: int, c_out: int, w: int, m: int) -> list[triton.Config]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 
 from . import configs
-from .conv3x3 import (_PLAN_IDS, _PLANS, Finalize, _choose, _cl, _dw_partials, _dx, _empty_cl, _grad_like,
+from .conv3x3 import (_PLANS, Finalize, _choose, _cl, _dw_partials, _dx, _empty_cl, _grad_like,
                       _scratch_cl, conv_forward, launch_gz)
 
 
@@ -72,16 +72,15 @@ def _gz2_way(g, a_mask, gz2, w2_k, gz1, mask1, slope: float) -> triton.Config:
 
         cfg = _choose("idb_gz2", (nf, gz1.shape[1], w, configs.m_bucket(m), str(g.dtype)),
                       configs.idb_gz2_candidates(nf, gz1.shape[1], w, m), run, None)
-        plan = _PLANS[key] = [cfg, None, next(_PLAN_IDS)]
+        plan = _PLANS[key] = (cfg,)  # plan_configs reports it; no launch of its own, so no plan id
     return plan[0]
 
 
 def _gz1_launches(cfg: triton.Config, g, a_mask, gz2, w2_k, gz1, mask1, slope: float) -> None:
     """gz2 from g and gz1 = dX2[h1 channels] * act1', the way cfg says (_gz2_way), with cfg's tile."""
     nf = g.shape[1]
-    tile = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "GZ_PASS"}, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
-    if cfg.kwargs["GZ_PASS"]:
+    tile, gz_pass = configs.split_gz_pass(cfg)
+    if gz_pass:
         launch_gz(g, a_mask, gz2, slope)
         _dx((gz2, w2_k, nf), None, gz1, None, mask1, slope, 1.0, None, None, tile)
     else:
@@ -99,9 +98,6 @@ def idb_backward(grad, x, h1, w1, w1_k, w2, w2_k, mask1, mask2, slope: float, x_
     if n * h * w == 0:
         return (dx, *(t.zero_() for t in grads))
     g = _cl(grad)
-    if x_is_x0:
-        idb_backward_launches(g, mask2, x, h1, w1_k, w2_k, mask1, slope, grads, dx, add_sum=(g, dx, 1.0),
-                              store_out=False)
-    else:
-        idb_backward_launches(g, mask2, x, h1, w1_k, w2_k, mask1, slope, grads, dx)
+    idb_backward_launches(g, mask2, x, h1, w1_k, w2_k, mask1, slope, grads, dx,
+                          add_sum=(g, dx, 1.0) if x_is_x0 else None, store_out=not x_is_x0)
     return (dx, *grads)

@@ -147,9 +147,8 @@ def _up_dx_plan(g, mask, gz, wc, dx, slope, has_bias: bool, config):
 def _dx_way(cfg, base: dict, act: bool):
     """(the kernel's config without GZ_PASS, its constexpr flags, whether the gz pass runs first). FIN:
     whenever dX does not make gz itself, dW can run before it and dX's extra programs fold the partials."""
-    gz_pass = bool(act and cfg.kwargs.get("GZ_PASS", False))
-    kernel_cfg = triton.Config({k: v for k, v in cfg.kwargs.items() if k != "GZ_PASS"}, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+    kernel_cfg, gz_pass = configs.split_gz_pass(cfg)
+    gz_pass = act and gz_pass
     a_act = act and not gz_pass
     return kernel_cfg, dict(A_ACT=a_act, FIN=not a_act, **base), gz_pass
 

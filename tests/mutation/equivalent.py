@@ -435,7 +435,7 @@ EQUIVALENT += [
 # (kernels/outconv.py, outconv_kernels.py)
 EQUIVALENT += [
     ("kernels/configs.py", "def up_dx_candidates(", "False", "True", _DEFAULT_UNUSED),
-    ("kernels/configs.py", "first = tiles[0]", "0", "1",
+    ("kernels/configs.py", "return gz_pass_ways(tiles[0], (False, True))", "0", "1",
      "which of the heuristic's two legal dX tiles the two GZ_PASS candidates share (the tiles run without an "
      "activation in test_each_config_and_dw_walk): only GPU timing sees it"),
     ("kernels/upconv.py", "IDX64=4 * m * max(c_in, c_out) >= 2**31", " >= ", " > ", _IDX64_ONLY_HUGE),
